@@ -1,0 +1,1 @@
+"""Headway client package: the generated stubs today, an ergonomic client later."""
