@@ -1,0 +1,196 @@
+"""Translation between generated protobuf messages and domain values.
+
+Protobuf stops here: the domain and the store never see generated classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+from headway.v1 import progress_pb2 as pb
+
+from headway_server.domain.errors import InvalidArgument
+from headway_server.domain.model import (
+    JsonObject,
+    Operation,
+    OperationError,
+    OperationFilter,
+    Stage,
+    StageSpec,
+    StartSpec,
+    State,
+    Update,
+)
+from headway_server.domain.watch import WatchEvent
+
+_CACHE_LIMIT = 8192
+
+
+def struct_to_dict(message: struct_pb2.Struct) -> JsonObject:
+    return json_format.MessageToDict(message)
+
+
+def _fill_struct(target: struct_pb2.Struct, value: JsonObject | None) -> None:
+    if value is not None:
+        target.update(value)
+
+
+def _stamp(target: Any, seconds: float | None) -> None:
+    if seconds is not None:
+        target.FromNanoseconds(int(seconds * 1e9))
+
+
+def start_spec(request: pb.StartOperationRequest) -> StartSpec:
+    return StartSpec(
+        kind=request.kind,
+        project=request.project,
+        dataset=request.dataset,
+        labels=dict(request.labels),
+        total=request.total,
+        unit=request.unit,
+        stages=tuple(StageSpec(s.name, s.weight) for s in request.stages),
+        heartbeat_timeout=request.heartbeat_timeout.ToNanoseconds() / 1e9,
+        parent_id=request.parent_id,
+    )
+
+
+def update(request: pb.UpdateOperationRequest) -> Update:
+    def opt(name: str) -> Any:
+        return getattr(request, name) if request.HasField(name) else None  # type: ignore[arg-type]
+
+    return Update(
+        sequence=request.sequence,
+        stage=opt("stage"),
+        stage_completed=opt("stage_completed"),
+        stage_total=opt("stage_total"),
+        completed=opt("completed"),
+        total=opt("total"),
+        percent=opt("percent"),
+        message=opt("message"),
+        details=struct_to_dict(request.details) if request.HasField("details") else None,
+        counters=dict(request.counters),
+        checkpoint=opt("checkpoint"),
+        paused=opt("paused"),
+        pause_reason=request.pause_reason,
+    )
+
+
+def operation_error(message: pb.OperationError) -> OperationError:
+    return OperationError(
+        code=message.code,
+        message=message.message,
+        stage=message.stage,
+        item=message.item,
+        recoverable=message.recoverable,
+        details=struct_to_dict(message.details) if message.HasField("details") else None,
+    )
+
+
+def operation_filter(message: pb.OperationFilter) -> OperationFilter:
+    states = set()
+    for i, value in enumerate(message.states):
+        try:
+            states.add(State(value))
+        except ValueError:
+            raise InvalidArgument(f"filter.states[{i}]", f"{value} is not a state") from None
+    return OperationFilter(
+        project=message.project,
+        dataset=message.dataset,
+        kind=message.kind,
+        states=frozenset(states),
+        labels=dict(message.labels),
+        parent_id=message.parent_id,
+        active_only=message.active_only,
+    )
+
+
+def _stage(stage: Stage) -> pb.Stage:
+    message = pb.Stage(
+        name=stage.name,
+        weight=stage.weight,
+        state=int(stage.state),  # type: ignore[arg-type]
+        completed=stage.completed,
+        total=stage.total,
+    )
+    _stamp(message.started_at, stage.started_at)
+    _stamp(message.finished_at, stage.finished_at)
+    return message
+
+
+def _error(error: OperationError) -> pb.OperationError:
+    message = pb.OperationError(
+        code=error.code,
+        message=error.message,
+        stage=error.stage,
+        item=error.item,
+        recoverable=error.recoverable,
+    )
+    _fill_struct(message.details, error.details)
+    return message
+
+
+# Watchers of a busy project receive the same operation state many times over;
+# converting it once per revision instead of once per watcher is the cheap win.
+_cache: dict[tuple[str, int], pb.Operation] = {}
+
+
+def operation(op: Operation) -> pb.Operation:
+    key = (op.id, op.revision)
+    cached = _cache.get(key)
+    if cached is not None:
+        return cached
+    message = _operation(op)
+    if len(_cache) >= _CACHE_LIMIT:
+        _cache.clear()
+    _cache[key] = message
+    return message
+
+
+def _operation(op: Operation) -> pb.Operation:
+    message = pb.Operation(
+        id=op.id,
+        kind=op.kind,
+        project=op.project,
+        dataset=op.dataset,
+        labels=op.labels,
+        parent_id=op.parent_id,
+        state=int(op.state),  # type: ignore[arg-type]
+        stalled=op.stalled,
+        cancel_requested=op.cancel_requested,
+        cancel_reason=op.cancel_reason,
+        percent=op.percent,
+        completed=op.completed,
+        total=op.total,
+        unit=op.unit,
+        stage=op.stage,
+        stages=[_stage(s) for s in op.stages],
+        message=op.message,
+        counters=op.counters,
+        checkpoint=op.checkpoint,
+        pause_reason=op.pause_reason,
+        revision=op.revision,
+        created_revision=op.created_revision,
+        last_sequence=op.last_sequence,
+    )
+    _fill_struct(message.details, op.details)
+    _fill_struct(message.result, op.result)
+    if op.error is not None:
+        message.error.CopyFrom(_error(op.error))
+    if op.heartbeat_timeout:
+        message.heartbeat_timeout.FromNanoseconds(int(op.heartbeat_timeout * 1e9))
+    _stamp(message.created_at, op.created_at)
+    _stamp(message.started_at, op.started_at)
+    _stamp(message.updated_at, op.updated_at)
+    _stamp(message.finished_at, op.finished_at)
+    return message
+
+
+def event(watch_event: WatchEvent) -> pb.OperationEvent:
+    message = pb.OperationEvent(
+        revision=watch_event.revision,
+        type=int(watch_event.type),  # type: ignore[arg-type]
+    )
+    if watch_event.operation is not None:
+        message.operation.CopyFrom(operation(watch_event.operation))
+    return message

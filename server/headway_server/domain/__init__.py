@@ -1,0 +1,1 @@
+"""The domain: operations, state machine, validation, percent; no grpc, no protobuf."""

@@ -1,0 +1,213 @@
+"""The operation model: immutable values that the store holds and the domain replaces.
+
+Values are frozen so a watcher or a response can hold one while producers move
+on; every change builds a new value with `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+JsonObject = Mapping[str, Any]
+
+
+class State(enum.IntEnum):
+    """Operation states; the numbers are the proto's."""
+
+    QUEUED = 1
+    RUNNING = 2
+    PAUSED = 3
+    SUCCEEDED = 4
+    FAILED = 5
+    CANCELLED = 6
+
+    @property
+    def terminal(self) -> bool:
+        return self >= State.SUCCEEDED
+
+    @property
+    def active(self) -> bool:
+        return self <= State.PAUSED
+
+
+class StageState(enum.IntEnum):
+    """Stage states; the numbers are the proto's."""
+
+    PENDING = 1
+    RUNNING = 2
+    DONE = 3
+    SKIPPED = 4
+    INTERRUPTED = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    name: str
+    weight: float
+    state: StageState = StageState.PENDING
+    completed: int = 0
+    total: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    name: str
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class OperationError:
+    code: str = ""
+    message: str = ""
+    stage: str = ""
+    item: str = ""
+    recoverable: bool = False
+    details: JsonObject | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartSpec:
+    """What a producer asked for at start; a retried start must ask for the same."""
+
+    kind: str = ""
+    project: str = ""
+    dataset: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    total: int = 0
+    unit: str = ""
+    stages: tuple[StageSpec, ...] = ()
+    heartbeat_timeout: float = 0.0
+    parent_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """One progress report; None means "not set, leave as is"."""
+
+    sequence: int = 0
+    stage: str | None = None
+    stage_completed: int | None = None
+    stage_total: int | None = None
+    completed: int | None = None
+    total: int | None = None
+    percent: float | None = None
+    message: str | None = None
+    details: JsonObject | None = None
+    counters: Mapping[str, int] = field(default_factory=dict)
+    checkpoint: str | None = None
+    paused: bool | None = None
+    pause_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    id: str
+    spec: StartSpec
+    state: State = State.QUEUED
+    stalled: bool = False
+    cancel_requested: bool = False
+    cancel_reason: str = ""
+    percent: float = 0.0
+    completed: int = 0
+    total: int = 0
+    stage: str = ""
+    stages: tuple[Stage, ...] = ()
+    message: str = ""
+    details: JsonObject | None = None
+    counters: Mapping[str, int] = field(default_factory=dict)
+    checkpoint: str = ""
+    error: OperationError | None = None
+    result: JsonObject | None = None
+    pause_reason: str = ""
+    created_at: float = 0.0
+    started_at: float | None = None
+    updated_at: float = 0.0
+    finished_at: float | None = None
+    revision: int = 0
+    created_revision: int = 0
+    last_sequence: int = 0
+    # Not in the contract: the last explicit percent (used when there are no
+    # units and no plan), the call that ended the operation as
+    # (call name, request_id) so that call can be repeated, and when the
+    # producer last reported (the heartbeat lease runs from there).
+    explicit_percent: float = 0.0
+    finished_by: tuple[str, str] | None = None
+    last_report_at: float = 0.0
+
+    # The start parameters are fixed for life; these read through to them.
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def project(self) -> str:
+        return self.spec.project
+
+    @property
+    def dataset(self) -> str:
+        return self.spec.dataset
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return self.spec.labels
+
+    @property
+    def parent_id(self) -> str:
+        return self.spec.parent_id
+
+    @property
+    def unit(self) -> str:
+        return self.spec.unit
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        return self.spec.heartbeat_timeout
+
+    @property
+    def planned(self) -> bool:
+        return bool(self.spec.stages)
+
+
+@dataclass(frozen=True, slots=True)
+class OperationFilter:
+    """Selects operations; every set field must match."""
+
+    project: str = ""
+    dataset: str = ""
+    kind: str = ""
+    states: frozenset[State] = frozenset()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    parent_id: str = ""
+    active_only: bool = False
+
+    def matches_identity(self, op: Operation) -> bool:
+        """Matches on the fields fixed at start, which never change."""
+        return (
+            (not self.project or op.project == self.project)
+            and (not self.dataset or op.dataset == self.dataset)
+            and (not self.kind or op.kind == self.kind)
+            and (not self.parent_id or op.parent_id == self.parent_id)
+            and all(op.labels.get(k) == v for k, v in self.labels.items())
+        )
+
+    def matches(self, op: Operation) -> bool:
+        return (
+            self.matches_identity(op)
+            and (not self.states or op.state in self.states)
+            and (not self.active_only or op.state.active)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the store's change history: the latest state of an operation
+    at `revision`, or its last state before deletion when `deleted`."""
+
+    revision: int
+    operation: Operation
+    deleted: bool = False

@@ -1,0 +1,218 @@
+"""Watch streams as state sync: snapshot, SYNCED, then the latest state of what changed.
+
+A watcher keeps no queue. It remembers the revision it has sent up to and asks
+the store for what changed after it; the store keeps only each operation's
+latest change, so a slow watcher skips superseded states and its memory is
+bounded by the number of operations, never by the update rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from headway_server.domain.errors import HistoryCompacted, NotFound
+from headway_server.domain.model import Change, Operation, OperationFilter
+from headway_server.store.base import OperationStore
+
+# Changes read from the store per round; a watcher that is further behind
+# catches up over several rounds, each one message or a few.
+CHANGES_PER_ROUND = 1000
+
+
+class EventType(enum.IntEnum):
+    """Numbers are the proto's OperationEvent.Type."""
+
+    SNAPSHOT = 1
+    SYNCED = 2
+    CHANGED = 3
+    DELETED = 4
+    BOOKMARK = 5
+    RESET = 6
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    type: EventType
+    revision: int
+    operation: Operation | None = None
+
+
+class ShuttingDown(Exception):
+    """The server is stopping; the watcher should resume from `revision`."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"server shutting down; resume from revision {revision}")
+        self.revision = revision
+
+
+class WatchHub:
+    """Runs watch streams against a store; one per server."""
+
+    def __init__(self, store: OperationStore, *, bookmark_interval: float) -> None:
+        self.store = store
+        self.bookmark_interval = bookmark_interval
+        self._stopping: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.open_watchers = 0
+
+    def stop(self) -> None:
+        """Ends every watch stream with ShuttingDown at its next wait."""
+        if not self._stopping.done():
+            self._stopping.set_result(None)
+
+    async def _wait(self, after: int, deadline: float) -> None:
+        """Waits for a change after `after`, the deadline, or shutdown."""
+        if self._stopping.done():
+            raise ShuttingDown(after)
+        timeout = max(0.0, deadline - time.monotonic())
+        waiter = asyncio.ensure_future(self.store.wait_for_change(after))
+        try:
+            await asyncio.wait(
+                (waiter, self._stopping), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            waiter.cancel()
+        if self._stopping.done():
+            raise ShuttingDown(after)
+
+    async def watch_operations(
+        self, where: OperationFilter, from_revision: int
+    ) -> AsyncIterator[list[WatchEvent]]:
+        """Yields batches of events for every operation matching `where`."""
+        self.open_watchers += 1
+        try:
+            async for batch in self._watch_operations(where, from_revision):
+                yield batch
+        finally:
+            self.open_watchers -= 1
+
+    async def _snapshot(self, where: OperationFilter) -> tuple[list[WatchEvent], int, set[str]]:
+        snap = await self.store.snapshot(where)
+        events = [WatchEvent(EventType.SNAPSHOT, c.revision, c.operation) for c in snap.changes]
+        return events, snap.revision, {c.operation.id for c in snap.changes}
+
+    async def _watch_operations(
+        self, where: OperationFilter, from_revision: int
+    ) -> AsyncIterator[list[WatchEvent]]:
+        # Operations this stream has delivered and the client may hold. An
+        # operation that stops matching (e.g. finishes under active_only) is
+        # delivered once more so the client sees how it ended.
+        known: set[str] = set()
+        # After a resume the client may hold any operation that matched by
+        # identity and existed at from_revision; we cannot know which.
+        resumed_at = from_revision
+        last = from_revision
+        if from_revision > 0:
+            try:
+                await self.store.changes(from_revision, limit=0)
+            except HistoryCompacted:
+                yield [WatchEvent(EventType.RESET, self.store.revision)]
+                from_revision = resumed_at = 0
+        if from_revision == 0:
+            events, last, known = await self._snapshot(where)
+            if events:
+                yield events
+            yield [WatchEvent(EventType.SYNCED, last)]
+        synced = from_revision == 0
+        sent_at = time.monotonic()
+        while True:
+            try:
+                changes = await self.store.changes(last, limit=CHANGES_PER_ROUND)
+            except HistoryCompacted:
+                # Fell behind the tombstone window while catching up.
+                events, last, known = await self._snapshot(where)
+                resumed_at = 0
+                synced_event = WatchEvent(EventType.SYNCED, last)
+                yield [WatchEvent(EventType.RESET, last), *events, synced_event]
+                sent_at = time.monotonic()
+                continue
+            batch = [e for c in changes.changes if (e := _select(c, where, known, resumed_at))]
+            last = changes.revision
+            if not synced and last >= self.store.revision:
+                batch.append(WatchEvent(EventType.SYNCED, last))
+                synced = True
+            if batch:
+                yield batch
+                sent_at = time.monotonic()
+                continue
+            if last < self.store.revision:
+                continue  # more to read this round: nothing matched in this slice
+            deadline = sent_at + self.bookmark_interval
+            if time.monotonic() >= deadline:
+                yield [WatchEvent(EventType.BOOKMARK, last)]
+                sent_at = time.monotonic()
+                continue
+            await self._wait(last, deadline)
+
+    async def watch_operation(
+        self, operation_id: str, from_revision: int
+    ) -> AsyncIterator[WatchEvent]:
+        """Yields the events of one operation; ends after its terminal state or deletion."""
+        self.open_watchers += 1
+        try:
+            async for event in self._watch_operation(operation_id, from_revision):
+                yield event
+        finally:
+            self.open_watchers -= 1
+
+    async def _watch_operation(
+        self, operation_id: str, from_revision: int
+    ) -> AsyncIterator[WatchEvent]:
+        op = await self.store.get(operation_id)
+        if from_revision > self.store.revision:
+            # The client's revision is from before a restart of this store.
+            yield WatchEvent(EventType.RESET, self.store.revision)
+            from_revision = 0
+        if op is None:
+            tomb = await self.store.tombstone(operation_id) if from_revision else None
+            if tomb is None or tomb.revision <= from_revision:
+                raise NotFound(f"operation {operation_id!r} not found")
+            yield WatchEvent(EventType.DELETED, tomb.revision, tomb.operation)
+            return
+        last = from_revision
+        if op.revision > from_revision:
+            kind = EventType.SNAPSHOT if from_revision == 0 else EventType.CHANGED
+            yield WatchEvent(kind, op.revision, op)
+            last = op.revision
+        sent_at = time.monotonic()
+        while not op.state.terminal:
+            deadline = sent_at + self.bookmark_interval
+            if time.monotonic() >= deadline:
+                yield WatchEvent(EventType.BOOKMARK, max(last, self.store.revision))
+                sent_at = time.monotonic()
+                continue
+            await self._wait(max(last, self.store.revision), deadline)
+            current = await self.store.get(operation_id)
+            if current is None:
+                tomb = await self.store.tombstone(operation_id)
+                revision = tomb.revision if tomb else self.store.revision
+                yield WatchEvent(EventType.DELETED, revision, op)
+                return
+            op = current
+            if op.revision > last:
+                yield WatchEvent(EventType.CHANGED, op.revision, op)
+                last = op.revision
+                sent_at = time.monotonic()
+
+
+def _select(
+    change: Change, where: OperationFilter, known: set[str], resumed_at: int
+) -> WatchEvent | None:
+    """The event this change makes on a stream watching `where`, if any."""
+    op = change.operation
+    held = op.id in known or (
+        resumed_at > 0 and op.created_revision <= resumed_at and where.matches_identity(op)
+    )
+    if change.deleted:
+        known.discard(op.id)
+        return WatchEvent(EventType.DELETED, change.revision, op) if held else None
+    if where.matches(op):
+        known.add(op.id)
+    elif held:
+        known.discard(op.id)
+    else:
+        return None
+    return WatchEvent(EventType.CHANGED, change.revision, op)

@@ -1,0 +1,120 @@
+"""Builds the Headway gRPC server: ProgressTracker, health and reflection on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from headway.v1 import progress_pb2 as pb
+from headway.v1 import progress_pb2_grpc as pb_grpc
+
+from headway_server.config import ServerConfig
+from headway_server.domain.service import OperationService
+from headway_server.domain.watch import WatchHub
+from headway_server.servicer import ProgressTrackerServicer
+from headway_server.store import MemoryStore, OperationStore
+
+log = logging.getLogger("headway.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProgressTracker"].full_name
+
+
+class HeadwayServer:
+    """A started-on-demand grpc.aio server plus the sweeper that runs beside it."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        grpc_server: grpc.aio.Server,
+        service: OperationService,
+        hub: WatchHub,
+        health: HealthServicer,
+        port: int,
+    ) -> None:
+        self.config = config
+        self.grpc_server = grpc_server
+        self.service = service
+        self.hub = hub
+        self.health = health
+        self.port = port
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="headway-sweeper")
+        log.info("serving", extra={"port": self.port, "listen": self.config.listen})
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            try:
+                await self.service.sweep()
+            except Exception:
+                # A failed sweep must not end leases and retention for good.
+                log.exception("sweep failed")
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING first, watchers told where to resume, then stop."""
+        grace = self.config.shutdown_grace if grace is None else grace
+        log.info("shutting down", extra={"grace": grace, "watchers": self.hub.open_watchers})
+        await self.health.enter_graceful_shutdown()
+        self.hub.stop()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.grpc_server.stop(grace)
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+def create_server(
+    config: ServerConfig, store: OperationStore | None = None
+) -> tuple[HeadwayServer, int]:
+    """Builds (not starts) the server; call from the event loop it will run on.
+
+    Returns the server and the bound port (useful with port 0).
+    """
+    # Annotated so that MemoryStore is checked against the protocol here.
+    chosen: OperationStore = store or MemoryStore(
+        max_operations=config.max_operations, history_size=config.history_size
+    )
+    service = OperationService(chosen, retention=config.retention)
+    hub = WatchHub(chosen, bookmark_interval=config.bookmark_interval)
+    grpc_server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.server.max_pending_requests", config.max_pending_requests),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=None,
+    )
+    pb_grpc.add_ProgressTrackerServicer_to_server(
+        ProgressTrackerServicer(service, hub), grpc_server
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        grpc_server,
+    )
+    port = grpc_server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"could not listen on {config.listen}")
+    return HeadwayServer(config, grpc_server, service, hub, health, port), port

@@ -1,0 +1,208 @@
+"""The ProgressTracker servicer: proto <-> domain, error -> status, stream loops."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import empty_pb2
+from headway.v1 import progress_pb2 as pb
+from headway.v1 import progress_pb2_grpc as pb_grpc
+
+from headway_server import convert
+from headway_server.domain import errors
+from headway_server.domain.service import OperationService
+from headway_server.domain.validation import check_id
+from headway_server.domain.watch import ShuttingDown, WatchEvent, WatchHub
+
+log = logging.getLogger("headway.servicer")
+
+RESUME_REVISION_KEY = "headway-resume-revision"
+# A WatchOperationsResponse stays well under the 4 MiB a default client accepts.
+_MAX_EVENTS_PER_MESSAGE = 500
+_MAX_BYTES_PER_MESSAGE = 1 << 20
+
+# The one table from domain errors to status codes.
+STATUS_BY_ERROR: dict[type[errors.HeadwayError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Conflict: grpc.StatusCode.ABORTED,
+    errors.HistoryCompacted: grpc.StatusCode.OUT_OF_RANGE,
+}
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
+    if isinstance(exc, errors.HeadwayError):
+        code = STATUS_BY_ERROR[type(exc)]
+        log.info("rejected", extra={"method": method, "code": code.name, "detail": str(exc)})
+        await context.abort(code, str(exc))
+    log.exception("unexpected error", extra={"method": method})
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+
+def unary(
+    handler: Callable[[Any, Request, Any], Awaitable[Response]],
+) -> Callable[[Any, Request, Any], Awaitable[Response]]:
+    """Maps domain errors of a unary handler to statuses through STATUS_BY_ERROR."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Request, context: Any) -> Response:
+        try:
+            return await handler(self, request, context)
+        except Exception as exc:
+            await _abort(context, exc, handler.__name__)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
+    def __init__(self, service: OperationService, hub: WatchHub) -> None:
+        self.service = service
+        self.hub = hub
+
+    @unary
+    async def StartOperation(self, request: pb.StartOperationRequest, context: Any) -> pb.Operation:
+        op = await self.service.start(
+            convert.start_spec(request),
+            operation_id=request.operation_id,
+            request_id=request.request_id,
+        )
+        return convert.operation(op)
+
+    @unary
+    async def UpdateOperation(
+        self, request: pb.UpdateOperationRequest, context: Any
+    ) -> pb.UpdateOperationResponse:
+        check_id("operation_id", request.operation_id)
+        result = await self.service.update(request.operation_id, convert.update(request))
+        op = result.operation
+        return pb.UpdateOperationResponse(
+            revision=op.revision,
+            percent=op.percent,
+            cancel_requested=op.cancel_requested,
+            applied=result.applied,
+            state=int(op.state),  # type: ignore[arg-type]
+        )
+
+    @unary
+    async def CompleteOperation(
+        self, request: pb.CompleteOperationRequest, context: Any
+    ) -> pb.Operation:
+        op = await self.service.complete(
+            request.operation_id,
+            result=convert.struct_to_dict(request.result) if request.HasField("result") else None,
+            message=request.message,
+            request_id=request.request_id,
+        )
+        return convert.operation(op)
+
+    @unary
+    async def FailOperation(self, request: pb.FailOperationRequest, context: Any) -> pb.Operation:
+        op = await self.service.fail(
+            request.operation_id,
+            convert.operation_error(request.error),
+            request_id=request.request_id,
+        )
+        return convert.operation(op)
+
+    @unary
+    async def CancelOperation(
+        self, request: pb.CancelOperationRequest, context: Any
+    ) -> pb.Operation:
+        return convert.operation(await self.service.cancel(request.operation_id, request.reason))
+
+    @unary
+    async def DeleteOperation(
+        self, request: pb.DeleteOperationRequest, context: Any
+    ) -> empty_pb2.Empty:
+        await self.service.delete(request.operation_id)
+        return empty_pb2.Empty()
+
+    @unary
+    async def GetOperation(self, request: pb.GetOperationRequest, context: Any) -> pb.Operation:
+        return convert.operation(await self.service.get(request.operation_id))
+
+    @unary
+    async def ListOperations(
+        self, request: pb.ListOperationsRequest, context: Any
+    ) -> pb.ListOperationsResponse:
+        page, token = await self.service.list(
+            convert.operation_filter(request.filter),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListOperationsResponse(
+            operations=[convert.operation(op) for op in page.operations],
+            next_page_token=token,
+            revision=page.revision,
+        )
+
+    async def WatchOperation(
+        self, request: pb.WatchOperationRequest, context: Any
+    ) -> AsyncIterator[pb.OperationEvent]:
+        try:
+            check_id("operation_id", request.operation_id)
+            _check_revision(request.from_revision)
+            async for event in self.hub.watch_operation(
+                request.operation_id, request.from_revision
+            ):
+                yield convert.event(event)
+        except ShuttingDown as exc:
+            await _end_for_shutdown(context, exc)
+        except Exception as exc:
+            await _abort(context, exc, "WatchOperation")
+
+    async def WatchOperations(
+        self, request: pb.WatchOperationsRequest, context: Any
+    ) -> AsyncIterator[pb.WatchOperationsResponse]:
+        try:
+            where = convert.operation_filter(request.filter)
+            _check_revision(request.from_revision)
+            async for batch in self.hub.watch_operations(where, request.from_revision):
+                for message in _messages(batch):
+                    yield message
+        except ShuttingDown as exc:
+            await _end_for_shutdown(context, exc)
+        except Exception as exc:
+            await _abort(context, exc, "WatchOperations")
+
+
+def _check_revision(revision: int) -> None:
+    if revision < 0:
+        raise errors.InvalidArgument("from_revision", f"must not be negative (got {revision})")
+
+
+def _messages(batch: list[WatchEvent]) -> list[pb.WatchOperationsResponse]:
+    """Splits a batch of events into responses of bounded count and size."""
+    messages = []
+    current = pb.WatchOperationsResponse()
+    size = 0
+    for watch_event in batch:
+        event = convert.event(watch_event)
+        event_size = event.ByteSize()
+        if current.events and (
+            len(current.events) >= _MAX_EVENTS_PER_MESSAGE
+            or size + event_size > _MAX_BYTES_PER_MESSAGE
+        ):
+            messages.append(current)
+            current, size = pb.WatchOperationsResponse(), 0
+        current.events.append(event)
+        size += event_size
+    if current.events:
+        messages.append(current)
+    return messages
+
+
+async def _end_for_shutdown(context: Any, exc: ShuttingDown) -> None:
+    context.set_trailing_metadata(((RESUME_REVISION_KEY, str(exc.revision)),))
+    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -1,0 +1,101 @@
+"""The store interface: revisioned operations with a change history.
+
+Every write gets the next value of one store-wide revision counter. Watchers
+ask for "what changed after revision N" rather than subscribing to an event
+queue, so a slow watcher costs the store nothing and a Redis-backed store can
+share one ordering between server processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from headway_server.domain.model import Change, Operation, OperationFilter
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    operations: list[Operation]
+    # Creation revision of the last operation returned, when there may be more.
+    next_after: int | None
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    # Latest state of each operation changed after the asked revision (or its
+    # tombstone), in revision order.
+    changes: list[Change]
+    # Everything up to this revision has been returned (the store revision when
+    # there were no more than `limit` changes).
+    revision: int
+
+
+class OperationStore(Protocol):
+    """Async store of operations. Implementations: MemoryStore (Redis later)."""
+
+    @property
+    def revision(self) -> int:
+        """The store's current revision (0 when empty and new)."""
+        ...
+
+    async def get(self, operation_id: str) -> Operation | None:
+        """Returns the operation, or None when there is none with that id."""
+        ...
+
+    async def create(self, operation: Operation) -> Operation:
+        """Stores a new operation at the next revision and returns it as stored.
+
+        Raises:
+            AlreadyExists: an operation with that id exists (the stored one is
+                not changed).
+            ResourceExhausted: the store holds its maximum number of operations.
+        """
+        ...
+
+    async def replace(self, operation: Operation, *, expected_revision: int) -> Operation:
+        """Stores a new state of an existing operation at the next revision.
+
+        Raises:
+            NotFound: the operation no longer exists.
+            Conflict: its revision is no longer `expected_revision`.
+        """
+        ...
+
+    async def delete(self, operation_id: str) -> int:
+        """Removes the operation, keeps a tombstone, and returns the delete's revision.
+
+        Raises:
+            NotFound: there is no such operation.
+        """
+        ...
+
+    async def list_page(self, where: OperationFilter, *, after: int = 0, limit: int = 100) -> Page:
+        """Operations matching `where` in creation order, created after revision `after`."""
+        ...
+
+    async def snapshot(self, where: OperationFilter) -> Changes:
+        """Every operation matching `where`, in revision order, read at one revision."""
+        ...
+
+    async def tombstone(self, operation_id: str) -> Change | None:
+        """The deletion of `operation_id` if the store still holds its tombstone."""
+        ...
+
+    async def changes(self, after: int, *, limit: int) -> Changes:
+        """Up to `limit` changes after revision `after`, oldest first.
+
+        Raises:
+            HistoryCompacted: tombstones needed to answer were dropped, or `after`
+                is ahead of the store (it was reset); the caller must re-list.
+        """
+        ...
+
+    async def wait_for_change(self, after: int) -> int:
+        """Waits until the revision is above `after` and returns it (callers bound the wait)."""
+        ...
+
+    async def scan(self) -> list[Operation]:
+        """Every stored operation, for maintenance sweeps (leases, retention)."""
+        ...
