@@ -16,7 +16,6 @@ from typing import Any
 
 import grpc
 import pytest
-
 from headway.v1 import progress_pb2 as pb
 from headway.v1 import progress_pb2_grpc as pb_grpc
 from headway_server.config import ServerConfig
