@@ -114,7 +114,8 @@ def create_server(
         ),
         grpc_server,
     )
-    port = grpc_server.add_insecure_port(config.listen)
-    if port == 0:
-        raise OSError(f"could not listen on {config.listen}")
+    try:
+        port = grpc_server.add_insecure_port(config.listen)
+    except RuntimeError as exc:  # grpcio reports a failed bind as RuntimeError
+        raise OSError(f"cannot listen on {config.listen}: address in use or invalid") from exc
     return HeadwayServer(config, grpc_server, service, hub, health, port), port

@@ -55,27 +55,32 @@ class WatchHub:
     def __init__(self, store: OperationStore, *, bookmark_interval: float) -> None:
         self.store = store
         self.bookmark_interval = bookmark_interval
-        self._stopping: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.open_watchers = 0
+        self._stopping = False
+        # Each waiting watcher's wait task. stop() cancels them one by one:
+        # a single shared "stopping" future awaited by thousands of watchers
+        # would cost O(watchers) to unregister from on every wake-up.
+        self._waiters: set[asyncio.Future[int]] = set()
 
     def stop(self) -> None:
         """Ends every watch stream with ShuttingDown at its next wait."""
-        if not self._stopping.done():
-            self._stopping.set_result(None)
+        self._stopping = True
+        for waiter in list(self._waiters):
+            waiter.cancel()
 
     async def _wait(self, after: int, deadline: float) -> None:
         """Waits for a change after `after`, the deadline, or shutdown."""
-        if self._stopping.done():
+        if self._stopping:
             raise ShuttingDown(after)
-        timeout = max(0.0, deadline - time.monotonic())
         waiter = asyncio.ensure_future(self.store.wait_for_change(after))
+        self._waiters.add(waiter)
         try:
-            await asyncio.wait(
-                (waiter, self._stopping), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            # asyncio.wait never raises the waiter's own cancellation, only ours.
+            await asyncio.wait((waiter,), timeout=max(0.0, deadline - time.monotonic()))
         finally:
+            self._waiters.discard(waiter)
             waiter.cancel()
-        if self._stopping.done():
+        if self._stopping:
             raise ShuttingDown(after)
 
     async def watch_operations(
