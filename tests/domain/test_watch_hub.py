@@ -1,0 +1,352 @@
+"""WatchHub over MemoryStore: state-sync watch streams (README guarantees 5, 6, 10)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+import pytest
+from headway_server.domain.errors import NotFound
+from headway_server.domain.model import Operation, OperationFilter, StartSpec, State
+from headway_server.domain.watch import EventType, ShuttingDown, WatchEvent, WatchHub
+from headway_server.store.memory import MemoryStore
+
+T = TypeVar("T")
+
+BOOKMARK = 0.05
+TIMEOUT = 2.0
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+async def hub(store: MemoryStore) -> AsyncIterator[WatchHub]:
+    hub = WatchHub(store, bookmark_interval=BOOKMARK)
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+async def streams() -> AsyncIterator[list[AsyncIterator[Any]]]:
+    """Streams opened by a test, closed at teardown."""
+    opened: list[AsyncIterator[Any]] = []
+    yield opened
+    for stream in opened:
+        await asyncio.wait_for(stream.aclose(), TIMEOUT)  # type: ignore[attr-defined]
+
+
+async def nxt(stream: AsyncIterator[T]) -> T:
+    return await asyncio.wait_for(anext(stream), TIMEOUT)
+
+
+def kinds(batch: list[WatchEvent]) -> list[tuple[EventType, int, str]]:
+    return [(e.type, e.revision, e.operation.id if e.operation else "") for e in batch]
+
+
+async def create(store: MemoryStore, op_id: str, **spec: Any) -> Operation:
+    return await store.create(Operation(id=op_id, spec=StartSpec(**spec)))
+
+
+async def change(store: MemoryStore, op_id: str, **changes: Any) -> Operation:
+    current = await store.get(op_id)
+    assert current is not None
+    new = dataclasses.replace(current, **changes)
+    return await store.replace(new, expected_revision=current.revision)
+
+
+def watch(
+    hub: WatchHub,
+    streams: list[AsyncIterator[Any]],
+    where: OperationFilter | None = None,
+    from_revision: int = 0,
+) -> AsyncIterator[list[WatchEvent]]:
+    stream = hub.watch_operations(where or OperationFilter(), from_revision)
+    streams.append(stream)
+    return stream
+
+
+async def next_non_bookmark(stream: AsyncIterator[list[WatchEvent]]) -> list[WatchEvent]:
+    while True:
+        batch = await nxt(stream)
+        if [e.type for e in batch] != [EventType.BOOKMARK]:
+            return batch
+
+
+# --- watch_operations -------------------------------------------------------------------
+
+
+async def test_snapshot_then_synced(store: MemoryStore, hub: WatchHub, streams: Any) -> None:
+    await create(store, "a", project="p")  # 1
+    await create(store, "b", project="q")  # 2
+    await create(store, "c", project="p")  # 3
+    await change(store, "a", message="x")  # 4
+    stream = watch(hub, streams, OperationFilter(project="p"))
+    snapshot = await nxt(stream)
+    assert kinds(snapshot) == [(EventType.SNAPSHOT, 3, "c"), (EventType.SNAPSHOT, 4, "a")]
+    assert kinds(await nxt(stream)) == [(EventType.SYNCED, 4, "")]
+    assert hub.open_watchers == 1
+
+
+async def test_empty_store_sends_only_synced(hub: WatchHub, streams: Any) -> None:
+    stream = watch(hub, streams)
+    assert kinds(await nxt(stream)) == [(EventType.SYNCED, 0, "")]
+
+
+async def test_changes_after_sync(store: MemoryStore, hub: WatchHub, streams: Any) -> None:
+    stream = watch(hub, streams)
+    assert kinds(await nxt(stream)) == [(EventType.SYNCED, 0, "")]
+    pending = asyncio.ensure_future(next_non_bookmark(stream))
+    await asyncio.sleep(0.01)
+    await create(store, "a")
+    batch = await asyncio.wait_for(pending, TIMEOUT)
+    assert kinds(batch) == [(EventType.CHANGED, 1, "a")]
+    await store.delete("a")
+    batch = await next_non_bookmark(stream)
+    assert kinds(batch) == [(EventType.DELETED, 2, "a")]
+
+
+async def test_changes_are_batched(store: MemoryStore, hub: WatchHub, streams: Any) -> None:
+    stream = watch(hub, streams)
+    await nxt(stream)  # SYNCED
+    await create(store, "a")
+    await create(store, "b")
+    await create(store, "c")
+    batch = await next_non_bookmark(stream)
+    assert kinds(batch) == [
+        (EventType.CHANGED, 1, "a"),
+        (EventType.CHANGED, 2, "b"),
+        (EventType.CHANGED, 3, "c"),
+    ]
+
+
+async def test_slow_watcher_skips_superseded_states(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    await create(store, "a")
+    await create(store, "b")
+    stream = watch(hub, streams)
+    await nxt(stream)  # snapshot
+    await nxt(stream)  # SYNCED at 2
+    for i in range(10):
+        await change(store, "a", completed=i)  # 3..12
+    await change(store, "b", state=State.RUNNING)  # 13
+    await change(store, "a", state=State.SUCCEEDED, completed=10)  # 14
+    batch = await next_non_bookmark(stream)
+    assert kinds(batch) == [(EventType.CHANGED, 13, "b"), (EventType.CHANGED, 14, "a")]
+    last = batch[-1].operation
+    assert last is not None
+    assert last.state is State.SUCCEEDED
+    assert last.completed == 10
+
+
+async def test_watcher_filters_and_delivers_how_it_ended(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    await create(store, "a", project="p")
+    stream = watch(hub, streams, OperationFilter(project="p", active_only=True))
+    assert kinds(await nxt(stream)) == [(EventType.SNAPSHOT, 1, "a")]
+    await nxt(stream)  # SYNCED
+    await create(store, "other", project="q")  # 2: not for us
+    await change(store, "a", state=State.SUCCEEDED)  # 3: stops matching, delivered once
+    assert kinds(await next_non_bookmark(stream)) == [(EventType.CHANGED, 3, "a")]
+    await change(store, "a", message="after the end")  # 4: no longer held
+    await create(store, "b", project="p")  # 5
+    assert kinds(await next_non_bookmark(stream)) == [(EventType.CHANGED, 5, "b")]
+
+
+async def test_revisions_strictly_increase_and_bookmarks_do_not_go_back(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    await create(store, "a")
+    stream = watch(hub, streams)
+    seen: list[WatchEvent] = []
+    seen += await nxt(stream)
+    seen += await nxt(stream)
+    for i in range(3):
+        await change(store, "a", completed=i)
+        await create(store, f"n{i}")
+        seen += await next_non_bookmark(stream)
+    seen += await nxt(stream)  # a quiet stream: BOOKMARK
+    assert seen[-1].type is EventType.BOOKMARK
+    with_op = [e.revision for e in seen if e.operation is not None]
+    assert with_op == sorted(set(with_op))
+    caught_up = [e.revision for e in seen if e.operation is None]
+    assert caught_up == sorted(caught_up)
+    assert seen[-1].revision == store.revision == 7
+
+
+async def test_quiet_stream_gets_bookmarks(store: MemoryStore, hub: WatchHub, streams: Any) -> None:
+    await create(store, "a")
+    stream = watch(hub, streams)
+    await nxt(stream)
+    await nxt(stream)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for _ in range(2):
+        assert kinds(await nxt(stream)) == [(EventType.BOOKMARK, 1, "")]
+    assert loop.time() - start >= BOOKMARK * 1.5
+
+
+async def test_resume_from_revision(store: MemoryStore, hub: WatchHub, streams: Any) -> None:
+    await create(store, "a", project="p")  # 1
+    await create(store, "b", project="p")  # 2
+    await create(store, "c", project="p")  # 3
+    await create(store, "x", project="q")  # 4
+    resume_at = store.revision
+    await change(store, "b", message="b2")  # 5
+    await change(store, "x", message="x2")  # 6: other project
+    await store.delete("c")  # 7
+    await create(store, "d", project="p")  # 8
+    await change(store, "b", message="b3")  # 9
+    stream = watch(hub, streams, OperationFilter(project="p"), from_revision=resume_at)
+    batch = await nxt(stream)
+    assert kinds(batch) == [
+        (EventType.DELETED, 7, "c"),
+        (EventType.CHANGED, 8, "d"),
+        (EventType.CHANGED, 9, "b"),
+        (EventType.SYNCED, 9, ""),
+    ]
+    # Nothing sent again; then live changes.
+    await change(store, "a", message="a2")  # 10
+    assert kinds(await next_non_bookmark(stream)) == [(EventType.CHANGED, 10, "a")]
+
+
+async def test_resume_at_head_sends_synced(store: MemoryStore, hub: WatchHub, streams: Any) -> None:
+    await create(store, "a")
+    stream = watch(hub, streams, from_revision=1)
+    assert kinds(await nxt(stream)) == [(EventType.SYNCED, 1, "")]
+
+
+async def test_resume_ahead_of_store_resets(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    await create(store, "a")
+    await create(store, "b")
+    stream = watch(hub, streams, from_revision=50)
+    assert kinds(await nxt(stream)) == [(EventType.RESET, 2, "")]
+    assert kinds(await nxt(stream)) == [(EventType.SNAPSHOT, 1, "a"), (EventType.SNAPSHOT, 2, "b")]
+    assert kinds(await nxt(stream)) == [(EventType.SYNCED, 2, "")]
+    await change(store, "a", message="x")
+    assert kinds(await next_non_bookmark(stream)) == [(EventType.CHANGED, 3, "a")]
+
+
+async def test_resume_below_compacted_history_resets(streams: Any) -> None:
+    store = MemoryStore(history_size=1)
+    hub = WatchHub(store, bookmark_interval=BOOKMARK)
+    try:
+        for op_id in "abc":
+            await create(store, op_id)  # 1..3
+        await store.delete("a")  # 4
+        await store.delete("b")  # 5: a's tombstone dropped
+        stream = watch(hub, streams, from_revision=2)
+        assert kinds(await nxt(stream)) == [(EventType.RESET, 5, "")]
+        assert kinds(await nxt(stream)) == [(EventType.SNAPSHOT, 3, "c")]
+        assert kinds(await nxt(stream)) == [(EventType.SYNCED, 5, "")]
+    finally:
+        hub.stop()
+
+
+async def test_stop_ends_stream_with_shutting_down(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    await create(store, "a")
+    await create(store, "b")
+    stream = watch(hub, streams)
+    await nxt(stream)
+    await nxt(stream)
+    pending = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.01)
+    assert not pending.done()
+    hub.stop()
+    with pytest.raises(ShuttingDown) as exc:
+        await asyncio.wait_for(pending, TIMEOUT)
+    assert exc.value.revision == 2
+    assert hub.open_watchers == 0
+
+
+async def test_stream_opened_after_stop_shuts_down_once_caught_up(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    await create(store, "a")
+    hub.stop()
+    stream = watch(hub, streams)
+    await nxt(stream)
+    await nxt(stream)
+    with pytest.raises(ShuttingDown) as exc:
+        await nxt(stream)
+    assert exc.value.revision == 1
+
+
+async def test_closing_a_stream_releases_the_watcher(hub: WatchHub, streams: Any) -> None:
+    stream = watch(hub, streams)
+    await nxt(stream)
+    assert hub.open_watchers == 1
+    await asyncio.wait_for(stream.aclose(), TIMEOUT)  # type: ignore[attr-defined]
+    assert hub.open_watchers == 0
+
+
+async def test_watch_does_not_slow_producers(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    # A watcher that never reads costs the store nothing: writes go on.
+    await create(store, "a")
+    stream = watch(hub, streams)
+    await nxt(stream)  # snapshot
+    for i in range(500):
+        await change(store, "a", completed=i)
+    assert kinds(await nxt(stream)) == [(EventType.SYNCED, 1, "")]
+    assert kinds(await next_non_bookmark(stream)) == [(EventType.CHANGED, 501, "a")]
+
+
+# --- watch_operation --------------------------------------------------------------------
+
+
+def watch_one(
+    hub: WatchHub, streams: list[AsyncIterator[Any]], op_id: str, from_revision: int = 0
+) -> AsyncIterator[WatchEvent]:
+    stream = hub.watch_operation(op_id, from_revision)
+    streams.append(stream)
+    return stream
+
+
+async def next_event(stream: AsyncIterator[WatchEvent]) -> WatchEvent:
+    while True:
+        event = await nxt(stream)
+        if event.type is not EventType.BOOKMARK:
+            return event
+
+
+async def test_watch_one_until_terminal(store: MemoryStore, hub: WatchHub, streams: Any) -> None:
+    await create(store, "a")
+    stream = watch_one(hub, streams, "a")
+    first = await nxt(stream)
+    assert (first.type, first.revision) == (EventType.SNAPSHOT, 1)
+    await change(store, "a", completed=1)
+    event = await next_event(stream)
+    assert (event.type, event.revision) == (EventType.CHANGED, 2)
+    await change(store, "a", state=State.FAILED)
+    event = await next_event(stream)
+    assert (event.type, event.revision) == (EventType.CHANGED, 3)
+    with pytest.raises(StopAsyncIteration):
+        await nxt(stream)
+
+
+async def test_watch_one_until_deleted(store: MemoryStore, hub: WatchHub, streams: Any) -> None:
+    await create(store, "a")
+    stream = watch_one(hub, streams, "a")
+    await nxt(stream)
+    await store.delete("a")
+    event = await next_event(stream)
+    assert (event.type, event.revision) == (EventType.DELETED, 2)
+    with pytest.raises(StopAsyncIteration):
+        await nxt(stream)
+
+
+async def test_watch_one_unknown_is_not_found(hub: WatchHub, streams: Any) -> None:
+    with pytest.raises(NotFound):
+        await nxt(watch_one(hub, streams, "nope"))

@@ -1,0 +1,399 @@
+"""The store contract (store/base.py), run against every store implementation.
+
+To add a store, add a factory to STORE_FACTORIES: it takes the limits as keyword
+arguments and returns a fresh, empty store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from headway_server.domain.errors import (
+    AlreadyExists,
+    Conflict,
+    HistoryCompacted,
+    NotFound,
+    ResourceExhausted,
+)
+from headway_server.domain.model import Operation, OperationFilter, StartSpec, State
+from headway_server.store.base import OperationStore
+from headway_server.store.memory import MemoryStore
+
+StoreFactory = Callable[..., OperationStore]
+
+
+def memory_store(*, max_operations: int = 100_000, history_size: int = 10_000) -> OperationStore:
+    return MemoryStore(max_operations=max_operations, history_size=history_size)
+
+
+STORE_FACTORIES: dict[str, StoreFactory] = {"memory": memory_store}
+
+
+@pytest.fixture(params=sorted(STORE_FACTORIES))
+def store_factory(request: pytest.FixtureRequest) -> StoreFactory:
+    factory: StoreFactory = STORE_FACTORIES[request.param]
+    return factory
+
+
+@pytest.fixture
+def store(store_factory: StoreFactory) -> OperationStore:
+    return store_factory()
+
+
+def new_op(op_id: str, **spec: Any) -> Operation:
+    return Operation(id=op_id, spec=StartSpec(**spec))
+
+
+async def bump(store: OperationStore, op_id: str, **changes: Any) -> Operation:
+    current = await store.get(op_id)
+    assert current is not None
+    return await store.replace(
+        dataclasses.replace(current, **changes), expected_revision=current.revision
+    )
+
+
+def ids(ops: list[Operation]) -> list[str]:
+    return [op.id for op in ops]
+
+
+# --- create / get -----------------------------------------------------------------------
+
+
+async def test_new_store_is_empty(store: OperationStore) -> None:
+    assert store.revision == 0
+    assert await store.get("a") is None
+    assert await store.scan() == []
+    changes = await store.changes(0, limit=10)
+    assert changes.changes == []
+    assert changes.revision == 0
+
+
+async def test_create_assigns_increasing_revisions(store: OperationStore) -> None:
+    stored = [await store.create(new_op(f"op-{i}")) for i in range(3)]
+    assert [op.revision for op in stored] == [1, 2, 3]
+    assert [op.created_revision for op in stored] == [1, 2, 3]
+    assert store.revision == 3
+    assert await store.get("op-1") == stored[1]
+
+
+async def test_create_ignores_revisions_on_the_input(store: OperationStore) -> None:
+    op = dataclasses.replace(new_op("a"), revision=77, created_revision=55)
+    stored = await store.create(op)
+    assert (stored.revision, stored.created_revision) == (1, 1)
+
+
+async def test_create_duplicate_changes_nothing(store: OperationStore) -> None:
+    first = await store.create(new_op("a", kind="one"))
+    with pytest.raises(AlreadyExists):
+        await store.create(new_op("a", kind="two"))
+    assert store.revision == 1
+    assert await store.get("a") == first
+    assert len((await store.changes(0, limit=10)).changes) == 1
+
+
+async def test_create_beyond_max_operations(store_factory: StoreFactory) -> None:
+    store = store_factory(max_operations=2)
+    await store.create(new_op("a"))
+    await store.create(new_op("b"))
+    with pytest.raises(ResourceExhausted):
+        await store.create(new_op("c"))
+    assert store.revision == 2
+    assert await store.get("c") is None
+    # Deleting frees a place.
+    await store.delete("a")
+    await store.create(new_op("c"))
+    assert store.revision == 4
+
+
+# --- replace ----------------------------------------------------------------------------
+
+
+async def test_replace_moves_to_next_revision(store: OperationStore) -> None:
+    await store.create(new_op("a"))
+    await store.create(new_op("b"))
+    a = await store.get("a")
+    assert a is not None
+    new = await store.replace(dataclasses.replace(a, message="hi"), expected_revision=1)
+    assert new.revision == 3
+    assert new.created_revision == 1
+    assert new.message == "hi"
+    assert await store.get("a") == new
+
+
+async def test_replace_with_stale_revision_is_conflict(store: OperationStore) -> None:
+    await store.create(new_op("a"))
+    current = await bump(store, "a", message="v2")
+    with pytest.raises(Conflict):
+        await store.replace(dataclasses.replace(current, message="v3"), expected_revision=1)
+    assert await store.get("a") == current
+    assert store.revision == 2
+
+
+async def test_replace_missing_is_not_found(store: OperationStore) -> None:
+    with pytest.raises(NotFound):
+        await store.replace(new_op("ghost"), expected_revision=0)
+    await store.create(new_op("a"))
+    a = await store.get("a")
+    await store.delete("a")
+    assert a is not None
+    with pytest.raises(NotFound):
+        await store.replace(a, expected_revision=a.revision)
+    assert store.revision == 2
+
+
+# --- delete / tombstone -----------------------------------------------------------------
+
+
+async def test_delete_keeps_a_tombstone(store: OperationStore) -> None:
+    await store.create(new_op("a"))
+    last = await bump(store, "a", message="last words")
+    revision = await store.delete("a")
+    assert revision == store.revision == 3
+    assert await store.get("a") is None
+    assert await store.scan() == []
+    tomb = await store.tombstone("a")
+    assert tomb is not None
+    assert tomb.deleted
+    assert tomb.revision == 3
+    assert tomb.operation == last
+    with pytest.raises(NotFound):
+        await store.delete("a")
+    assert store.revision == 3
+
+
+async def test_tombstone_of_live_or_unknown_is_none(store: OperationStore) -> None:
+    await store.create(new_op("a"))
+    assert await store.tombstone("a") is None
+    assert await store.tombstone("never") is None
+
+
+async def test_recreated_id_is_live_not_a_tombstone(store: OperationStore) -> None:
+    await store.create(new_op("a"))
+    await store.delete("a")
+    again = await store.create(new_op("a", kind="second"))
+    assert again.created_revision == 3
+    assert await store.tombstone("a") is None
+    changes = await store.changes(0, limit=10)
+    assert [(c.revision, c.deleted) for c in changes.changes] == [(3, False)]
+
+
+# --- changes ----------------------------------------------------------------------------
+
+
+async def test_changes_hold_only_the_latest_state_per_operation(store: OperationStore) -> None:
+    await store.create(new_op("a"))  # 1
+    await store.create(new_op("b"))  # 2
+    await store.create(new_op("c"))  # 3
+    await bump(store, "a", message="a2")  # 4
+    await bump(store, "b", message="b2")  # 5
+    await bump(store, "a", message="a3")  # 6
+    await store.delete("c")  # 7
+    changes = await store.changes(0, limit=100)
+    assert [(c.revision, c.operation.id, c.deleted) for c in changes.changes] == [
+        (5, "b", False),
+        (6, "a", False),
+        (7, "c", True),
+    ]
+    assert changes.changes[1].operation.message == "a3"
+    assert changes.changes[1].operation.revision == 6
+    assert changes.revision == 7
+
+
+async def test_changes_after_a_revision(store: OperationStore) -> None:
+    for i in range(5):
+        await store.create(new_op(f"op-{i}"))
+    changes = await store.changes(3, limit=100)
+    assert [c.revision for c in changes.changes] == [4, 5]
+    assert changes.revision == 5
+    at_head = await store.changes(5, limit=100)
+    assert at_head.changes == []
+    assert at_head.revision == 5
+
+
+async def test_changes_respect_limit(store: OperationStore) -> None:
+    for i in range(5):
+        await store.create(new_op(f"op-{i}"))
+    await bump(store, "op-0")  # 6
+    page = await store.changes(0, limit=2)
+    assert [c.revision for c in page.changes] == [2, 3]
+    assert page.revision == 3
+    page = await store.changes(page.revision, limit=2)
+    assert [c.revision for c in page.changes] == [4, 5]
+    assert page.revision == 5
+    page = await store.changes(page.revision, limit=2)
+    assert [c.revision for c in page.changes] == [6]
+    assert page.revision == 6
+    # Exactly `limit` left: all returned, caught up to the store.
+    exact = await store.changes(3, limit=3)
+    assert [c.revision for c in exact.changes] == [4, 5, 6]
+    assert exact.revision == 6
+
+
+async def test_changes_with_zero_limit_probe(store: OperationStore) -> None:
+    for i in range(3):
+        await store.create(new_op(f"op-{i}"))
+    probe = await store.changes(1, limit=0)
+    assert probe.changes == []
+    assert probe.revision == 1
+    at_head = await store.changes(3, limit=0)
+    assert at_head.changes == []
+    assert at_head.revision == 3
+
+
+async def test_changes_ahead_of_the_store_are_compacted(store: OperationStore) -> None:
+    await store.create(new_op("a"))
+    with pytest.raises(HistoryCompacted):
+        await store.changes(2, limit=10)
+    with pytest.raises(HistoryCompacted):
+        await store.changes(100, limit=0)
+
+
+async def test_changes_below_the_tombstone_window_are_compacted(
+    store_factory: StoreFactory,
+) -> None:
+    store = store_factory(history_size=2)
+    for op_id in "abcd":
+        await store.create(new_op(op_id))  # 1..4
+    await store.delete("a")  # 5
+    await store.delete("b")  # 6
+    # Two tombstones fit: the whole history is still answerable.
+    full = await store.changes(0, limit=10)
+    assert [(c.operation.id, c.deleted) for c in full.changes] == [
+        ("c", False),
+        ("d", False),
+        ("a", True),
+        ("b", True),
+    ]
+    await store.delete("c")  # 7: drops a's tombstone (revision 5)
+    assert await store.tombstone("a") is None
+    assert await store.tombstone("b") is not None
+    for after in (0, 3, 4):
+        with pytest.raises(HistoryCompacted):
+            await store.changes(after, limit=10)
+    # From the dropped tombstone's revision on, nothing is missing.
+    changes = await store.changes(5, limit=10)
+    assert [(c.revision, c.operation.id, c.deleted) for c in changes.changes] == [
+        (6, "b", True),
+        (7, "c", True),
+    ]
+    assert changes.revision == 7
+
+
+# --- snapshot ---------------------------------------------------------------------------
+
+
+async def test_snapshot_sorted_by_revision_and_filtered(store: OperationStore) -> None:
+    await store.create(new_op("a", project="p"))  # 1
+    await store.create(new_op("b", project="q"))  # 2
+    await store.create(new_op("c", project="p"))  # 3
+    await store.create(new_op("d", project="p"))  # 4
+    await bump(store, "a", state=State.RUNNING)  # 5
+    await store.delete("d")  # 6
+    snap = await store.snapshot(OperationFilter(project="p"))
+    assert [(c.revision, c.operation.id) for c in snap.changes] == [(3, "c"), (5, "a")]
+    assert all(not c.deleted for c in snap.changes)
+    assert all(c.revision == c.operation.revision for c in snap.changes)
+    assert snap.revision == 6
+    everything = await store.snapshot(OperationFilter())
+    assert [c.operation.id for c in everything.changes] == ["b", "c", "a"]
+    running = await store.snapshot(OperationFilter(states=frozenset({State.RUNNING})))
+    assert [c.operation.id for c in running.changes] == ["a"]
+
+
+# --- list_page --------------------------------------------------------------------------
+
+
+async def test_list_page_in_creation_order(store: OperationStore) -> None:
+    for op_id in ("z", "a", "m", "b"):
+        await store.create(new_op(op_id, project="p"))
+    await store.create(new_op("other", project="q"))
+    await bump(store, "z", message="changed")  # does not move it
+    page = await store.list_page(OperationFilter(project="p"), limit=10)
+    assert ids(page.operations) == ["z", "a", "m", "b"]
+    assert page.next_after is None
+    assert page.revision == 6
+
+
+async def test_list_page_paging(store: OperationStore) -> None:
+    for i in range(5):
+        await store.create(new_op(f"op-{i}", kind="even" if i % 2 == 0 else "odd"))
+    where = OperationFilter(kind="even")
+    first = await store.list_page(where, limit=2)
+    assert ids(first.operations) == ["op-0", "op-2"]
+    assert first.next_after == 3
+    second = await store.list_page(where, after=first.next_after or 0, limit=2)
+    assert ids(second.operations) == ["op-4"]
+    assert second.next_after is None
+    exact = await store.list_page(where, after=0, limit=3)
+    assert ids(exact.operations) == ["op-0", "op-2", "op-4"]
+    assert exact.next_after is None
+    empty = await store.list_page(where, after=5, limit=3)
+    assert empty.operations == []
+    assert empty.next_after is None
+
+
+async def test_list_page_skips_deleted(store: OperationStore) -> None:
+    for op_id in "abc":
+        await store.create(new_op(op_id))
+    await store.delete("b")
+    page = await store.list_page(OperationFilter(), limit=10)
+    assert ids(page.operations) == ["a", "c"]
+
+
+async def test_scan_returns_live_operations(store: OperationStore) -> None:
+    for op_id in "abc":
+        await store.create(new_op(op_id))
+    await store.delete("a")
+    assert sorted(ids(await store.scan())) == ["b", "c"]
+
+
+# --- wait_for_change --------------------------------------------------------------------
+
+
+async def test_wait_for_change_returns_at_once_when_ahead(store: OperationStore) -> None:
+    await store.create(new_op("a"))
+    await store.create(new_op("b"))
+    assert await asyncio.wait_for(store.wait_for_change(0), 1.0) == 2
+    assert await asyncio.wait_for(store.wait_for_change(1), 1.0) == 2
+
+
+async def test_wait_for_change_wakes_on_a_change(store: OperationStore) -> None:
+    await store.create(new_op("a"))
+    waiter = asyncio.ensure_future(store.wait_for_change(1))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    await bump(store, "a", message="x")
+    assert await asyncio.wait_for(waiter, 1.0) == 2
+
+
+async def test_wait_for_change_wakes_every_waiter_on_delete(store: OperationStore) -> None:
+    await store.create(new_op("a"))
+    waiters = [asyncio.ensure_future(store.wait_for_change(1)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    await store.delete("a")
+    results = await asyncio.wait_for(asyncio.gather(*waiters), 1.0)
+    assert results == [2, 2, 2]
+
+
+async def test_wait_for_change_keeps_waiting_while_at_or_below(store: OperationStore) -> None:
+    await store.create(new_op("a"))
+    await store.create(new_op("b"))
+    waiter = asyncio.ensure_future(store.wait_for_change(3))
+    await bump(store, "a")  # 3: not above 3
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    await bump(store, "b")  # 4
+    assert await asyncio.wait_for(waiter, 1.0) == 4
+
+
+async def test_wait_for_change_can_be_cancelled(store: OperationStore) -> None:
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(store.wait_for_change(0), 0.02)
+    # Still usable afterwards.
+    waiter = asyncio.ensure_future(store.wait_for_change(0))
+    await store.create(new_op("a"))
+    assert await asyncio.wait_for(waiter, 1.0) == 1
