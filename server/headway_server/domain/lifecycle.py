@@ -26,6 +26,9 @@ from headway_server.domain.model import (
 )
 
 CANCELLED_CODE = "CANCELLED"
+# Stages that count in percent by their completed/total: an interrupted stage
+# keeps the share it reached, so a failed job's bar does not jump back.
+_PARTIAL = (StageState.RUNNING, StageState.INTERRUPTED)
 
 
 def validate_start(spec: StartSpec, operation_id: str, request_id: str) -> StartSpec:
@@ -153,13 +156,13 @@ def apply_update(op: Operation, update: Update, now: float) -> Operation:
     if stage_name:
         i = _stage_index(stages, stage_name)
         stage = stages[i]
-        entered = stage_name != op.stage
         completed = _monotonic(stage.completed, update.stage_completed, sequenced=sequenced)
-        if entered and update.stage_completed is not None:
-            completed = update.stage_completed
         total = stage.total if update.stage_total is None else update.stage_total
         if total and completed > total:
-            raise InvalidArgument("stage_completed", f"{completed} is above stage_total {total}")
+            field = "stage_completed" if update.stage_completed is not None else "stage_total"
+            raise InvalidArgument(
+                field, f"stage_completed {completed} is above stage_total {total}"
+            )
         if (completed, total) != (stage.completed, stage.total):
             stages = (
                 *stages[:i],
@@ -221,7 +224,7 @@ def compute_percent(op: Operation) -> float:
         for stage in op.stages:
             if stage.state in (StageState.DONE, StageState.SKIPPED):
                 done += stage.weight
-            elif stage.state is StageState.RUNNING and stage.total:
+            elif stage.state in _PARTIAL and stage.total:
                 done += stage.weight * stage.completed / stage.total
         percent = 100.0 * done / weights if weights else 0.0
     elif op.total:
