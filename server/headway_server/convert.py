@@ -27,8 +27,11 @@ from headway_server.domain.watch import WatchEvent
 _CACHE_LIMIT = 8192
 
 
-def struct_to_dict(message: struct_pb2.Struct) -> JsonObject:
-    return json_format.MessageToDict(message)
+def struct_to_dict(message: struct_pb2.Struct, field: str) -> JsonObject:
+    try:
+        return json_format.MessageToDict(message)
+    except ValueError as exc:  # NaN and infinities have no JSON form
+        raise InvalidArgument(field, "must not contain NaN or infinite numbers") from exc
 
 
 def _fill_struct(target: struct_pb2.Struct, value: JsonObject | None) -> None:
@@ -68,7 +71,7 @@ def update(request: pb.UpdateOperationRequest) -> Update:
         total=opt("total"),
         percent=opt("percent"),
         message=opt("message"),
-        details=struct_to_dict(request.details) if request.HasField("details") else None,
+        details=struct_to_dict(request.details, "details") if request.HasField("details") else None,
         counters=dict(request.counters),
         checkpoint=opt("checkpoint"),
         paused=opt("paused"),
@@ -83,7 +86,11 @@ def operation_error(message: pb.OperationError) -> OperationError:
         stage=message.stage,
         item=message.item,
         recoverable=message.recoverable,
-        details=struct_to_dict(message.details) if message.HasField("details") else None,
+        details=(
+            struct_to_dict(message.details, "error.details")
+            if message.HasField("details")
+            else None
+        ),
     )
 
 

@@ -100,7 +100,11 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
     ) -> pb.Operation:
         op = await self.service.complete(
             request.operation_id,
-            result=convert.struct_to_dict(request.result) if request.HasField("result") else None,
+            result=(
+                convert.struct_to_dict(request.result, "result")
+                if request.HasField("result")
+                else None
+            ),
             message=request.message,
             request_id=request.request_id,
         )
