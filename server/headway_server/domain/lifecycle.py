@@ -69,7 +69,7 @@ def new_operation(operation_id: str, spec: StartSpec, now: float) -> Operation:
     )
 
 
-def _require_active(op: Operation, call: str) -> None:
+def require_active(op: Operation, call: str) -> None:
     if op.state.terminal:
         raise FailedPrecondition(
             f"operation {op.id!r} is {op.state.name}; {call} is not allowed after it ended"
@@ -143,7 +143,7 @@ def _monotonic(old: int, new: int | None, *, sequenced: bool) -> int:
 
 def apply_update(op: Operation, update: Update, now: float) -> Operation:
     """Applies a (non-duplicate) report. Raises before building anything on bad input."""
-    _require_active(op, "UpdateOperation")
+    require_active(op, "UpdateOperation")
     sequenced = update.sequence != 0
     stages = op.stages
     stage_name = op.stage
@@ -262,7 +262,7 @@ def finish(
     result: JsonObject | None = None,
     error: OperationError | None = None,
 ) -> Operation:
-    _require_active(op, call)
+    require_active(op, call)
     new = dataclasses.replace(
         op,
         state=state,

@@ -123,8 +123,7 @@ class OperationService:
         lifecycle.validate_update(update)
 
         def change(op: Operation) -> Operation | None:
-            if op.state.terminal:
-                lifecycle.apply_update(op, update, 0)  # raises FailedPrecondition
+            lifecycle.require_active(op, "UpdateOperation")
             if lifecycle.is_duplicate(op, update):
                 return None
             return lifecycle.apply_update(op, update, self._clock())
