@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -20,6 +20,7 @@ from headway.v1 import progress_pb2 as pb
 from headway.v1 import progress_pb2_grpc as pb_grpc
 from headway_server.config import ServerConfig
 from headway_server.server import HeadwayServer, create_server
+from headway_server.store import OperationStore
 
 # Short enough that tests of bookmarks, stalls and retention end quickly.
 TEST_CONFIG = ServerConfig(
@@ -34,8 +35,14 @@ TEST_CONFIG = ServerConfig(
 class ServerThread:
     """Runs a HeadwayServer on its own event loop in a background thread."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    ) -> None:
         self.config = config
+        self.interceptors = interceptors
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: HeadwayServer | None = None
@@ -52,14 +59,23 @@ class ServerThread:
     def start(self) -> ServerThread:
         self._thread.start()
 
-        async def _start() -> int:
-            server, port = create_server(self.config)
-            await server.start()
-            self.server = server
-            return port
-
-        self.port = self.run(_start())
+        self.port = self.run(self._serve(self.config, None))
         return self
+
+    async def _serve(self, config: ServerConfig, store: OperationStore | None) -> int:
+        server, port = create_server(config, store, interceptors=self.interceptors)
+        await server.start()
+        self.server = server
+        return port
+
+    def restart(self) -> None:
+        """Shuts down gracefully and serves again on the same port with the same
+        store, as a server backed by a persistent store would come back."""
+        assert self.server is not None
+        store = self.server.service.store
+        self.shutdown()
+        config = dataclasses.replace(self.config, listen=self.address)
+        self.run(self._serve(config, store))
 
     def shutdown(self, grace: float | None = None) -> None:
         """Graceful shutdown, as on SIGTERM; blocks until the server stopped."""
@@ -102,9 +118,11 @@ def server_factory() -> Iterator[Callable[..., ServerThread]]:
     """Starts extra servers (own config, fixed port for restarts); all closed at teardown."""
     started: list[ServerThread] = []
 
-    def factory(**overrides: Any) -> ServerThread:
+    def factory(
+        *, interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (), **overrides: Any
+    ) -> ServerThread:
         config = dataclasses.replace(TEST_CONFIG, **overrides)
-        thread = ServerThread(config).start()
+        thread = ServerThread(config, interceptors=interceptors).start()
         started.append(thread)
         return thread
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -80,7 +82,10 @@ class HeadwayServer:
 
 
 def create_server(
-    config: ServerConfig, store: OperationStore | None = None
+    config: ServerConfig,
+    store: OperationStore | None = None,
+    *,
+    interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
 ) -> tuple[HeadwayServer, int]:
     """Builds (not starts) the server; call from the event loop it will run on.
 
@@ -100,6 +105,7 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=None,
+        interceptors=list(interceptors),
     )
     pb_grpc.add_ProgressTrackerServicer_to_server(
         ProgressTrackerServicer(service, hub), grpc_server

@@ -1,0 +1,137 @@
+"""Request building and stream bookkeeping shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+import traceback
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from headway.v1 import progress_pb2 as pb
+
+from headway_client._reports import struct
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+# Server events after which the stream's resume point moves on.
+_ADVANCING = frozenset(
+    {
+        pb.OperationEvent.SNAPSHOT,
+        pb.OperationEvent.SYNCED,
+        pb.OperationEvent.CHANGED,
+        pb.OperationEvent.DELETED,
+        pb.OperationEvent.BOOKMARK,
+    }
+)
+TERMINAL_STATES = frozenset({pb.Operation.SUCCEEDED, pb.Operation.FAILED, pb.Operation.CANCELLED})
+ACTIVE_STATES = frozenset({pb.Operation.QUEUED, pb.Operation.RUNNING, pb.Operation.PAUSED})
+
+StageArg = str | tuple[str, float]
+
+
+def new_request_id() -> str:
+    """A request id that makes a retried start or finish return the first one's result."""
+    return uuid.uuid4().hex
+
+
+def _stage_spec(stage: StageArg) -> pb.StageSpec:
+    """A stage plan entry from "name" (weight 1) or ("name", weight)."""
+    if isinstance(stage, str):
+        return pb.StageSpec(name=stage, weight=1.0)
+    return pb.StageSpec(name=stage[0], weight=stage[1])
+
+
+def start_request(
+    *,
+    kind: str,
+    project: str,
+    dataset: str,
+    labels: Mapping[str, str] | None,
+    total: int,
+    unit: str,
+    stages: Sequence[StageArg],
+    heartbeat_timeout: float | None,
+    parent_id: str,
+    operation_id: str,
+    request_id: str,
+) -> pb.StartOperationRequest:
+    request = pb.StartOperationRequest(
+        operation_id=operation_id,
+        kind=kind,
+        project=project,
+        dataset=dataset,
+        labels=dict(labels or {}),
+        total=total,
+        unit=unit,
+        stages=[_stage_spec(s) for s in stages],
+        parent_id=parent_id,
+        request_id=request_id,
+    )
+    if heartbeat_timeout:
+        request.heartbeat_timeout.FromNanoseconds(int(heartbeat_timeout * 1e9))
+    return request
+
+
+def operation_filter(
+    *,
+    project: str = "",
+    dataset: str = "",
+    kind: str = "",
+    states: Iterable[int] = (),
+    labels: Mapping[str, str] | None = None,
+    parent_id: str = "",
+    active_only: bool = False,
+) -> pb.OperationFilter:
+    return pb.OperationFilter(
+        project=project,
+        dataset=dataset,
+        kind=kind,
+        states=list(states),  # type: ignore[arg-type]
+        labels=dict(labels or {}),
+        parent_id=parent_id,
+        active_only=active_only,
+    )
+
+
+def error_from_exception(exc: BaseException) -> pb.OperationError:
+    """What a producer's context manager reports when its block raised."""
+    return pb.OperationError(
+        code=type(exc).__name__,
+        message=str(exc)[:4000] or type(exc).__name__,
+        details=struct({"traceback": "".join(traceback.format_exception(exc))[-8000:]}),
+    )
+
+
+def complete_request(
+    operation_id: str, result: Mapping[str, Any] | None, message: str, request_id: str
+) -> pb.CompleteOperationRequest:
+    request = pb.CompleteOperationRequest(
+        operation_id=operation_id, message=message, request_id=request_id
+    )
+    if result is not None:
+        request.result.update(result)
+    return request
+
+
+def fail_request(
+    operation_id: str, error: pb.OperationError | BaseException | str, request_id: str
+) -> pb.FailOperationRequest:
+    if isinstance(error, BaseException):
+        error = error_from_exception(error)
+    elif isinstance(error, str):
+        error = pb.OperationError(code="ERROR", message=error)
+    return pb.FailOperationRequest(operation_id=operation_id, error=error, request_id=request_id)
+
+
+@dataclass
+class ResumePoint:
+    """The revision a reconnecting watch resumes from: the last one the caller saw."""
+
+    revision: int = 0
+
+    def saw(self, event: pb.OperationEvent) -> None:
+        if event.type in _ADVANCING:
+            self.revision = max(self.revision, event.revision)
+        elif event.type == pb.OperationEvent.RESET:
+            # A fresh snapshot follows; revisions after it may be lower.
+            self.revision = 0

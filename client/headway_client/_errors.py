@@ -1,0 +1,97 @@
+"""Client exceptions: one class per status a caller handles differently.
+
+HeadwayError                 any failed call (.code, .details)
+├── InvalidArgument          INVALID_ARGUMENT: the message names the field
+├── OperationNotFound        NOT_FOUND
+├── AlreadyExists            ALREADY_EXISTS: same id, other parameters
+├── FailedPrecondition       FAILED_PRECONDITION: e.g. the operation already ended
+├── ResourceExhausted        RESOURCE_EXHAUSTED: the server's operation cap
+├── Unavailable              UNAVAILABLE: server down or unreachable (retried first)
+├── DeadlineExceeded         DEADLINE_EXCEEDED (retried first)
+├── PermissionDenied / Unauthenticated
+└── OperationCancelled       not a status: someone asked this producer to stop
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class HeadwayError(Exception):
+    """A call to Headway failed; `code` is the gRPC status, `details` the server's message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, details: str, *, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(details)
+        self.details = details
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgument(HeadwayError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class OperationNotFound(HeadwayError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(HeadwayError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(HeadwayError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(HeadwayError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(HeadwayError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(HeadwayError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class PermissionDenied(HeadwayError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(HeadwayError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class OperationCancelled(HeadwayError):
+    """Raised at a producer's next report when cancellation was requested
+    (with raise_on_cancel=True)."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+# The one table from status codes to exception classes.
+_ERROR_BY_CODE: dict[grpc.StatusCode, type[HeadwayError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        OperationNotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        PermissionDenied,
+        Unauthenticated,
+    )
+}
+
+
+def from_rpc_error(exc: grpc.RpcError) -> HeadwayError:
+    """The HeadwayError for a failed call; use as `raise from_rpc_error(exc) from exc`."""
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(code)
+    cls = _ERROR_BY_CODE.get(code, HeadwayError)
+    return cls(details, code=code)
