@@ -9,6 +9,7 @@ with HeadwayClient("127.0.0.1:50051") as client:
             op.advance(1)
 """
 
+from headway_client._aio import AsyncHeadwayClient, AsyncOperationHandle
 from headway_client._errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -28,6 +29,8 @@ from headway_client._sync import HeadwayClient, OperationHandle
 
 __all__ = [
     "AlreadyExists",
+    "AsyncHeadwayClient",
+    "AsyncOperationHandle",
     "DeadlineExceeded",
     "FailedPrecondition",
     "HeadwayClient",

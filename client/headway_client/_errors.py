@@ -89,9 +89,16 @@ _ERROR_BY_CODE: dict[grpc.StatusCode, type[HeadwayError]] = {
 }
 
 
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The status of a failed call, sync (grpc.Call) or asyncio (AioRpcError) alike."""
+    code = getattr(exc, "code", None)
+    return code() if callable(code) else grpc.StatusCode.UNKNOWN
+
+
 def from_rpc_error(exc: grpc.RpcError) -> HeadwayError:
     """The HeadwayError for a failed call; use as `raise from_rpc_error(exc) from exc`."""
-    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(code)
+    code = status_of(exc)
+    details = exc.details() if hasattr(exc, "details") else None
+    details = details or str(code)
     cls = _ERROR_BY_CODE.get(code, HeadwayError)
     return cls(details, code=code)

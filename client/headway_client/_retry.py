@@ -15,6 +15,8 @@ from typing import TypeVar
 
 import grpc
 
+from headway_client._errors import status_of
+
 T = TypeVar("T")
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -44,7 +46,7 @@ RECONNECT = RetryPolicy(attempts=1_000_000, max_backoff=2.0)
 
 
 def retryable(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.Call) and exc.code() in RETRYABLE
+    return status_of(exc) in RETRYABLE
 
 
 def call_with_retry(call: Callable[[], T], policy: RetryPolicy) -> T:

@@ -23,7 +23,7 @@ from headway_client import (
 UPDATE = "/headway.v1.ProgressTracker/UpdateOperation"
 
 
-class UpdateFaults(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class UpdateFaults(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Counts UpdateOperation calls; can answer UNAVAILABLE after the update was applied."""
 
     def __init__(self) -> None:

@@ -1,0 +1,55 @@
+"""AsyncHeadwayClient end to end: the asyncio producer handle and watch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from headway.v1 import progress_pb2 as pb
+from headway_client import AsyncHeadwayClient, OperationNotFound
+
+
+async def test_async_producer_reports_coalesced_and_completes(grpc_server):
+    async with AsyncHeadwayClient(grpc_server.address, timeout=5) as client:
+        async with await client.start(kind="async", project="aio", total=5000) as op:
+            for _ in range(5000):
+                op.advance(1)
+            op.update(counters={"rows": 7})
+            await op.flush()
+            assert op.rpcs < 50
+        stored = await client.get(op.id)
+    assert stored.state == pb.Operation.SUCCEEDED
+    assert stored.completed == 5000
+    assert dict(stored.counters) == {"rows": 7}
+
+
+async def test_async_context_manager_fails_on_exception(grpc_server):
+    async with AsyncHeadwayClient(grpc_server.address, timeout=5) as client:
+        with pytest.raises(RuntimeError, match="disk full"):
+            async with await client.start(kind="async", project="aio") as op:
+                op.advance(3)
+                raise RuntimeError("disk full")
+        stored = await client.get(op.id)
+        with pytest.raises(OperationNotFound):
+            await client.get("never-started")
+    assert stored.state == pb.Operation.FAILED
+    assert (stored.error.code, stored.completed) == ("RuntimeError", 3)
+
+
+async def test_async_watch_sees_the_operation_to_its_end(grpc_server):
+    async with AsyncHeadwayClient(grpc_server.address, timeout=5) as client:
+        op = await client.start(kind="async", project="aio-watch", total=3, min_interval=0)
+
+        async def produce() -> None:
+            for _ in range(3):
+                op.advance(1)
+                await op.flush()
+            await op.complete()
+
+        async def watch() -> list[pb.OperationEvent]:
+            return [event async for event in client.watch(op.id)]
+
+        events, _ = await asyncio.wait_for(asyncio.gather(watch(), produce()), timeout=10)
+    assert events[0].type == pb.OperationEvent.SNAPSHOT
+    assert events[-1].operation.state == pb.Operation.SUCCEEDED
+    assert events[-1].operation.completed == 3
