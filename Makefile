@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := protos/headway/v1/progress.proto
 GEN_DIR := client
 
-.PHONY: venv run test proto proto-check lint format typecheck check clean
+.PHONY: venv run test demo proto proto-check lint format typecheck check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ venv: $(STAMP)
 
 run: $(STAMP)
 	$(PY) -m headway_server serve $(ARGS)
+
+# A server, a simulated multi-stage job, and `headway watch` following it live.
+demo: $(STAMP)
+	$(PY) examples/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

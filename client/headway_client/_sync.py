@@ -99,6 +99,39 @@ class HeadwayClient:
         Raises:
             InvalidArgument, AlreadyExists, ResourceExhausted, Unavailable.
         """
+        operation = self.start_operation(
+            kind=kind,
+            project=project,
+            dataset=dataset,
+            labels=labels,
+            total=total,
+            unit=unit,
+            stages=stages,
+            heartbeat_timeout=heartbeat_timeout,
+            parent_id=parent_id,
+            operation_id=operation_id,
+            request_id=request_id,
+        )
+        return OperationHandle(
+            self, operation, min_interval=min_interval, raise_on_cancel=raise_on_cancel
+        )
+
+    def start_operation(
+        self,
+        *,
+        kind: str = "",
+        project: str = "",
+        dataset: str = "",
+        labels: Mapping[str, str] | None = None,
+        total: int = 0,
+        unit: str = "",
+        stages: Sequence[_common.StageArg] = (),
+        heartbeat_timeout: float | None = None,
+        parent_id: str = "",
+        operation_id: str = "",
+        request_id: str = "",
+    ) -> pb.Operation:
+        """Starts an operation and returns it, without a reporting handle (e.g. for scripts)."""
         request = _common.start_request(
             kind=kind,
             project=project,
@@ -112,10 +145,7 @@ class HeadwayClient:
             operation_id=operation_id,
             request_id=request_id or _common.new_request_id(),
         )
-        operation = self._call(self.stub.StartOperation, request)
-        return OperationHandle(
-            self, operation, min_interval=min_interval, raise_on_cancel=raise_on_cancel
-        )
+        return self._call(self.stub.StartOperation, request)
 
     def track(
         self,
