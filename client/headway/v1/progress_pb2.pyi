@@ -124,6 +124,15 @@ class Operation(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     CREATED_REVISION_FIELD_NUMBER: _builtins.int
+    THROUGHPUT_FIELD_NUMBER: _builtins.int
+    THROUGHPUT_UNIT_FIELD_NUMBER: _builtins.int
+    ETA_FIELD_NUMBER: _builtins.int
+    ESTIMATED_COMPLETION_TIME_FIELD_NUMBER: _builtins.int
+    ETA_CONFIDENCE_FIELD_NUMBER: _builtins.int
+    ERROR_COUNT_FIELD_NUMBER: _builtins.int
+    WARNING_COUNT_FIELD_NUMBER: _builtins.int
+    ALERTS_FIELD_NUMBER: _builtins.int
+    CHILDREN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: _builtins.str
     project: _builtins.str
@@ -151,6 +160,19 @@ class Operation(_message.Message):
     """Highest producer sequence applied (0 when the producer sends none)."""
     created_revision: _builtins.int
     """Store-wide revision at which the operation was created."""
+    throughput: _builtins.float
+    """Units per second (percent per second when there are no units), from a
+    time-decayed rate blended with the whole-run average; 0 when unknown.
+    """
+    throughput_unit: _builtins.str
+    """The unit of throughput: the operation's unit, "units", or "%"."""
+    eta_confidence: _builtins.float
+    """How far to trust eta, in [0, 1]: low early on, with erratic rates, across
+    a stage change, while paused or stalled.
+    """
+    error_count: _builtins.int
+    """Exact counts of ERROR and WARNING log entries reported (ReportLogs)."""
+    warning_count: _builtins.int
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -173,6 +195,20 @@ class Operation(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def eta(self) -> _duration_pb2.Duration:
+        """Time remaining at updated_at, and when that puts the end; unset when unknown."""
+
+    @_builtins.property
+    def estimated_completion_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]:
+        """Alerts active now; raising or clearing one is a change watchers see."""
+
+    @_builtins.property
+    def children(self) -> Global___ChildrenSummary:
+        """For a parent: how many children it has, by state."""
+
     def __init__(
         self,
         *,
@@ -207,14 +243,125 @@ class Operation(_message.Message):
         revision: _builtins.int = ...,
         last_sequence: _builtins.int = ...,
         created_revision: _builtins.int = ...,
+        throughput: _builtins.float = ...,
+        throughput_unit: _builtins.str = ...,
+        eta: _duration_pb2.Duration | None = ...,
+        estimated_completion_time: _timestamp_pb2.Timestamp | None = ...,
+        eta_confidence: _builtins.float = ...,
+        error_count: _builtins.int = ...,
+        warning_count: _builtins.int = ...,
+        alerts: _abc.Iterable[Global___Alert] | None = ...,
+        children: Global___ChildrenSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "details", b"details", "error", b"error", "finished_at", b"finished_at", "heartbeat_timeout", b"heartbeat_timeout", "result", b"result", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "created_at", b"created_at", "details", b"details", "error", b"error", "estimated_completion_time", b"estimated_completion_time", "eta", b"eta", "finished_at", b"finished_at", "heartbeat_timeout", b"heartbeat_timeout", "result", b"result", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "cancel_requested", b"cancel_requested", "checkpoint", b"checkpoint", "completed", b"completed", "counters", b"counters", "created_at", b"created_at", "created_revision", b"created_revision", "dataset", b"dataset", "details", b"details", "error", b"error", "finished_at", b"finished_at", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "kind", b"kind", "labels", b"labels", "last_sequence", b"last_sequence", "message", b"message", "parent_id", b"parent_id", "pause_reason", b"pause_reason", "percent", b"percent", "project", b"project", "result", b"result", "revision", b"revision", "stage", b"stage", "stages", b"stages", "stalled", b"stalled", "started_at", b"started_at", "state", b"state", "total", b"total", "unit", b"unit", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "cancel_reason", b"cancel_reason", "cancel_requested", b"cancel_requested", "checkpoint", b"checkpoint", "children", b"children", "completed", b"completed", "counters", b"counters", "created_at", b"created_at", "created_revision", b"created_revision", "dataset", b"dataset", "details", b"details", "error", b"error", "error_count", b"error_count", "estimated_completion_time", b"estimated_completion_time", "eta", b"eta", "eta_confidence", b"eta_confidence", "finished_at", b"finished_at", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "kind", b"kind", "labels", b"labels", "last_sequence", b"last_sequence", "message", b"message", "parent_id", b"parent_id", "pause_reason", b"pause_reason", "percent", b"percent", "project", b"project", "result", b"result", "revision", b"revision", "stage", b"stage", "stages", b"stages", "stalled", b"stalled", "started_at", b"started_at", "state", b"state", "throughput", b"throughput", "throughput_unit", b"throughput_unit", "total", b"total", "unit", b"unit", "updated_at", b"updated_at", "warning_count", b"warning_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Operation: _TypeAlias = Operation  # noqa: Y015
+
+@_typing.final
+class Alert(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Type:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _TypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Alert._Type.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        TYPE_UNSPECIFIED: Alert._Type.ValueType  # 0
+        STALLED: Alert._Type.ValueType  # 1
+        """No report within heartbeat_timeout."""
+        SLOW: Alert._Type.ValueType  # 2
+        """Throughput below a fraction of this kind's typical throughput or of the
+        operation's own earlier rate.
+        """
+        HIGH_ERROR_RATE: Alert._Type.ValueType  # 3
+        """Errors per completed unit above the threshold."""
+        ETA_SLIPPING: Alert._Type.ValueType  # 4
+        """The estimated completion moved later by more than the threshold."""
+
+    class Type(_Type, metaclass=_TypeEnumTypeWrapper): ...
+    TYPE_UNSPECIFIED: Alert.Type.ValueType  # 0
+    STALLED: Alert.Type.ValueType  # 1
+    """No report within heartbeat_timeout."""
+    SLOW: Alert.Type.ValueType  # 2
+    """Throughput below a fraction of this kind's typical throughput or of the
+    operation's own earlier rate.
+    """
+    HIGH_ERROR_RATE: Alert.Type.ValueType  # 3
+    """Errors per completed unit above the threshold."""
+    ETA_SLIPPING: Alert.Type.ValueType  # 4
+    """The estimated completion moved later by more than the threshold."""
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    type: Global___Alert.Type.ValueType
+    message: _builtins.str
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        type: Global___Alert.Type.ValueType = ...,
+        message: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "since", b"since", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Alert: _TypeAlias = Alert  # noqa: Y015
+
+@_typing.final
+class ChildrenSummary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ByStateEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TOTAL_FIELD_NUMBER: _builtins.int
+    BY_STATE_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    @_builtins.property
+    def by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """State name (e.g. "RUNNING") -> number of children in it."""
+
+    def __init__(
+        self,
+        *,
+        total: _builtins.int = ...,
+        by_state: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_state", b"by_state", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChildrenSummary: _TypeAlias = ChildrenSummary  # noqa: Y015
 
 @_typing.final
 class Stage(_message.Message):
@@ -252,15 +399,23 @@ class Stage(_message.Message):
     TOTAL_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    RATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     weight: _builtins.float
     state: Global___Stage.State.ValueType
     completed: _builtins.int
     total: _builtins.int
+    rate: _builtins.float
+    """Stage units per second over the stage (0 when unknown)."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """Time spent in the stage (so far, while it runs)."""
+
     def __init__(
         self,
         *,
@@ -271,10 +426,12 @@ class Stage(_message.Message):
         total: _builtins.int = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        rate: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "finished_at", b"finished_at", "name", b"name", "started_at", b"started_at", "state", b"state", "total", b"total", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "duration", b"duration", "finished_at", b"finished_at", "name", b"name", "rate", b"rate", "started_at", b"started_at", "state", b"state", "total", b"total", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -920,3 +1077,492 @@ class WatchOperationsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchOperationsResponse: _TypeAlias = WatchOperationsResponse  # noqa: Y015
+
+@_typing.final
+class LogEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Level:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _LevelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[LogEntry._Level.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        LEVEL_UNSPECIFIED: LogEntry._Level.ValueType  # 0
+        DEBUG: LogEntry._Level.ValueType  # 1
+        INFO: LogEntry._Level.ValueType  # 2
+        WARNING: LogEntry._Level.ValueType  # 3
+        ERROR: LogEntry._Level.ValueType  # 4
+
+    class Level(_Level, metaclass=_LevelEnumTypeWrapper): ...
+    LEVEL_UNSPECIFIED: LogEntry.Level.ValueType  # 0
+    DEBUG: LogEntry.Level.ValueType  # 1
+    INFO: LogEntry.Level.ValueType  # 2
+    WARNING: LogEntry.Level.ValueType  # 3
+    ERROR: LogEntry.Level.ValueType  # 4
+
+    LEVEL_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    RECOVERABLE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    level: Global___LogEntry.Level.ValueType
+    message: _builtins.str
+    stage: _builtins.str
+    item: _builtins.str
+    """What it is about, e.g. a file path."""
+    code: _builtins.str
+    recoverable: _builtins.bool
+    index: _builtins.int
+    """Position in the operation's log, assigned by the server (1, 2, ...)."""
+    @_builtins.property
+    def details(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened; the server's receive time when unset."""
+
+    def __init__(
+        self,
+        *,
+        level: Global___LogEntry.Level.ValueType = ...,
+        message: _builtins.str = ...,
+        stage: _builtins.str = ...,
+        item: _builtins.str = ...,
+        code: _builtins.str = ...,
+        recoverable: _builtins.bool = ...,
+        details: _struct_pb2.Struct | None = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "index", b"index", "item", b"item", "level", b"level", "message", b"message", "recoverable", b"recoverable", "stage", b"stage", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogEntry: _TypeAlias = LogEntry  # noqa: Y015
+
+@_typing.final
+class ReportLogsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogEntry]:
+        """At most 1000 entries per call."""
+
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+        entries: _abc.Iterable[Global___LogEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "operation_id", b"operation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportLogsRequest: _TypeAlias = ReportLogsRequest  # noqa: Y015
+
+@_typing.final
+class ReportLogsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERROR_COUNT_FIELD_NUMBER: _builtins.int
+    WARNING_COUNT_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    error_count: _builtins.int
+    warning_count: _builtins.int
+    dropped: _builtins.int
+    """Entries dropped so far because the buffer holds only the newest ones."""
+    revision: _builtins.int
+    def __init__(
+        self,
+        *,
+        error_count: _builtins.int = ...,
+        warning_count: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "error_count", b"error_count", "revision", b"revision", "warning_count", b"warning_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportLogsResponse: _TypeAlias = ReportLogsResponse  # noqa: Y015
+
+@_typing.final
+class ListLogsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    MIN_LEVEL_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    min_level: Global___LogEntry.Level.ValueType
+    """Entries at this level or above (unset = all)."""
+    stage: _builtins.str
+    page_size: _builtins.int
+    """Default 100, at most 1000."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+        min_level: Global___LogEntry.Level.ValueType = ...,
+        stage: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_level", b"min_level", "operation_id", b"operation_id", "page_size", b"page_size", "page_token", b"page_token", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLogsRequest: _TypeAlias = ListLogsRequest  # noqa: Y015
+
+@_typing.final
+class ListLogsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    dropped: _builtins.int
+    """Older entries no longer held."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___LogEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
+        dropped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLogsResponse: _TypeAlias = ListLogsResponse  # noqa: Y015
+
+@_typing.final
+class TimelineEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Type:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _TypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[TimelineEntry._Type.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        TYPE_UNSPECIFIED: TimelineEntry._Type.ValueType  # 0
+        STARTED: TimelineEntry._Type.ValueType  # 1
+        RUNNING: TimelineEntry._Type.ValueType  # 2
+        STAGE_STARTED: TimelineEntry._Type.ValueType  # 3
+        PAUSED: TimelineEntry._Type.ValueType  # 4
+        RESUMED: TimelineEntry._Type.ValueType  # 5
+        STALLED: TimelineEntry._Type.ValueType  # 6
+        RECOVERED: TimelineEntry._Type.ValueType  # 7
+        CANCEL_REQUESTED: TimelineEntry._Type.ValueType  # 8
+        ERROR: TimelineEntry._Type.ValueType  # 9
+        ALERT_RAISED: TimelineEntry._Type.ValueType  # 10
+        ALERT_CLEARED: TimelineEntry._Type.ValueType  # 11
+        SUCCEEDED: TimelineEntry._Type.ValueType  # 12
+        FAILED: TimelineEntry._Type.ValueType  # 13
+        CANCELLED: TimelineEntry._Type.ValueType  # 14
+
+    class Type(_Type, metaclass=_TypeEnumTypeWrapper): ...
+    TYPE_UNSPECIFIED: TimelineEntry.Type.ValueType  # 0
+    STARTED: TimelineEntry.Type.ValueType  # 1
+    RUNNING: TimelineEntry.Type.ValueType  # 2
+    STAGE_STARTED: TimelineEntry.Type.ValueType  # 3
+    PAUSED: TimelineEntry.Type.ValueType  # 4
+    RESUMED: TimelineEntry.Type.ValueType  # 5
+    STALLED: TimelineEntry.Type.ValueType  # 6
+    RECOVERED: TimelineEntry.Type.ValueType  # 7
+    CANCEL_REQUESTED: TimelineEntry.Type.ValueType  # 8
+    ERROR: TimelineEntry.Type.ValueType  # 9
+    ALERT_RAISED: TimelineEntry.Type.ValueType  # 10
+    ALERT_CLEARED: TimelineEntry.Type.ValueType  # 11
+    SUCCEEDED: TimelineEntry.Type.ValueType  # 12
+    FAILED: TimelineEntry.Type.ValueType  # 13
+    CANCELLED: TimelineEntry.Type.ValueType  # 14
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    type: Global___TimelineEntry.Type.ValueType
+    revision: _builtins.int
+    stage: _builtins.str
+    message: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        type: Global___TimelineEntry.Type.ValueType = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        revision: _builtins.int = ...,
+        stage: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "revision", b"revision", "stage", b"stage", "time", b"time", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TimelineEntry: _TypeAlias = TimelineEntry  # noqa: Y015
+
+@_typing.final
+class GetTimelineRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_id", b"operation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTimelineRequest: _TypeAlias = GetTimelineRequest  # noqa: Y015
+
+@_typing.final
+class GetTimelineResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    dropped: _builtins.int
+    """Entries dropped from the start of a long timeline."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___TimelineEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___TimelineEntry] | None = ...,
+        dropped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTimelineResponse: _TypeAlias = GetTimelineResponse  # noqa: Y015
+
+@_typing.final
+class GetStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def filter(self) -> Global___OperationFilter: ...
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """Only operations that finished within this window count in the finished
+        statistics (unset = everything held).
+        """
+
+    def __init__(
+        self,
+        *,
+        filter: Global___OperationFilter | None = ...,
+        window: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
+
+@_typing.final
+class Percentiles(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    P50_FIELD_NUMBER: _builtins.int
+    P90_FIELD_NUMBER: _builtins.int
+    P99_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    p50: _builtins.float
+    p90: _builtins.float
+    p99: _builtins.float
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        p50: _builtins.float = ...,
+        p90: _builtins.float = ...,
+        p99: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "p50", b"p50", "p90", b"p90", "p99", b"p99"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Percentiles: _TypeAlias = Percentiles  # noqa: Y015
+
+@_typing.final
+class StageStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    THROUGHPUT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def duration(self) -> Global___Percentiles:
+        """Seconds."""
+
+    @_builtins.property
+    def throughput(self) -> Global___Percentiles:
+        """Stage units per second."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        duration: Global___Percentiles | None = ...,
+        throughput: Global___Percentiles | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "throughput", b"throughput"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "name", b"name", "throughput", b"throughput"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageStats: _TypeAlias = StageStats  # noqa: Y015
+
+@_typing.final
+class KindStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    SUCCESS_RATE_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    THROUGHPUT_FIELD_NUMBER: _builtins.int
+    STAGES_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    finished: _builtins.int
+    succeeded: _builtins.int
+    success_rate: _builtins.float
+    @_builtins.property
+    def duration(self) -> Global___Percentiles:
+        """Seconds from start to finish."""
+
+    @_builtins.property
+    def throughput(self) -> Global___Percentiles:
+        """Units per second over the whole run."""
+
+    @_builtins.property
+    def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageStats]: ...
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        finished: _builtins.int = ...,
+        succeeded: _builtins.int = ...,
+        success_rate: _builtins.float = ...,
+        duration: Global___Percentiles | None = ...,
+        throughput: Global___Percentiles | None = ...,
+        stages: _abc.Iterable[Global___StageStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "throughput", b"throughput"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "finished", b"finished", "kind", b"kind", "stages", b"stages", "succeeded", b"succeeded", "success_rate", b"success_rate", "throughput", b"throughput"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KindStats: _TypeAlias = KindStats  # noqa: Y015
+
+@_typing.final
+class GetStatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CountsByStateEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    COUNTS_BY_STATE_FIELD_NUMBER: _builtins.int
+    SUCCESS_RATE_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    STALLED_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    success_rate: _builtins.float
+    """Succeeded / finished, over finished operations in the window."""
+    active: _builtins.int
+    stalled: _builtins.int
+    paused: _builtins.int
+    finished: _builtins.int
+    @_builtins.property
+    def counts_by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """State name -> operations held in that state."""
+
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedCompositeFieldContainer[Global___KindStats]: ...
+    def __init__(
+        self,
+        *,
+        counts_by_state: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        success_rate: _builtins.float = ...,
+        active: _builtins.int = ...,
+        stalled: _builtins.int = ...,
+        paused: _builtins.int = ...,
+        kinds: _abc.Iterable[Global___KindStats] | None = ...,
+        finished: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "counts_by_state", b"counts_by_state", "finished", b"finished", "kinds", b"kinds", "paused", b"paused", "stalled", b"stalled", "success_rate", b"success_rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015

@@ -87,6 +87,26 @@ class ProgressTrackerStub:
                 request_serializer=headway_dot_v1_dot_progress__pb2.WatchOperationsRequest.SerializeToString,
                 response_deserializer=headway_dot_v1_dot_progress__pb2.WatchOperationsResponse.FromString,
                 _registered_method=True)
+        self.ReportLogs = channel.unary_unary(
+                '/headway.v1.ProgressTracker/ReportLogs',
+                request_serializer=headway_dot_v1_dot_progress__pb2.ReportLogsRequest.SerializeToString,
+                response_deserializer=headway_dot_v1_dot_progress__pb2.ReportLogsResponse.FromString,
+                _registered_method=True)
+        self.ListLogs = channel.unary_unary(
+                '/headway.v1.ProgressTracker/ListLogs',
+                request_serializer=headway_dot_v1_dot_progress__pb2.ListLogsRequest.SerializeToString,
+                response_deserializer=headway_dot_v1_dot_progress__pb2.ListLogsResponse.FromString,
+                _registered_method=True)
+        self.GetTimeline = channel.unary_unary(
+                '/headway.v1.ProgressTracker/GetTimeline',
+                request_serializer=headway_dot_v1_dot_progress__pb2.GetTimelineRequest.SerializeToString,
+                response_deserializer=headway_dot_v1_dot_progress__pb2.GetTimelineResponse.FromString,
+                _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/headway.v1.ProgressTracker/GetStats',
+                request_serializer=headway_dot_v1_dot_progress__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=headway_dot_v1_dot_progress__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
 
 
 class ProgressTrackerServicer:
@@ -170,6 +190,35 @@ class ProgressTrackerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportLogs(self, request, context):
+        """Appends structured log entries to an operation's bounded log buffer and
+        counts its errors and warnings exactly.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLogs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTimeline(self, request, context):
+        """The audit trail: started, stage changes, pauses, stalls, cancel requests,
+        errors, alerts and the ending, each with its time and revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """Counts, success rate and duration/throughput percentiles per kind and stage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProgressTrackerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -222,6 +271,26 @@ def add_ProgressTrackerServicer_to_server(servicer, server):
                     servicer.WatchOperations,
                     request_deserializer=headway_dot_v1_dot_progress__pb2.WatchOperationsRequest.FromString,
                     response_serializer=headway_dot_v1_dot_progress__pb2.WatchOperationsResponse.SerializeToString,
+            ),
+            'ReportLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLogs,
+                    request_deserializer=headway_dot_v1_dot_progress__pb2.ReportLogsRequest.FromString,
+                    response_serializer=headway_dot_v1_dot_progress__pb2.ReportLogsResponse.SerializeToString,
+            ),
+            'ListLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLogs,
+                    request_deserializer=headway_dot_v1_dot_progress__pb2.ListLogsRequest.FromString,
+                    response_serializer=headway_dot_v1_dot_progress__pb2.ListLogsResponse.SerializeToString,
+            ),
+            'GetTimeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTimeline,
+                    request_deserializer=headway_dot_v1_dot_progress__pb2.GetTimelineRequest.FromString,
+                    response_serializer=headway_dot_v1_dot_progress__pb2.GetTimelineResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=headway_dot_v1_dot_progress__pb2.GetStatsRequest.FromString,
+                    response_serializer=headway_dot_v1_dot_progress__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -496,6 +565,114 @@ class ProgressTracker:
             '/headway.v1.ProgressTracker/WatchOperations',
             headway_dot_v1_dot_progress__pb2.WatchOperationsRequest.SerializeToString,
             headway_dot_v1_dot_progress__pb2.WatchOperationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headway.v1.ProgressTracker/ReportLogs',
+            headway_dot_v1_dot_progress__pb2.ReportLogsRequest.SerializeToString,
+            headway_dot_v1_dot_progress__pb2.ReportLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headway.v1.ProgressTracker/ListLogs',
+            headway_dot_v1_dot_progress__pb2.ListLogsRequest.SerializeToString,
+            headway_dot_v1_dot_progress__pb2.ListLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTimeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headway.v1.ProgressTracker/GetTimeline',
+            headway_dot_v1_dot_progress__pb2.GetTimelineRequest.SerializeToString,
+            headway_dot_v1_dot_progress__pb2.GetTimelineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headway.v1.ProgressTracker/GetStats',
+            headway_dot_v1_dot_progress__pb2.GetStatsRequest.SerializeToString,
+            headway_dot_v1_dot_progress__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

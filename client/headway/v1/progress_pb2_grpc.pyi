@@ -72,6 +72,17 @@ class ProgressTrackerStub:
     changes. A watcher that is behind gets many operations' latest states in
     one message.
     """
+    ReportLogs: _grpc.UnaryUnaryMultiCallable[_progress_pb2.ReportLogsRequest, _progress_pb2.ReportLogsResponse]
+    """Appends structured log entries to an operation's bounded log buffer and
+    counts its errors and warnings exactly.
+    """
+    ListLogs: _grpc.UnaryUnaryMultiCallable[_progress_pb2.ListLogsRequest, _progress_pb2.ListLogsResponse]
+    GetTimeline: _grpc.UnaryUnaryMultiCallable[_progress_pb2.GetTimelineRequest, _progress_pb2.GetTimelineResponse]
+    """The audit trail: started, stage changes, pauses, stalls, cancel requests,
+    errors, alerts and the ending, each with its time and revision.
+    """
+    GetStats: _grpc.UnaryUnaryMultiCallable[_progress_pb2.GetStatsRequest, _progress_pb2.GetStatsResponse]
+    """Counts, success rate and duration/throughput percentiles per kind and stage."""
 
 @_typing.type_check_only
 class ProgressTrackerAsyncStub(ProgressTrackerStub):
@@ -112,6 +123,17 @@ class ProgressTrackerAsyncStub(ProgressTrackerStub):
     changes. A watcher that is behind gets many operations' latest states in
     one message.
     """
+    ReportLogs: _aio.UnaryUnaryMultiCallable[_progress_pb2.ReportLogsRequest, _progress_pb2.ReportLogsResponse]  # type: ignore[assignment]
+    """Appends structured log entries to an operation's bounded log buffer and
+    counts its errors and warnings exactly.
+    """
+    ListLogs: _aio.UnaryUnaryMultiCallable[_progress_pb2.ListLogsRequest, _progress_pb2.ListLogsResponse]  # type: ignore[assignment]
+    GetTimeline: _aio.UnaryUnaryMultiCallable[_progress_pb2.GetTimelineRequest, _progress_pb2.GetTimelineResponse]  # type: ignore[assignment]
+    """The audit trail: started, stage changes, pauses, stalls, cancel requests,
+    errors, alerts and the ending, each with its time and revision.
+    """
+    GetStats: _aio.UnaryUnaryMultiCallable[_progress_pb2.GetStatsRequest, _progress_pb2.GetStatsResponse]  # type: ignore[assignment]
+    """Counts, success rate and duration/throughput percentiles per kind and stage."""
 
 class ProgressTrackerServicer(metaclass=_abc_1.ABCMeta):
     """ProgressTracker is called by producers (Start/Update/Complete/Fail), by
@@ -209,5 +231,40 @@ class ProgressTrackerServicer(metaclass=_abc_1.ABCMeta):
         changes. A watcher that is behind gets many operations' latest states in
         one message.
         """
+
+    @_abc_1.abstractmethod
+    def ReportLogs(
+        self,
+        request: _progress_pb2.ReportLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_progress_pb2.ReportLogsResponse, _abc.Awaitable[_progress_pb2.ReportLogsResponse]]:
+        """Appends structured log entries to an operation's bounded log buffer and
+        counts its errors and warnings exactly.
+        """
+
+    @_abc_1.abstractmethod
+    def ListLogs(
+        self,
+        request: _progress_pb2.ListLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_progress_pb2.ListLogsResponse, _abc.Awaitable[_progress_pb2.ListLogsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetTimeline(
+        self,
+        request: _progress_pb2.GetTimelineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_progress_pb2.GetTimelineResponse, _abc.Awaitable[_progress_pb2.GetTimelineResponse]]:
+        """The audit trail: started, stage changes, pauses, stalls, cancel requests,
+        errors, alerts and the ending, each with its time and revision.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStats(
+        self,
+        request: _progress_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_progress_pb2.GetStatsResponse, _abc.Awaitable[_progress_pb2.GetStatsResponse]]:
+        """Counts, success rate and duration/throughput percentiles per kind and stage."""
 
 def add_ProgressTrackerServicer_to_server(servicer: ProgressTrackerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
