@@ -35,6 +35,12 @@ class ServerConfig:
     # CANCELLED (about 20% of 3,000 at once on this hardware), so raise it.
     max_pending_requests: int = 100_000
     max_message_bytes: int = 4 * 1024 * 1024
+    # Prometheus endpoint ("host:port"); empty = none.
+    metrics_listen: str = ""
+    # Alert thresholds (see domain/alerts.py).
+    slow_fraction: float = 0.5
+    error_rate_threshold: float = 0.1
+    eta_slip_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("retention", "bookmark_interval", "shutdown_grace", "sweep_interval"):
@@ -57,8 +63,12 @@ _FLAGS: dict[str, Callable[[str], object]] = {
     "history": int,
     "log-level": str,
     "sweep-interval": parse_duration,
+    "metrics-listen": str,
+    "slow-fraction": float,
+    "error-rate-threshold": float,
+    "eta-slip": parse_duration,
 }
-_FIELD = {"history": "history_size"}
+_FIELD = {"history": "history_size", "eta-slip": "eta_slip_seconds"}
 _HELP = {
     "listen": "address to serve on; port 0 picks a free one",
     "retention": "how long terminal operations are kept (e.g. 1h)",
@@ -68,6 +78,10 @@ _HELP = {
     "history": "deletion tombstones kept for watchers that resume",
     "log-level": "DEBUG, INFO, WARNING or ERROR",
     "sweep-interval": "how often heartbeat leases and retention are checked",
+    "metrics-listen": "serve Prometheus metrics at host:port /metrics (empty = off)",
+    "slow-fraction": "SLOW alert below this fraction of typical or earlier throughput",
+    "error-rate-threshold": "HIGH_ERROR_RATE alert above this many errors per unit",
+    "eta-slip": "ETA_SLIPPING alert when the estimated end moves later by more than this",
 }
 
 

@@ -12,7 +12,10 @@ from headway.v1 import progress_pb2 as pb
 
 from headway_server.domain.errors import InvalidArgument
 from headway_server.domain.model import (
+    Alert,
     JsonObject,
+    LogEntry,
+    LogLevel,
     Operation,
     OperationError,
     OperationFilter,
@@ -20,8 +23,10 @@ from headway_server.domain.model import (
     StageSpec,
     StartSpec,
     State,
+    TimelineEntry,
     Update,
 )
+from headway_server.domain.stats import KindStats, Percentiles, Stats
 from headway_server.domain.watch import WatchEvent
 
 _CACHE_LIMIT = 8192
@@ -112,7 +117,7 @@ def operation_filter(message: pb.OperationFilter) -> OperationFilter:
     )
 
 
-def _stage(stage: Stage) -> pb.Stage:
+def _stage(stage: Stage, now: float) -> pb.Stage:
     message = pb.Stage(
         name=stage.name,
         weight=stage.weight,
@@ -122,6 +127,18 @@ def _stage(stage: Stage) -> pb.Stage:
     )
     _stamp(message.started_at, stage.started_at)
     _stamp(message.finished_at, stage.finished_at)
+    if stage.started_at is not None:
+        # A running stage's duration so far is measured to the operation's last change.
+        duration = max(0.0, (stage.finished_at or now) - stage.started_at)
+        message.duration.FromNanoseconds(int(duration * 1e9))
+        if duration > 0 and stage.completed:
+            message.rate = stage.completed / duration
+    return message
+
+
+def _alert(alert: Alert) -> pb.Alert:
+    message = pb.Alert(type=int(alert.type), message=alert.message)  # type: ignore[arg-type]
+    _stamp(message.since, alert.since)
     return message
 
 
@@ -171,7 +188,7 @@ def _operation(op: Operation) -> pb.Operation:
         total=op.total,
         unit=op.unit,
         stage=op.stage,
-        stages=[_stage(s) for s in op.stages],
+        stages=[_stage(s, op.updated_at) for s in op.stages],
         message=op.message,
         counters=op.counters,
         checkpoint=op.checkpoint,
@@ -179,7 +196,21 @@ def _operation(op: Operation) -> pb.Operation:
         revision=op.revision,
         created_revision=op.created_revision,
         last_sequence=op.last_sequence,
+        error_count=op.error_count,
+        warning_count=op.warning_count,
+        alerts=[_alert(a) for a in op.alerts],
     )
+    estimate = op.estimate
+    if estimate.throughput:
+        message.throughput = estimate.throughput
+        message.throughput_unit = "%" if estimate.per_percent else (op.unit or "units")
+    if estimate.eta is not None:
+        message.eta.FromNanoseconds(int(estimate.eta * 1e9))
+        _stamp(message.estimated_completion_time, estimate.at + estimate.eta)
+        message.eta_confidence = estimate.confidence
+    if op.children:
+        message.children.total = sum(op.children.values())
+        message.children.by_state.update(op.children)
     _fill_struct(message.details, op.details)
     _fill_struct(message.result, op.result)
     if op.error is not None:
@@ -201,3 +232,87 @@ def event(watch_event: WatchEvent) -> pb.OperationEvent:
     if watch_event.operation is not None:
         message.operation.CopyFrom(operation(watch_event.operation))
     return message
+
+
+def log_entry(message: pb.LogEntry, field: str) -> LogEntry:
+    level = LogLevel.INFO
+    if message.level:
+        try:
+            level = LogLevel(message.level)
+        except ValueError:
+            raise InvalidArgument(f"{field}.level", f"{message.level} is not a level") from None
+    return LogEntry(
+        level=level,
+        message=message.message,
+        stage=message.stage,
+        item=message.item,
+        code=message.code,
+        recoverable=message.recoverable,
+        details=(
+            struct_to_dict(message.details, f"{field}.details")
+            if message.HasField("details")
+            else None
+        ),
+        time=message.time.ToNanoseconds() / 1e9 if message.HasField("time") else 0.0,
+    )
+
+
+def log_entry_message(entry: LogEntry) -> pb.LogEntry:
+    message = pb.LogEntry(
+        level=int(entry.level),  # type: ignore[arg-type]
+        message=entry.message,
+        stage=entry.stage,
+        item=entry.item,
+        code=entry.code,
+        recoverable=entry.recoverable,
+        index=entry.index,
+    )
+    _fill_struct(message.details, entry.details)
+    _stamp(message.time, entry.time)
+    return message
+
+
+def timeline_entry(entry: TimelineEntry) -> pb.TimelineEntry:
+    message = pb.TimelineEntry(
+        type=int(entry.type),  # type: ignore[arg-type]
+        revision=entry.revision,
+        stage=entry.stage,
+        message=entry.message,
+    )
+    _stamp(message.time, entry.time)
+    return message
+
+
+def _percentiles(p: Percentiles) -> pb.Percentiles:
+    return pb.Percentiles(count=p.count, p50=p.p50, p90=p.p90, p99=p.p99)
+
+
+def _kind_stats(kind: KindStats) -> pb.KindStats:
+    return pb.KindStats(
+        kind=kind.kind,
+        finished=kind.finished,
+        succeeded=kind.succeeded,
+        success_rate=kind.success_rate,
+        duration=_percentiles(kind.duration),
+        throughput=_percentiles(kind.throughput),
+        stages=[
+            pb.StageStats(
+                name=stage.name,
+                duration=_percentiles(stage.duration),
+                throughput=_percentiles(stage.throughput),
+            )
+            for stage in kind.stages
+        ],
+    )
+
+
+def stats(found: Stats) -> pb.GetStatsResponse:
+    return pb.GetStatsResponse(
+        counts_by_state=found.counts_by_state,
+        success_rate=found.success_rate,
+        active=found.active,
+        stalled=found.stalled,
+        paused=found.paused,
+        finished=found.finished,
+        kinds=[_kind_stats(k) for k in found.kinds],
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,8 +17,10 @@ from headway.v1 import progress_pb2 as pb
 from headway.v1 import progress_pb2_grpc as pb_grpc
 
 from headway_server.config import ServerConfig
+from headway_server.domain.alerts import AlertThresholds
 from headway_server.domain.service import OperationService
 from headway_server.domain.watch import WatchHub
+from headway_server.metrics import Metrics
 from headway_server.servicer import ProgressTrackerServicer
 from headway_server.store import MemoryStore, OperationStore
 
@@ -37,6 +40,7 @@ class HeadwayServer:
         hub: WatchHub,
         health: HealthServicer,
         port: int,
+        metrics: Metrics,
     ) -> None:
         self.config = config
         self.grpc_server = grpc_server
@@ -45,6 +49,8 @@ class HeadwayServer:
         self.health = health
         self.port = port
         self._sweeper: asyncio.Task[None] | None = None
+        self.metrics = metrics
+        self.metrics_port = 0
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -52,6 +58,9 @@ class HeadwayServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="headway-sweeper")
+        if self.config.metrics_listen:
+            self.metrics_port = self.metrics.serve(self.config.metrics_listen)
+            log.info("metrics", extra={"port": self.metrics_port})
         log.info("serving", extra={"port": self.port, "listen": self.config.listen})
 
     async def _sweep_forever(self) -> None:
@@ -59,9 +68,17 @@ class HeadwayServer:
             await asyncio.sleep(self.config.sweep_interval)
             try:
                 await self.service.sweep()
+                await self._publish_gauges()
             except Exception:
                 # A failed sweep must not end leases and retention for good.
                 log.exception("sweep failed")
+
+    async def _publish_gauges(self) -> None:
+        # Read on the event loop and handed over whole: the metrics endpoint
+        # runs in another thread and must not iterate the store.
+        counts = Counter((op.state.name, op.kind) for op in await self.service.store.scan())
+        self.metrics.set_operation_counts(counts)
+        self.metrics.set_open_watchers(self.hub.open_watchers)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Graceful stop: NOT_SERVING first, watchers told where to resume, then stop."""
@@ -74,6 +91,7 @@ class HeadwayServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         await self.grpc_server.stop(grace)
+        self.metrics.close()
         self._stopped.set()
         log.info("stopped")
 
@@ -95,7 +113,15 @@ def create_server(
     chosen: OperationStore = store or MemoryStore(
         max_operations=config.max_operations, history_size=config.history_size
     )
-    service = OperationService(chosen, retention=config.retention)
+    metrics = Metrics()
+    thresholds = AlertThresholds(
+        slow_fraction=config.slow_fraction,
+        error_rate=config.error_rate_threshold,
+        eta_slip_seconds=config.eta_slip_seconds,
+    )
+    service = OperationService(
+        chosen, retention=config.retention, thresholds=thresholds, observer=metrics
+    )
     hub = WatchHub(chosen, bookmark_interval=config.bookmark_interval)
     grpc_server = grpc.aio.server(
         options=[
@@ -105,7 +131,7 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=None,
-        interceptors=list(interceptors),
+        interceptors=[metrics.rpc_interceptor(), *interceptors],
     )
     pb_grpc.add_ProgressTrackerServicer_to_server(
         ProgressTrackerServicer(service, hub), grpc_server
@@ -124,4 +150,4 @@ def create_server(
         port = grpc_server.add_insecure_port(config.listen)
     except RuntimeError as exc:  # grpcio reports a failed bind as RuntimeError
         raise OSError(f"cannot listen on {config.listen}: address in use or invalid") from exc
-    return HeadwayServer(config, grpc_server, service, hub, health, port), port
+    return HeadwayServer(config, grpc_server, service, hub, health, port, metrics), port

@@ -14,6 +14,7 @@ from headway.v1 import progress_pb2_grpc as pb_grpc
 
 from headway_server import convert
 from headway_server.domain import errors
+from headway_server.domain.model import LogLevel
 from headway_server.domain.service import OperationService
 from headway_server.domain.validation import check_id
 from headway_server.domain.watch import ShuttingDown, WatchEvent, WatchHub
@@ -150,6 +151,60 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
             next_page_token=token,
             revision=page.revision,
         )
+
+    @unary
+    async def ReportLogs(
+        self, request: pb.ReportLogsRequest, context: Any
+    ) -> pb.ReportLogsResponse:
+        check_id("operation_id", request.operation_id)
+        entries = [
+            convert.log_entry(entry, f"entries[{i}]") for i, entry in enumerate(request.entries)
+        ]
+        op, dropped = await self.service.report_logs(request.operation_id, entries)
+        return pb.ReportLogsResponse(
+            error_count=op.error_count,
+            warning_count=op.warning_count,
+            dropped=dropped,
+            revision=op.revision,
+        )
+
+    @unary
+    async def ListLogs(self, request: pb.ListLogsRequest, context: Any) -> pb.ListLogsResponse:
+        min_level = None
+        if request.min_level:
+            try:
+                min_level = LogLevel(request.min_level)
+            except ValueError:
+                raise errors.InvalidArgument(
+                    "min_level", f"{request.min_level} is not a level"
+                ) from None
+        entries, token, dropped = await self.service.list_logs(
+            request.operation_id,
+            min_level=min_level,
+            stage=request.stage,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListLogsResponse(
+            entries=[convert.log_entry_message(e) for e in entries],
+            next_page_token=token,
+            dropped=dropped,
+        )
+
+    @unary
+    async def GetTimeline(
+        self, request: pb.GetTimelineRequest, context: Any
+    ) -> pb.GetTimelineResponse:
+        entries, dropped = await self.service.timeline(request.operation_id)
+        return pb.GetTimelineResponse(
+            entries=[convert.timeline_entry(e) for e in entries], dropped=dropped
+        )
+
+    @unary
+    async def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.GetStatsResponse:
+        window = request.window.ToNanoseconds() / 1e9 if request.HasField("window") else None
+        found = await self.service.stats(convert.operation_filter(request.filter), window=window)
+        return convert.stats(found)
 
     async def WatchOperation(
         self, request: pb.WatchOperationRequest, context: Any

@@ -229,8 +229,11 @@ def compute_percent(op: Operation) -> float:
         percent = 100.0 * done / weights if weights else 0.0
     elif op.total:
         percent = 100.0 * op.completed / op.total
-    else:
+    elif op.explicit_percent or op.children_percent is None:
         percent = op.explicit_percent
+    else:
+        # A parent without progress of its own shows its children's.
+        percent = op.children_percent
     return min(100.0, max(0.0, percent)) if math.isfinite(percent) else 0.0
 
 

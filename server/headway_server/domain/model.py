@@ -70,6 +70,86 @@ class OperationError:
     details: JsonObject | None = None
 
 
+class AlertType(enum.IntEnum):
+    """Numbers are the proto's Alert.Type."""
+
+    STALLED = 1
+    SLOW = 2
+    HIGH_ERROR_RATE = 3
+    ETA_SLIPPING = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    type: AlertType
+    message: str
+    since: float
+
+
+class LogLevel(enum.IntEnum):
+    """Numbers are the proto's LogEntry.Level."""
+
+    DEBUG = 1
+    INFO = 2
+    WARNING = 3
+    ERROR = 4
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    level: LogLevel
+    message: str = ""
+    stage: str = ""
+    item: str = ""
+    code: str = ""
+    recoverable: bool = False
+    details: JsonObject | None = None
+    time: float = 0.0
+    # Position in the operation's log (1, 2, ...), set when stored.
+    index: int = 0
+
+
+class TimelineType(enum.IntEnum):
+    """Numbers are the proto's TimelineEntry.Type."""
+
+    STARTED = 1
+    RUNNING = 2
+    STAGE_STARTED = 3
+    PAUSED = 4
+    RESUMED = 5
+    STALLED = 6
+    RECOVERED = 7
+    CANCEL_REQUESTED = 8
+    ERROR = 9
+    ALERT_RAISED = 10
+    ALERT_CLEARED = 11
+    SUCCEEDED = 12
+    FAILED = 13
+    CANCELLED = 14
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineEntry:
+    type: TimelineType
+    time: float
+    revision: int
+    stage: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """What the ETA estimator says about an operation at `at`."""
+
+    throughput: float = 0.0
+    # True when throughput is in percent per second (no units reported).
+    per_percent: bool = False
+    # Seconds remaining from `at`; None while unknown.
+    eta: float | None = None
+    confidence: float = 0.0
+    at: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class StartSpec:
     """What a producer asked for at start; a retried start must ask for the same."""
@@ -138,6 +218,21 @@ class Operation:
     explicit_percent: float = 0.0
     finished_by: tuple[str, str] | None = None
     last_report_at: float = 0.0
+    # Progress depth (issue 4).
+    error_count: int = 0
+    warning_count: int = 0
+    alerts: tuple[Alert, ...] = ()
+    # Children by state name, and their rolled-up percent, for a parent.
+    children: Mapping[str, int] = field(default_factory=dict)
+    children_percent: float | None = None
+    depth: int = 0
+    estimate: Estimate = Estimate()
+    # The estimator's memory (domain.eta.EtaState); opaque to everything else.
+    eta_state: Any = None
+    # Highest throughput seen once past 10 % (the SLOW alert's "own earlier rate").
+    peak_throughput: float = 0.0
+    # (when, estimated completion) the ETA_SLIPPING alert compares against.
+    eta_baseline: tuple[float, float] | None = None
 
     # The start parameters are fixed for life; these read through to them.
     @property
@@ -171,6 +266,11 @@ class Operation:
     @property
     def planned(self) -> bool:
         return bool(self.spec.stages)
+
+    @property
+    def has_own_progress(self) -> bool:
+        """Whether the producer reports its own percent (else a parent rolls up children)."""
+        return self.planned or self.total > 0 or self.explicit_percent > 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,27 +11,37 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
-from headway_server.domain import lifecycle
+from headway_server.domain import lifecycle, progress, timeline
+from headway_server.domain import validation as v
+from headway_server.domain.alerts import AlertThresholds
 from headway_server.domain.errors import (
     AlreadyExists,
     Conflict,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
 )
 from headway_server.domain.model import (
     JsonObject,
+    LogEntry,
+    LogLevel,
     Operation,
     OperationError,
     OperationFilter,
     StartSpec,
     State,
+    TimelineEntry,
+    TimelineType,
     Update,
 )
+from headway_server.domain.stats import Stats, StatsAggregate
 from headway_server.domain.validation import check_id
 from headway_server.store.base import OperationStore, Page
+from headway_server.store.journal import Journal, MemoryJournal
 
 log = logging.getLogger("headway.operations")
 
@@ -39,6 +49,28 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 # Compare-and-set retries; only a Redis store shared by processes can race.
 _CAS_ATTEMPTS = 16
+MAX_LOG_ENTRIES_PER_CALL = 1000
+
+
+class Observer(Protocol):
+    """What the service tells the outside world about (metrics implement it)."""
+
+    def update_applied(self) -> None: ...
+
+    def operation_finished(self, op: Operation) -> None: ...
+
+    def alert_raised(self, alert_type: str) -> None: ...
+
+
+class _NoObserver:
+    def update_applied(self) -> None:
+        pass
+
+    def operation_finished(self, op: Operation) -> None:
+        pass
+
+    def alert_raised(self, alert_type: str) -> None:
+        pass
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,10 +88,18 @@ class OperationService:
         *,
         retention: float = 3600.0,
         clock: Callable[[], float] = time.time,
+        journal: Journal | None = None,
+        stats: StatsAggregate | None = None,
+        thresholds: AlertThresholds | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.store = store
         self.retention = retention
         self._clock = clock
+        self.journal: Journal = journal or MemoryJournal()
+        self.aggregate = stats or StatsAggregate()
+        self.thresholds = thresholds or AlertThresholds()
+        self.observer: Observer = observer or _NoObserver()
         # Server-generated ids derived from a request_id must not be guessable
         # from it, so they are keyed with a per-process secret.
         self._id_key = secrets.token_bytes(32)
@@ -89,25 +129,55 @@ class OperationService:
             if new is None:
                 return op, False
             try:
-                return await self.store.replace(new, expected_revision=op.revision), True
+                stored = await self.store.replace(new, expected_revision=op.revision)
             except Conflict:
                 continue
+            await self._after_write(op, stored)
+            return stored, True
         raise Conflict(f"operation {operation_id!r} is changing too fast to update")
+
+    def _refresh(self, op: Operation, now: float) -> Operation:
+        typical = self.aggregate.typical_throughput(op.kind) if op.kind else None
+        return progress.refresh(op, now, self.thresholds, typical_throughput=typical)
+
+    async def _after_write(self, old: Operation | None, new: Operation) -> None:
+        """Timeline, statistics, metrics and the parent's roll-up of a stored change."""
+        entries = timeline.entries(old, new)
+        if entries:
+            await self.journal.append_timeline(new.id, entries)
+        if new.state.terminal and (old is None or not old.state.terminal):
+            self.aggregate.record_finished(new)
+            self.observer.operation_finished(new)
+        raised = progress.alert_types(new) - (progress.alert_types(old) if old else set())
+        for alert_type in raised:
+            self.observer.alert_raised(alert_type.name)
+        if new.parent_id and (
+            old is None
+            or (old.state, old.percent, old.estimate) != (new.state, new.percent, new.estimate)
+        ):
+            await self._roll_up(new.parent_id)
+
+    async def _roll_up(self, parent_id: str) -> None:
+        children = await self.store.children(parent_id)
+        now = self._clock()
+        try:
+            await self._modify(parent_id, lambda parent: progress.roll_up(parent, children, now))
+        except NotFound:
+            pass  # the parent was deleted; its children carry on alone
 
     async def start(
         self, spec: StartSpec, *, operation_id: str = "", request_id: str = ""
     ) -> Operation:
         spec = lifecycle.validate_start(spec, operation_id, request_id)
-        if spec.parent_id and await self.store.get(spec.parent_id) is None:
-            raise NotFound(f"parent_id: operation {spec.parent_id!r} not found")
         operation_id = operation_id or self._generated_id(spec, request_id)
         existing = await self.store.get(operation_id)
         if existing is None:
+            depth = await self._child_depth(spec.parent_id)
             try:
-                op = await self.store.create(
-                    lifecycle.new_operation(operation_id, spec, self._clock())
-                )
+                new = lifecycle.new_operation(operation_id, spec, self._clock())
+                op = await self.store.create(dataclasses.replace(new, depth=depth))
                 log.info("operation started", extra={"operation_id": op.id, "kind": spec.kind})
+                await self._after_write(None, op)
                 return op
             except AlreadyExists:
                 existing = await self.store.get(operation_id)
@@ -119,6 +189,23 @@ class OperationService:
             )
         return existing
 
+    async def _child_depth(self, parent_id: str) -> int:
+        """The depth a new child of `parent_id` gets; checks the nesting limits."""
+        if not parent_id:
+            return 0
+        parent = await self.store.get(parent_id)
+        if parent is None:
+            raise NotFound(f"parent_id: operation {parent_id!r} not found")
+        if parent.depth + 1 > progress.MAX_DEPTH:
+            raise InvalidArgument(
+                "parent_id", f"would nest operations deeper than {progress.MAX_DEPTH} levels"
+            )
+        if sum(parent.children.values()) >= progress.MAX_CHILDREN:
+            raise ResourceExhausted(
+                f"operation {parent_id!r} has its maximum of {progress.MAX_CHILDREN} children"
+            )
+        return parent.depth + 1
+
     async def update(self, operation_id: str, update: Update) -> UpdateResult:
         lifecycle.validate_update(update)
 
@@ -126,9 +213,13 @@ class OperationService:
             lifecycle.require_active(op, "UpdateOperation")
             if lifecycle.is_duplicate(op, update):
                 return None
-            return lifecycle.apply_update(op, update, self._clock())
+            now = self._clock()
+            reported = progress.observe_report(lifecycle.apply_update(op, update, now), now)
+            return self._refresh(reported, now)
 
         op, applied = await self._modify(operation_id, change)
+        if applied:
+            self.observer.update_applied()
         return UpdateResult(op, applied)
 
     async def _finish(
@@ -138,7 +229,8 @@ class OperationService:
             if lifecycle.repeat_of_finish(op, call, request_id):
                 return None
             now = self._clock()
-            return lifecycle.finish(op, now=now, call=call, request_id=request_id, **changes)
+            ended = lifecycle.finish(op, now=now, call=call, request_id=request_id, **changes)
+            return self._refresh(ended, now)
 
         op, changed = await self._modify(operation_id, change)
         if changed:
@@ -182,13 +274,104 @@ class OperationService:
         )
         if changed:
             log.info("cancel requested", extra={"operation_id": op.id, "state": op.state.name})
+            # Cancelling a parent asks its running children (and theirs) to stop too.
+            for child in await self.store.children(op.id):
+                if child.state.active and not child.cancel_requested:
+                    try:
+                        await self.cancel(child.id, f"parent {op.id} cancelled: {reason}"[:4000])
+                    except (NotFound, FailedPrecondition):
+                        continue
         return op
 
     async def delete(self, operation_id: str) -> int:
-        await self._load(operation_id)
+        op = await self._load(operation_id)
         revision = await self.store.delete(operation_id)
+        await self.journal.forget(operation_id)
         log.info("operation deleted", extra={"operation_id": operation_id, "revision": revision})
+        if op.parent_id:
+            await self._roll_up(op.parent_id)
         return revision
+
+    async def report_logs(
+        self, operation_id: str, entries: Sequence[LogEntry]
+    ) -> tuple[Operation, int]:
+        """Stores log entries and counts errors/warnings; (operation, dropped so far)."""
+        if len(entries) > MAX_LOG_ENTRIES_PER_CALL:
+            raise InvalidArgument("entries", f"more than {MAX_LOG_ENTRIES_PER_CALL} per call")
+        now = self._clock()
+        stamped = []
+        for i, entry in enumerate(entries):
+            field = f"entries[{i}]"
+            v.check_bytes(f"{field}.message", entry.message, v.MAX_MESSAGE_BYTES)
+            v.check_name(f"{field}.stage", entry.stage, v.MAX_KEY_LENGTH)
+            v.check_bytes(f"{field}.item", entry.item, v.MAX_MESSAGE_BYTES)
+            v.check_name(f"{field}.code", entry.code)
+            v.check_struct(f"{field}.details", entry.details)
+            v.check_number(f"{field}.time", entry.time, low=0, high=1e12)
+            stamped.append(entry if entry.time else dataclasses.replace(entry, time=now))
+        errors = sum(1 for e in stamped if e.level is LogLevel.ERROR)
+        warnings = sum(1 for e in stamped if e.level is LogLevel.WARNING)
+
+        def count(op: Operation) -> Operation | None:
+            if not errors and not warnings:
+                return None
+            counted = dataclasses.replace(
+                op,
+                error_count=op.error_count + errors,
+                warning_count=op.warning_count + warnings,
+                updated_at=now,
+            )
+            return self._refresh(counted, now)
+
+        op, _ = await self._modify(operation_id, count)
+        dropped = await self.journal.append_logs(operation_id, stamped)
+        error_entries = [
+            TimelineEntry(TimelineType.ERROR, e.time, op.revision, e.stage, _error_text(e))
+            for e in stamped
+            if e.level is LogLevel.ERROR
+        ]
+        if error_entries:
+            await self.journal.append_timeline(operation_id, error_entries)
+        return op, dropped
+
+    async def list_logs(
+        self,
+        operation_id: str,
+        *,
+        min_level: LogLevel | None = None,
+        stage: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[LogEntry], str, int]:
+        """A page of log entries, oldest first; (entries, next token, dropped)."""
+        await self._load(operation_id)
+        if page_size < 0:
+            raise InvalidArgument("page_size", f"must not be negative (got {page_size})")
+        limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        where = OperationFilter(project=f"logs\0{operation_id}\0{min_level}\0{stage}")
+        after = _decode_page_token(page_token, where)
+        held, dropped = await self.journal.logs(operation_id)
+        matching = [
+            e
+            for e in held
+            if e.index > after
+            and (min_level is None or e.level >= min_level)
+            and (not stage or e.stage == stage)
+        ]
+        page = matching[:limit]
+        more = len(matching) > limit
+        token = _encode_page_token(page[-1].index, where) if more else ""
+        return page, token, dropped
+
+    async def timeline(self, operation_id: str) -> tuple[list[TimelineEntry], int]:
+        await self._load(operation_id)
+        return await self.journal.timeline(operation_id)
+
+    async def stats(self, where: OperationFilter, *, window: float | None = None) -> Stats:
+        if window is not None:
+            v.check_number("window", window, low=0, high=1e9)
+        held = await self.store.scan()
+        return self.aggregate.compute(held, where, window=window, now=self._clock())
 
     async def get(self, operation_id: str) -> Operation:
         return await self._load(operation_id)
@@ -214,20 +397,35 @@ class OperationService:
             if op.state.terminal:
                 if op.finished_at is not None and now - op.finished_at >= self.retention:
                     try:
-                        await self.store.delete(op.id)
+                        await self.delete(op.id)
                     except NotFound:
                         continue
                     log.info("operation expired", extra={"operation_id": op.id})
                     changed += 1
-            elif lifecycle.mark_stalled(op, now) is not None:
-                try:
-                    _, did = await self._modify(op.id, lambda o: lifecycle.mark_stalled(o, now))
-                except NotFound:
-                    continue
-                if did:
+                continue
+
+            def lapse(o: Operation) -> Operation | None:
+                # Alerts other than STALLED are judged on reports, not on the clock,
+                # so a quiet operation's state changes only when its lease runs out.
+                stalled = lifecycle.mark_stalled(o, now)
+                return None if stalled is None else self._refresh(stalled, now)
+
+            if lifecycle.mark_stalled(op, now) is None:
+                continue
+            try:
+                new, did = await self._modify(op.id, lapse)
+            except NotFound:
+                continue
+            if did:
+                if new.stalled and not op.stalled:
                     log.warning("operation stalled", extra={"operation_id": op.id})
-                    changed += 1
+                changed += 1
         return changed
+
+
+def _error_text(entry: LogEntry) -> str:
+    text = f"{entry.code}: {entry.message}" if entry.code else entry.message
+    return f"{text} ({entry.item})" if entry.item else text
 
 
 def _filter_key(where: OperationFilter) -> str:

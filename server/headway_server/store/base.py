@@ -96,6 +96,10 @@ class OperationStore(Protocol):
         """Waits until the revision is above `after` and returns it (callers bound the wait)."""
         ...
 
+    async def children(self, parent_id: str) -> list[Operation]:
+        """The operations started with this parent_id, in creation order."""
+        ...
+
     async def scan(self) -> list[Operation]:
         """Every stored operation, for maintenance sweeps (leases, retention)."""
         ...

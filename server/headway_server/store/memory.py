@@ -41,6 +41,8 @@ class MemoryStore:
         # Highest revision whose tombstone was dropped: resuming below it would miss a delete.
         self._compacted = 0
         self._changed = asyncio.Event()
+        # parent id -> child ids (dict as an ordered set), for roll-ups.
+        self._children: dict[str, dict[str, None]] = {}
 
     @property
     def revision(self) -> int:
@@ -78,6 +80,8 @@ class MemoryStore:
         old = self._tombstones.pop(stored.id, None)
         if old is not None:
             del self._log[old]
+        if stored.parent_id:
+            self._children.setdefault(stored.parent_id, {})[stored.id] = None
         self._record(stored, None)
         return stored
 
@@ -97,6 +101,11 @@ class MemoryStore:
         if current is None:
             raise NotFound(f"operation {operation_id!r} not found")
         revision = self._next()
+        siblings = self._children.get(current.parent_id)
+        if siblings is not None:
+            siblings.pop(operation_id, None)
+            if not siblings:
+                del self._children[current.parent_id]
         del self._log[current.revision]
         self._log[revision] = Change(revision, current, deleted=True)
         self._tombstones[operation_id] = revision
@@ -146,6 +155,10 @@ class MemoryStore:
         while self._revision <= after:
             await self._changed.wait()
         return self._revision
+
+    async def children(self, parent_id: str) -> list[Operation]:
+        ids = self._children.get(parent_id, {})
+        return [self._operations[i] for i in ids if i in self._operations]
 
     async def scan(self) -> list[Operation]:
         return list(self._operations.values())

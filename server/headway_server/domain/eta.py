@@ -1,0 +1,499 @@
+"""ETA and throughput: a small, bounded estimator fed with every applied report.
+
+The service keeps an `EtaState` per operation (a fixed set of numbers stored on
+the Operation value), calls `observe` after each applied report and `estimate`
+whenever it wants an `Estimate` (after a report, and periodically so that a
+paused or stalled operation's confidence falls).
+
+Design
+------
+Progress is the fraction of the whole job done (`op.percent / 100`, which
+already follows the stage plan's weights); time is *active* time: an interval
+that began PAUSED does not count, and a silence longer than the heartbeat
+timeout (a stall) counts as one usual report interval, so an outage is not
+mistaken for the job's speed. Pace is active seconds per fraction of the job.
+
+The remaining work is split in two:
+
+- The current *segment*: the running stage of a plan, or the whole job without
+  one. Its recent pace is a time-decayed one: decayed sums of progress and of
+  active time, each interval counted by the time it covered (so the figure does
+  not depend on how often reports come), with a half-life of a tenth of the
+  segment's age within [2 s, 15 min] (short jobs react within seconds, long ones
+  are not swayed by one slow minute). Its average pace is the segment's whole
+  history. If pace changes linearly with progress, the average is the pace at
+  the segment's middle and the decayed pace the pace a little behind the
+  current point (the mean age of its weights), so the two give the current
+  pace and its slope. How much of that departure from the average is believed
+  depends on how it stands out of the noise: the wander of the recent pace
+  (the EWMA of how much log(recent / average) moves from one half-life to the
+  next) is large for bursts and jitter, which then fall back to the average,
+  and small for a steady trend, which is then followed. The slope is damped
+  and followed no further ahead than the history it was seen on.
+- The plan's stages not started yet: their weight times the run's average pace.
+  Stages of one plan run at different speeds, and the current stage's speed
+  says nothing about the next one's, so extrapolating it to the whole job (what
+  a plain rate does) is wrong both ways; the run's average over every stage so
+  far is the unbiased guess. A young stage's own pace is also shrunk towards
+  the run's average until it has some progress of its own.
+
+Confidence is 1 / (1 + (u / 0.25)^2), where u is the expected relative error:
+the root of the sum of squares of (a) how far ahead the ETA reaches compared
+with the active time behind it (early in a run), (b) the share of the remaining
+time the run's average has to guess (stages not started yet, a freshly started
+one) times the spread of the stage speeds seen so far, and (c) the segment's
+noise (the wander above, as much of it as the estimate follows) and how far the
+estimate departs from the plain average. It is halved while paused and falls
+further while stalled or silent for longer than the usual report interval.
+
+Everything here is pure: no clock, no I/O, no grpc.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from headway_server.domain.model import Operation, StageState, State
+
+# Half-life of the decayed pace: this fraction of the segment's active age, within bounds.
+HALF_LIFE_FRACTION = 0.1
+MIN_HALF_LIFE = 2.0
+MAX_HALF_LIFE = 900.0
+HALF_LIFE_REPORTS = 3.0
+# Throughput (what the operation shows) is smoothed at least this much.
+MIN_THROUGHPUT_HALF_LIFE = 10.0
+# The drift (log of recent / average pace) is sampled every half-life, and at
+# most every this many report intervals.
+SAMPLE_REPORTS = 3.0
+# Weight of one sample in the EWMA of the drift's squared change.
+WANDER_SMOOTHING = 0.1
+# Wander assumed before any sample, and its weight in samples.
+WANDER_PRIOR = 0.3
+WANDER_PRIOR_WEIGHT = 2.0
+# Weight of one interval in the EWMA of the report interval.
+GAP_SMOOTHING = 0.2
+# The recent pace is taken as at most this many times the average pace.
+MAX_PACE_RATIO = 10.0
+# A trend may shorten the rest to no less than this share of the current pace's.
+MIN_PACE_RATIO = 0.3
+# Damping of the slope of the pace.
+TREND_DAMPING = 0.5
+# A young stage's pace is shrunk towards the run's until it has about this much
+# of its own progress (a fraction of the stage).
+STAGE_PRIOR = 0.05
+# Spread (standard deviation of log pace) between stages before two finished.
+STAGE_SPREAD_PRIOR = 0.5
+# Uncertainty per sqrt(seconds remaining / active seconds so far).
+EARLY_UNCERTAINTY = 0.15
+# Uncertainty per unit of |log(ETA / ETA at the segment's average pace)|.
+MODEL_UNCERTAINTY = 0.5
+# A predicted relative error of this gives confidence 0.5.
+CONFIDENCE_SCALE = 0.25
+# Confidence factors while paused and while stalled.
+PAUSED_CONFIDENCE = 0.5
+STALLED_CONFIDENCE = 0.3
+
+_LN2 = math.log(2.0)
+_FINISHED = (StageState.DONE, StageState.SKIPPED)
+
+
+@dataclass(frozen=True, slots=True)
+class EtaState:
+    """The estimator's memory for one operation: a fixed set of numbers."""
+
+    # Wall time of the last observation (None before the first).
+    last_at: float | None = None
+    observations: int = 0
+    # Active seconds since the first observation (pauses and stalls left out).
+    active: float = 0.0
+    # Whether the operation was PAUSED at the last observation.
+    paused: bool = False
+    # EWMA of the wall time between reports (stalls and pauses left out).
+    gap: float = 0.0
+    # Fraction of the job done, and units, at the first and the last observation.
+    base_fraction: float = 0.0
+    fraction: float = 0.0
+    base_units: int = 0
+    units: int = 0
+    # Decayed active time and amount done (units, or fraction of the job when
+    # the operation counts none) over the whole run: the throughput.
+    run_time: float = 0.0
+    run_amount: float = 0.0
+    # The current segment: the running stage's index (-1: none, or no plan),
+    # the active time at its start, and its progress (as a fraction of the
+    # job) at its start and at the last observation.
+    stage_index: int = -1
+    segment_start: float = 0.0
+    segment_base: float = 0.0
+    segment_progress: float = 0.0
+    # Decayed active time and progress within the segment (the recent pace).
+    decayed_time: float = 0.0
+    decayed_progress: float = 0.0
+    # Active time since the drift was last sampled; the last sample in this
+    # segment (None: none yet); the EWMA of its squared change between samples,
+    # and the number of changes seen.
+    since_sample: float = 0.0
+    drift: float | None = None
+    wander: float = 0.0
+    samples: int = 0
+    # Finished stages: count, mean and sum of squared deviations of their log
+    # pace (Welford), for the spread of stage speeds.
+    stages_seen: int = 0
+    stage_log_mean: float = 0.0
+    stage_log_m2: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """What the estimator says about an operation at a given time."""
+
+    # Units per second when the operation counts units, else percent per second.
+    throughput: float = 0.0
+    per_percent: bool = False
+    # Seconds remaining from `now`; None while unknown.
+    eta: float | None = None
+    confidence: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Where the job stands, in fractions of the whole job."""
+
+    # The segment: the running stage's index, or -1 (no plan, or none running).
+    index: int
+    # The segment's share of the job, and its progress (None: the stage's size
+    # is unknown).
+    share: float
+    progress: float | None
+    # Share of the job in stages not started yet.
+    future: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Forecast:
+    """Active seconds remaining as of the last observation, and the parts of
+    its expected relative error."""
+
+    seconds: float
+    early: float = 0.0
+    unseen: float = 0.0
+    segment: float = 0.0
+
+    @property
+    def uncertainty(self) -> float:
+        return math.sqrt(self.early**2 + self.unseen**2 + self.segment**2)
+
+
+def _fraction(op: Operation) -> float:
+    return min(1.0, max(0.0, op.percent / 100.0))
+
+
+def _counts_units(op: Operation) -> bool:
+    return op.total > 0 or op.completed > 0
+
+
+def _plan(op: Operation) -> _Plan:
+    weights = sum(s.weight for s in op.stages) if op.planned else 0.0
+    if weights <= 0:
+        return _Plan(-1, 1.0, _fraction(op), 0.0)
+    future = sum(s.weight for s in op.stages if s.state is StageState.PENDING) / weights
+    index = next((i for i, s in enumerate(op.stages) if s.name == op.stage), -1)
+    if index < 0:
+        return _Plan(-1, 0.0, None, future)
+    stage = op.stages[index]
+    share = stage.weight / weights
+    progress: float | None = None
+    if stage.state in _FINISHED:
+        progress = share
+    elif stage.total > 0:
+        progress = share * min(1.0, stage.completed / stage.total)
+    return _Plan(index, share, progress, future)
+
+
+def _half_life(age: float, gap: float) -> float:
+    """A share of the segment's age, but always a few report intervals: a rate
+    over one interval is what jumps with the report frequency."""
+    return min(MAX_HALF_LIFE, max(MIN_HALF_LIFE, HALF_LIFE_FRACTION * age, HALF_LIFE_REPORTS * gap))
+
+
+def _decay(
+    time: float, amount: float, dt: float, delta: float, half_life: float
+) -> tuple[float, float]:
+    """Adds an interval of `dt` active seconds that did `delta` to decayed sums.
+
+    The work is taken as spread evenly over the interval, so one long interval
+    weighs as much as many short ones covering the same time: the result does
+    not depend on how often reports come."""
+    if dt <= 0:
+        return time, amount + delta
+    lam = _LN2 / half_life
+    keep = math.exp(-lam * dt)
+    weight = (1.0 - keep) / lam
+    return time * keep + weight, amount * keep + delta / dt * weight
+
+
+def _recent_pace(decayed_time: float, decayed_progress: float, average: float) -> float:
+    """The decayed pace, at most MAX_PACE_RATIO times the average pace."""
+    if decayed_time <= 0:
+        return average
+    if decayed_progress * MAX_PACE_RATIO * average <= decayed_time:
+        return MAX_PACE_RATIO * average
+    return decayed_time / decayed_progress
+
+
+def observe(state: EtaState, op: Operation, now: float) -> EtaState:
+    """The state after an applied report that left the operation as `op`."""
+    fraction = _fraction(op)
+    plan = _plan(op)
+    counts_units = _counts_units(op)
+    units = op.completed if counts_units else 0
+    paused = op.state is State.PAUSED
+    if state.last_at is None:
+        return EtaState(
+            last_at=now,
+            observations=1,
+            paused=paused,
+            base_fraction=fraction,
+            fraction=fraction,
+            base_units=units,
+            units=units,
+            stage_index=plan.index,
+            segment_base=plan.progress or 0.0,
+            segment_progress=plan.progress or 0.0,
+        )
+
+    # How much of the time since the last report counts.
+    wall = max(0.0, now - state.last_at)
+    stall = op.heartbeat_timeout > 0 and wall > op.heartbeat_timeout
+    gap = state.gap
+    if state.paused:
+        dt = 0.0
+    elif stall:
+        dt = min(wall, gap if gap > 0 else op.heartbeat_timeout)
+    else:
+        dt = wall
+        if wall > 0:
+            gap = wall if gap <= 0 else gap + GAP_SMOOTHING * (wall - gap)
+    active = state.active + dt
+
+    amount = float(units - state.units) if counts_units else fraction - state.fraction
+    run_time, run_amount = _decay(
+        state.run_time,
+        state.run_amount,
+        dt,
+        max(0.0, amount),
+        max(MIN_THROUGHPUT_HALF_LIFE, _half_life(active, gap)),
+    )
+
+    stages_seen, stage_log_mean, stage_log_m2 = (
+        state.stages_seen,
+        state.stage_log_mean,
+        state.stage_log_m2,
+    )
+    if plan.index != state.stage_index:
+        # A new stage: record how fast the last one went, start a fresh segment.
+        log_pace = _finished_log_pace(state, op, active)
+        if log_pace is not None:
+            stages_seen += 1
+            delta = log_pace - stage_log_mean
+            stage_log_mean += delta / stages_seen
+            stage_log_m2 += delta * (log_pace - stage_log_mean)
+        base = plan.progress or 0.0
+        segment = (plan.index, active, base, base, 0.0, 0.0, 0.0, None)
+        wander, samples = state.wander, state.samples
+    else:
+        progress = state.segment_progress
+        decayed_time, decayed_progress = state.decayed_time, state.decayed_progress
+        since_sample, drift = state.since_sample + dt, state.drift
+        wander, samples = state.wander, state.samples
+        if plan.progress is not None:
+            delta = max(0.0, plan.progress - progress)
+            progress += delta
+            age = active - state.segment_start
+            half_life = _half_life(age, gap)
+            decayed_time, decayed_progress = _decay(
+                decayed_time, decayed_progress, dt, delta, half_life
+            )
+            done = progress - state.segment_base
+            if since_sample >= max(SAMPLE_REPORTS * gap, half_life) and done > 0:
+                # How far the recent pace is from the average, and how much
+                # that moved since the last sample: trends move it slowly,
+                # bursts and jitter a lot.
+                average = age / done
+                sample = math.log(_recent_pace(decayed_time, decayed_progress, average) / average)
+                if drift is not None:
+                    wander += WANDER_SMOOTHING * ((sample - drift) ** 2 - wander)
+                    samples += 1
+                drift, since_sample = sample, 0.0
+        segment = (
+            state.stage_index,
+            state.segment_start,
+            state.segment_base,
+            progress,
+            decayed_time,
+            decayed_progress,
+            since_sample,
+            drift,
+        )
+    return EtaState(
+        last_at=now,
+        observations=state.observations + 1,
+        active=active,
+        paused=paused,
+        gap=gap,
+        base_fraction=state.base_fraction,
+        fraction=fraction,
+        base_units=state.base_units,
+        units=units,
+        run_time=run_time,
+        run_amount=run_amount,
+        stage_index=segment[0],
+        segment_start=segment[1],
+        segment_base=segment[2],
+        segment_progress=segment[3],
+        decayed_time=segment[4],
+        decayed_progress=segment[5],
+        since_sample=segment[6],
+        drift=segment[7],
+        wander=wander,
+        samples=samples,
+        stages_seen=stages_seen,
+        stage_log_mean=stage_log_mean,
+        stage_log_m2=stage_log_m2,
+    )
+
+
+def _finished_log_pace(state: EtaState, op: Operation, active: float) -> float | None:
+    """log(active seconds per fraction of the job) of the segment that just ended."""
+    if state.stage_index < 0 or state.stage_index >= len(op.stages):
+        return None
+    weights = sum(s.weight for s in op.stages)
+    stage = op.stages[state.stage_index]
+    elapsed = active - state.segment_start
+    if stage.state is StageState.SKIPPED or weights <= 0 or stage.weight <= 0 or elapsed <= 0:
+        return None
+    return math.log(elapsed * weights / stage.weight)
+
+
+def estimate(state: EtaState, op: Operation, now: float) -> Estimate:
+    """Throughput, seconds remaining from `now`, and confidence."""
+    per_percent = not _counts_units(op)
+    if op.state.terminal:
+        done = (
+            100.0 * (_fraction(op) - state.base_fraction)
+            if per_percent
+            else float(op.completed - state.base_units)
+        )
+        throughput = max(0.0, done) / state.active if state.active > 0 else 0.0
+        return Estimate(throughput, per_percent, 0.0, 1.0)
+    if state.last_at is None:
+        return Estimate(0.0, per_percent, None, 0.0)
+    silent = max(0.0, now - state.last_at)
+    usual = state.gap if state.gap > 0 else 1.0
+    paused = op.state is State.PAUSED
+    throughput = 0.0
+    if state.run_time > 0 and not paused:
+        # The decayed rate, taking a silence beyond the usual interval as idle.
+        lam = _LN2 / max(MIN_THROUGHPUT_HALF_LIFE, _half_life(state.active, state.gap))
+        keep = math.exp(-lam * max(0.0, silent - usual))
+        time = state.run_time * keep + (1.0 - keep) / lam
+        throughput = state.run_amount * keep / time * (100.0 if per_percent else 1.0)
+    forecast = _remaining(state, op)
+    if forecast is None:
+        return Estimate(throughput, per_percent, None, 0.0)
+    remaining = forecast.seconds
+    if not paused:
+        # Work goes on between reports, but is not assumed to beyond the usual interval.
+        remaining = max(0.0, remaining - min(silent, usual))
+    confidence = 1.0 / (1.0 + (forecast.uncertainty / CONFIDENCE_SCALE) ** 2)
+    if paused:
+        confidence *= PAUSED_CONFIDENCE
+    elif op.stalled or (state.observations > 2 and silent > 3 * usual + 1.0):
+        timeout = max(op.heartbeat_timeout, 10 * usual, 1.0)
+        confidence *= STALLED_CONFIDENCE / (1.0 + silent / timeout)
+    elif silent > 2 * usual:
+        confidence *= 2 * usual / silent
+    return Estimate(throughput, per_percent, remaining, min(1.0, max(0.0, confidence)))
+
+
+def _remaining(state: EtaState, op: Operation) -> _Forecast | None:
+    """None without progress since the first observation to go by."""
+    done = state.fraction - state.base_fraction
+    if done <= 0 or state.active <= 0:
+        return None
+    plan = _plan(op)
+    run_pace = state.active / done
+    future = plan.future * run_pace
+    age = state.active - state.segment_start
+    if plan.progress is None or plan.index != state.stage_index:
+        # The stage's size is unknown: expect it to take its weight's share.
+        expected = plan.share * run_pace
+        current, noise, prior = max(expected - age, 0.1 * expected), 0.0, 1.0
+    else:
+        left = max(0.0, plan.share - plan.progress)
+        current, noise = _segment(state, left, age, run_pace)
+        prior = 0.0
+        if op.planned:
+            # Shrink a young stage's pace towards the run's.
+            evidence = max(0.0, state.segment_progress - state.segment_base) / plan.share
+            prior = STAGE_PRIOR / (evidence + STAGE_PRIOR)
+            current = (1.0 - prior) * current + prior * left * run_pace
+    total = current + future
+    if total <= 0:
+        return _Forecast(0.0)
+    if state.stages_seen >= 2:
+        stage_spread = math.sqrt(state.stage_log_m2 / (state.stages_seen - 1))
+    else:
+        stage_spread = STAGE_SPREAD_PRIOR
+    return _Forecast(
+        seconds=total,
+        early=EARLY_UNCERTAINTY * math.sqrt(total / state.active),
+        unseen=stage_spread * (future + prior * current) / total,
+        segment=noise * current / total,
+    )
+
+
+def _segment(state: EtaState, left: float, age: float, run_pace: float) -> tuple[float, float]:
+    """Seconds to do `left` (a fraction of the job) of the current segment, and
+    the expected relative error of that figure."""
+    done = state.segment_progress - state.segment_base
+    if done <= 0 or age <= 0:
+        return left * run_pace, 0.0
+    average = age / done
+    half_life = _half_life(age, state.gap)
+    lam = _LN2 / half_life
+    recent = _recent_pace(state.decayed_time, state.decayed_progress, average)
+    # The mean age of the decayed sums' weights (a window filling since `span`).
+    filled = min(lam * state.decayed_time, 1.0 - 1e-9)
+    mean_age = 0.0
+    if filled > 1e-9:
+        span = -math.log(1.0 - filled) / lam
+        mean_age = 1.0 / lam - span * (1.0 - filled) / filled
+    # Pace linear in progress: the average is the pace at the middle of the
+    # segment, the recent pace the pace `lag` behind the current point.
+    lag = min(done, mean_age / recent)
+    separation = done / 2 - lag
+    slope = (recent - average) / separation if separation > 0.1 * done else 0.0
+    now = max(recent + slope * lag, 1e-300)
+    # The noise of log(now / average): the wander, amplified by the extrapolation.
+    n = state.samples
+    wander = state.wander / (1.0 - (1.0 - WANDER_SMOOTHING) ** n) if n else 0.0
+    noise2 = (n * wander + WANDER_PRIOR_WEIGHT * WANDER_PRIOR**2) / (n + WANDER_PRIOR_WEIGHT)
+    if slope:
+        noise2 *= (1.0 + lag / separation) ** 2
+    signal = math.log(now / average)
+    # Believe the departure from the average as much as it stands out of the noise.
+    keep = signal * signal / (signal * signal + noise2) if signal else 0.0
+    pace = average * math.exp(keep * signal)
+    trend = TREND_DAMPING * keep * slope
+    # The trend is followed no further ahead than the history it was seen on.
+    ahead = min(left, done)
+    seconds = ahead * (pace + trend * ahead / 2) + (left - ahead) * (pace + trend * ahead)
+    seconds = max(seconds, MIN_PACE_RATIO * left * pace)
+    plain = left * average
+    departure = abs(math.log(seconds / plain)) if plain > 0 and seconds > 0 else 0.0
+    # The recent pace carries the wander's noise; the average a share of it (it
+    # spans age / half-life windows).
+    spread2 = noise2 * (keep**2 + (1.0 - keep) ** 2 * min(1.0, half_life / age))
+    return seconds, math.sqrt(spread2 + (MODEL_UNCERTAINTY * departure) ** 2)

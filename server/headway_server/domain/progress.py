@@ -1,0 +1,91 @@
+"""Derived progress: ETA and throughput, alerts, and a parent's roll-up of its children.
+
+Pure functions over Operation values, applied by the service inside the same
+compare-and-set write as the change that caused them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+from headway_server.domain import alerts, eta
+from headway_server.domain.model import AlertType, Estimate, Operation, State
+
+# Children per parent and nesting depth; a roll-up reads every child of a
+# parent, so both bound the cost of one child's report.
+MAX_CHILDREN = 10_000
+MAX_DEPTH = 8
+
+
+def observe_report(op: Operation, now: float) -> Operation:
+    """Feeds an applied report to the ETA estimator."""
+    state = op.eta_state if op.eta_state is not None else eta.EtaState()
+    return dataclasses.replace(op, eta_state=eta.observe(state, op, now))
+
+
+def refresh(
+    op: Operation,
+    now: float,
+    thresholds: alerts.AlertThresholds,
+    *,
+    typical_throughput: float | None = None,
+) -> Operation:
+    """Recomputes the estimate and the alerts that depend on it."""
+    estimate = op.estimate
+    if op.eta_state is not None and op.has_own_progress:
+        found = eta.estimate(op.eta_state, op, now)
+        estimate = Estimate(
+            throughput=found.throughput,
+            per_percent=found.per_percent,
+            eta=found.eta,
+            confidence=found.confidence,
+            at=now,
+        )
+    peak = op.peak_throughput
+    if op.state is State.RUNNING and op.percent >= 10 and not estimate.per_percent:
+        peak = max(peak, estimate.throughput)
+    new = dataclasses.replace(op, estimate=estimate, peak_throughput=peak)
+    new = dataclasses.replace(
+        new, eta_baseline=alerts.track_eta_baseline(new, now, thresholds.eta_slip_window)
+    )
+    found_alerts = alerts.evaluate(new, now, thresholds, typical_throughput=typical_throughput)
+    return dataclasses.replace(new, alerts=found_alerts)
+
+
+def alert_types(op: Operation) -> set[AlertType]:
+    return {a.type for a in op.alerts}
+
+
+def roll_up(parent: Operation, children: list[Operation], now: float) -> Operation | None:
+    """The parent with its children summary (and, without progress of its own, their
+    percent and ETA), or None when nothing changed."""
+    by_state = dict(sorted(Counter(child.state.name for child in children).items()))
+    changes: dict[str, object] = {}
+    if by_state != dict(parent.children):
+        changes["children"] = by_state
+    if not parent.has_own_progress and not parent.state.terminal and children:
+        known = [c.total for c in children if c.total > 0]
+        # Weighted by child totals where known, equally otherwise.
+        default = sum(known) / len(known) if known else 1.0
+        weights = [float(c.total) if c.total > 0 else default for c in children]
+        percent = sum(w * c.percent for w, c in zip(weights, children, strict=True))
+        percent /= sum(weights)
+        if percent != parent.children_percent:
+            changes["children_percent"] = percent
+            changes["percent"] = percent
+        active = [c for c in children if c.state.active]
+        etas = [c.estimate for c in active if c.estimate.eta is not None]
+        # Children run side by side: the parent ends when the last one does.
+        if active and len(etas) == len(active):
+            last = max(etas, key=lambda e: e.at + e.eta if e.eta is not None else 0.0)
+            remaining = max(0.0, last.at + (last.eta or 0.0) - now)
+            confidence = min(e.confidence for e in etas)
+            estimate = Estimate(eta=remaining, confidence=confidence, at=now)
+        else:
+            estimate = Estimate(at=now) if active else Estimate(eta=0.0, confidence=1.0, at=now)
+        if (estimate.eta, estimate.confidence) != (parent.estimate.eta, parent.estimate.confidence):
+            changes["estimate"] = estimate
+    if not changes:
+        return None
+    return dataclasses.replace(parent, updated_at=now, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,282 @@
+"""Stage analytics: what GetStats reports, from held operations and finished summaries.
+
+Individual operations leave the store when their retention ends; what stats need
+of a finished one (identity, state, duration, throughput, per-stage duration and
+rate) is kept here in a bounded aggregate, oldest dropped first, so stats reach
+further back than retention does. Pure: no I/O, no clock of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sortedcontainers import SortedList
+
+from headway_server.domain.model import Operation, OperationFilter, StartSpec, State
+
+DEFAULT_MAX_SUMMARIES = 100_000
+# typical_throughput answers only with at least this many successful samples.
+MIN_TYPICAL_SAMPLES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Percentiles:
+    """p50/p90/p99 of `count` samples (linear interpolation); all zero without samples."""
+
+    count: int = 0
+    p50: float = 0.0
+    p90: float = 0.0
+    p99: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StageStats:
+    name: str
+    # Seconds from the stage's start to its finish.
+    duration: Percentiles
+    # Stage units per second (stages that reported stage_completed).
+    throughput: Percentiles
+
+
+@dataclass(frozen=True, slots=True)
+class KindStats:
+    kind: str
+    finished: int
+    succeeded: int
+    success_rate: float
+    # Seconds from start (or creation when never started) to finish.
+    duration: Percentiles
+    # Operation units per second (operations that reported completed).
+    throughput: Percentiles
+    stages: list[StageStats]
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    # Held operations by state name; every state is present, zero when none.
+    counts_by_state: dict[str, int]
+    # SUCCEEDED / finished over the finished summaries selected; 0 when none.
+    success_rate: float
+    active: int
+    stalled: int
+    paused: int
+    finished: int
+    kinds: list[KindStats]
+
+
+@dataclass(frozen=True, slots=True)
+class _StageSummary:
+    name: str
+    duration: float
+    rate: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Summary:
+    """What stats keep of a finished operation."""
+
+    spec: StartSpec
+    state: State
+    finished_at: float
+    duration: float
+    throughput: float | None
+    stages: tuple[_StageSummary, ...]
+
+
+def percentiles(values: list[float]) -> Percentiles:
+    """p50/p90/p99 by linear interpolation between closest ranks (sorts `values`)."""
+    if not values:
+        return Percentiles()
+    values.sort()
+    return Percentiles(
+        count=len(values),
+        p50=_quantile(values, 0.50),
+        p90=_quantile(values, 0.90),
+        p99=_quantile(values, 0.99),
+    )
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    fraction = position - low
+    return ordered[low] + (ordered[high] - ordered[low]) * fraction
+
+
+def _rate(units: int, seconds: float) -> float | None:
+    return units / seconds if units > 0 and seconds > 0 else None
+
+
+def _summarize(op: Operation) -> _Summary:
+    finished_at = op.finished_at if op.finished_at is not None else op.updated_at
+    began = op.started_at if op.started_at is not None else op.created_at
+    duration = max(0.0, finished_at - began)
+    stages = tuple(
+        _StageSummary(
+            stage.name,
+            max(0.0, stage.finished_at - stage.started_at),
+            _rate(stage.completed, stage.finished_at - stage.started_at),
+        )
+        for stage in op.stages
+        if stage.started_at is not None and stage.finished_at is not None
+    )
+    return _Summary(
+        spec=op.spec,
+        state=op.state,
+        finished_at=finished_at,
+        duration=duration,
+        throughput=_rate(op.completed, duration),
+        stages=stages,
+    )
+
+
+def _identity_matches(where: OperationFilter, spec: StartSpec) -> bool:
+    """OperationFilter.matches_identity, against a stored spec."""
+    return (
+        (not where.project or spec.project == where.project)
+        and (not where.dataset or spec.dataset == where.dataset)
+        and (not where.kind or spec.kind == where.kind)
+        and (not where.parent_id or spec.parent_id == where.parent_id)
+        and all(spec.labels.get(k) == v for k, v in where.labels.items())
+    )
+
+
+class _KindAccumulator:
+    __slots__ = ("durations", "finished", "stages", "succeeded", "throughputs")
+
+    def __init__(self) -> None:
+        self.finished = 0
+        self.succeeded = 0
+        self.durations: list[float] = []
+        self.throughputs: list[float] = []
+        # name -> (durations, rates); dicts keep first-seen order.
+        self.stages: dict[str, tuple[list[float], list[float]]] = {}
+
+    def add(self, summary: _Summary) -> None:
+        self.finished += 1
+        if summary.state is State.SUCCEEDED:
+            self.succeeded += 1
+        self.durations.append(summary.duration)
+        if summary.throughput is not None:
+            self.throughputs.append(summary.throughput)
+        for stage in summary.stages:
+            durations, rates = self.stages.setdefault(stage.name, ([], []))
+            durations.append(stage.duration)
+            if stage.rate is not None:
+                rates.append(stage.rate)
+
+    def build(self, kind: str) -> KindStats:
+        return KindStats(
+            kind=kind,
+            finished=self.finished,
+            succeeded=self.succeeded,
+            success_rate=self.succeeded / self.finished if self.finished else 0.0,
+            duration=percentiles(self.durations),
+            throughput=percentiles(self.throughputs),
+            stages=[
+                StageStats(name, percentiles(durations), percentiles(rates))
+                for name, (durations, rates) in self.stages.items()
+            ],
+        )
+
+
+class StatsAggregate:
+    """Bounded summaries of finished operations, and the stats computed from them.
+
+    Not thread-safe; used from the server's event loop.
+    """
+
+    def __init__(self, *, max_summaries: int = DEFAULT_MAX_SUMMARIES) -> None:
+        if max_summaries < 1:
+            raise ValueError("max_summaries must be at least 1")
+        self.max_summaries = max_summaries
+        self._summaries: deque[_Summary] = deque()
+        # kind -> throughputs of the SUCCEEDED summaries held, sorted (for the median).
+        self._typical: dict[str, SortedList] = {}
+
+    def __len__(self) -> int:
+        return len(self._summaries)
+
+    def record_finished(self, op: Operation) -> None:
+        """Called once when `op` reaches a terminal state."""
+        summary = _summarize(op)
+        if len(self._summaries) >= self.max_summaries:
+            self._forget(self._summaries.popleft())
+        self._summaries.append(summary)
+        if summary.state is State.SUCCEEDED and summary.throughput is not None:
+            self._typical.setdefault(summary.spec.kind, SortedList()).add(summary.throughput)
+
+    def _forget(self, summary: _Summary) -> None:
+        if summary.state is not State.SUCCEEDED or summary.throughput is None:
+            return
+        samples = self._typical[summary.spec.kind]
+        samples.remove(summary.throughput)
+        if not samples:
+            del self._typical[summary.spec.kind]
+
+    def typical_throughput(self, kind: str) -> float | None:
+        """Median units/s of this kind's SUCCEEDED summaries; None below 3 samples."""
+        samples = self._typical.get(kind)
+        if samples is None or len(samples) < MIN_TYPICAL_SAMPLES:
+            return None
+        n = len(samples)
+        middle = n // 2
+        if n % 2:
+            return float(samples[middle])
+        return (float(samples[middle - 1]) + float(samples[middle])) / 2
+
+    def compute(
+        self,
+        held: Iterable[Operation],
+        where: OperationFilter,
+        *,
+        window: float | None,
+        now: float,
+    ) -> Stats:
+        """Counts from the held operations matching `where`; finished stats from the
+        summaries matching it that finished within `window` seconds of `now`
+        (all summaries held when `window` is None)."""
+        counts = {state.name: 0 for state in State}
+        active = stalled = paused = 0
+        for op in held:
+            if not where.matches(op):
+                continue
+            counts[op.state.name] += 1
+            if op.state.active:
+                active += 1
+                if op.stalled:
+                    stalled += 1
+                if op.state is State.PAUSED:
+                    paused += 1
+
+        kinds: dict[str, _KindAccumulator] = {}
+        # Summaries are all terminal, so an active-only filter selects none.
+        if not where.active_only:
+            since = None if window is None else now - window
+            for summary in self._summaries:
+                if since is not None and summary.finished_at < since:
+                    continue
+                if where.states and summary.state not in where.states:
+                    continue
+                if not _identity_matches(where, summary.spec):
+                    continue
+                accumulator = kinds.get(summary.spec.kind)
+                if accumulator is None:
+                    accumulator = kinds[summary.spec.kind] = _KindAccumulator()
+                accumulator.add(summary)
+
+        finished = sum(a.finished for a in kinds.values())
+        succeeded = sum(a.succeeded for a in kinds.values())
+        return Stats(
+            counts_by_state=counts,
+            success_rate=succeeded / finished if finished else 0.0,
+            active=active,
+            stalled=stalled,
+            paused=paused,
+            finished=finished,
+            kinds=[kinds[kind].build(kind) for kind in sorted(kinds)],
+        )

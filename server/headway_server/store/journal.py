@@ -1,0 +1,90 @@
+"""Per-operation logs and timelines: bounded buffers beside the operation store.
+
+They are kept apart from the Operation value because they are appended to, not
+replaced, and would make every revision of an operation as large as its log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from headway_server.domain.model import LogEntry, TimelineEntry
+
+MAX_LOG_ENTRIES = 1000
+MAX_TIMELINE_ENTRIES = 500
+
+
+@dataclass
+class _Buffer:
+    entries: deque[object] = field(default_factory=deque)
+    dropped: int = 0
+    appended: int = 0
+
+
+class Journal(Protocol):
+    """Bounded per-operation logs and timelines."""
+
+    async def append_logs(self, operation_id: str, entries: Iterable[LogEntry]) -> int:
+        """Stores entries (numbering them) and returns how many were dropped so far."""
+        ...
+
+    async def logs(self, operation_id: str) -> tuple[list[LogEntry], int]:
+        """The entries held, oldest first, and how many older ones were dropped."""
+        ...
+
+    async def append_timeline(
+        self, operation_id: str, entries: Iterable[TimelineEntry]
+    ) -> None: ...
+
+    async def timeline(self, operation_id: str) -> tuple[list[TimelineEntry], int]: ...
+
+    async def forget(self, operation_id: str) -> None:
+        """Drops everything about a deleted operation."""
+        ...
+
+
+class MemoryJournal:
+    def __init__(
+        self, *, max_logs: int = MAX_LOG_ENTRIES, max_timeline: int = MAX_TIMELINE_ENTRIES
+    ) -> None:
+        self._max_logs = max_logs
+        self._max_timeline = max_timeline
+        self._logs: dict[str, _Buffer] = {}
+        self._timelines: dict[str, _Buffer] = {}
+
+    @staticmethod
+    def _append(buffer: _Buffer, entries: Iterable[object], limit: int) -> None:
+        for entry in entries:
+            buffer.entries.append(entry)
+            buffer.appended += 1
+            if len(buffer.entries) > limit:
+                buffer.entries.popleft()
+                buffer.dropped += 1
+
+    async def append_logs(self, operation_id: str, entries: Iterable[LogEntry]) -> int:
+        buffer = self._logs.setdefault(operation_id, _Buffer())
+        numbered = [
+            dataclasses.replace(e, index=buffer.appended + i + 1) for i, e in enumerate(entries)
+        ]
+        self._append(buffer, numbered, self._max_logs)
+        return buffer.dropped
+
+    async def logs(self, operation_id: str) -> tuple[list[LogEntry], int]:
+        buffer = self._logs.get(operation_id, _Buffer())
+        return list(buffer.entries), buffer.dropped  # type: ignore[arg-type]
+
+    async def append_timeline(self, operation_id: str, entries: Iterable[TimelineEntry]) -> None:
+        buffer = self._timelines.setdefault(operation_id, _Buffer())
+        self._append(buffer, entries, self._max_timeline)
+
+    async def timeline(self, operation_id: str) -> tuple[list[TimelineEntry], int]:
+        buffer = self._timelines.get(operation_id, _Buffer())
+        return list(buffer.entries), buffer.dropped  # type: ignore[arg-type]
+
+    async def forget(self, operation_id: str) -> None:
+        self._logs.pop(operation_id, None)
+        self._timelines.pop(operation_id, None)
