@@ -40,7 +40,7 @@ def _duration(seconds: float | None) -> str:
 
 
 class Rates:
-    """Throughput and ETA from what a watcher has seen (the server's own come later)."""
+    """Throughput and ETA: the server's estimate, else what this watcher has seen."""
 
     def __init__(self) -> None:
         self._first: dict[str, tuple[float, int, float]] = {}
@@ -48,6 +48,11 @@ class Rates:
     def measure(self, op: pb.Operation, now: float) -> tuple[float | None, float | None]:
         """(units per second, seconds remaining) or None where it cannot be known yet."""
         first = self._first.setdefault(op.id, (now, op.completed, op.percent))
+        if op.HasField("estimated_completion_time") and op.state == pb.Operation.RUNNING:
+            # Count down from the server's estimate between reports.
+            end = op.estimated_completion_time.ToNanoseconds() / 1e9
+            units = op.throughput if op.throughput_unit != "%" and op.throughput else None
+            return units, max(0.0, end - now)
         elapsed = now - first[0]
         if elapsed < 0.5 or op.state != pb.Operation.RUNNING:
             return None, None

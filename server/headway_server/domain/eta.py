@@ -270,7 +270,9 @@ def observe(state: EtaState, op: Operation, now: float) -> EtaState:
     if state.paused:
         dt = 0.0
     elif stall:
-        dt = min(wall, gap if gap > 0 else op.heartbeat_timeout)
+        # The producer promised a report within the heartbeat timeout: time
+        # beyond it is an outage, not the job's pace.
+        dt = op.heartbeat_timeout
     else:
         dt = wall
         if wall > 0:
@@ -471,18 +473,21 @@ def _segment(state: EtaState, left: float, age: float, run_pace: float) -> tuple
         span = -math.log(1.0 - filled) / lam
         mean_age = 1.0 / lam - span * (1.0 - filled) / filled
     # Pace linear in progress: the average is the pace at the middle of the
-    # segment, the recent pace the pace `lag` behind the current point.
-    lag = min(done, mean_age / recent)
-    separation = done / 2 - lag
-    slope = (recent - average) / separation if separation > 0.1 * done else 0.0
-    now = max(recent + slope * lag, 1e-300)
-    # The noise of log(now / average): the wander, amplified by the extrapolation.
+    # segment, the recent pace the pace `lag` behind the current point; the
+    # line through both gives the current pace (extrapolated in log pace, and
+    # only over a lag short enough not to blow up the noise) and the slope.
+    lag = mean_age / recent
+    departure = math.log(recent / average)
+    slope, stretch = 0.0, 1.0
+    if lag <= done / 4:
+        slope = (recent - average) / (done / 2 - lag)
+        stretch = 1.0 + lag / (done / 2 - lag)
+    signal = departure * stretch
+    # The noise of that signal: the wander, times the stretch.
     n = state.samples
     wander = state.wander / (1.0 - (1.0 - WANDER_SMOOTHING) ** n) if n else 0.0
     noise2 = (n * wander + WANDER_PRIOR_WEIGHT * WANDER_PRIOR**2) / (n + WANDER_PRIOR_WEIGHT)
-    if slope:
-        noise2 *= (1.0 + lag / separation) ** 2
-    signal = math.log(now / average)
+    noise2 *= stretch * stretch
     # Believe the departure from the average as much as it stands out of the noise.
     keep = signal * signal / (signal * signal + noise2) if signal else 0.0
     pace = average * math.exp(keep * signal)
@@ -492,8 +497,8 @@ def _segment(state: EtaState, left: float, age: float, run_pace: float) -> tuple
     seconds = ahead * (pace + trend * ahead / 2) + (left - ahead) * (pace + trend * ahead)
     seconds = max(seconds, MIN_PACE_RATIO * left * pace)
     plain = left * average
-    departure = abs(math.log(seconds / plain)) if plain > 0 and seconds > 0 else 0.0
+    model = abs(math.log(seconds / plain)) if plain > 0 and seconds > 0 else 0.0
     # The recent pace carries the wander's noise; the average a share of it (it
     # spans age / half-life windows).
     spread2 = noise2 * (keep**2 + (1.0 - keep) ** 2 * min(1.0, half_life / age))
-    return seconds, math.sqrt(spread2 + (MODEL_UNCERTAINTY * departure) ** 2)
+    return seconds, math.sqrt(spread2 + (MODEL_UNCERTAINTY * model) ** 2)
