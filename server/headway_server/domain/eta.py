@@ -9,42 +9,46 @@ Design
 ------
 Progress is the fraction of the whole job done (`op.percent / 100`, which
 already follows the stage plan's weights); time is *active* time: an interval
-that began PAUSED does not count, and a silence longer than the heartbeat
-timeout (a stall) counts as one usual report interval, so an outage is not
-mistaken for the job's speed. Pace is active seconds per fraction of the job.
+that began PAUSED does not count, and of a silence longer than the heartbeat
+timeout (a stall) only the timeout counts, so an outage is not mistaken for the
+job's speed. Pace is active seconds per fraction of the job. Progress already
+reported at the first observation (a job resumed from a checkpoint) is a
+starting point, not speed.
 
 The remaining work is split in two:
 
 - The current *segment*: the running stage of a plan, or the whole job without
-  one. Its recent pace is a time-decayed one: decayed sums of progress and of
-  active time, each interval counted by the time it covered (so the figure does
-  not depend on how often reports come), with a half-life of a tenth of the
-  segment's age within [2 s, 15 min] (short jobs react within seconds, long ones
-  are not swayed by one slow minute). Its average pace is the segment's whole
-  history. If pace changes linearly with progress, the average is the pace at
-  the segment's middle and the decayed pace the pace a little behind the
-  current point (the mean age of its weights), so the two give the current
-  pace and its slope. How much of that departure from the average is believed
-  depends on how it stands out of the noise: the wander of the recent pace
-  (the EWMA of how much log(recent / average) moves from one half-life to the
-  next) is large for bursts and jitter, which then fall back to the average,
-  and small for a steady trend, which is then followed. The slope is damped
-  and followed no further ahead than the history it was seen on.
+  one. Its recent pace is time-decayed: decayed sums of progress and of active
+  time, each interval counted by the time it covered (so the figure does not
+  depend on how often reports come), with a half-life of a tenth of the
+  segment's age, at least three report intervals, within [2 s, 15 min] (short
+  jobs react within seconds, long ones are not swayed by one slow minute). Its
+  average pace is the segment's whole history (for a job without a plan, the
+  whole run's average). If pace changes linearly with progress, the average is
+  the pace at the segment's middle and the decayed pace the pace a little
+  behind the current point (the mean age of its weights), so the two give the
+  current pace and its slope. How much of that departure from the average is
+  believed depends on how it stands out of the noise: the *wander* of the
+  recent pace (the EWMA of how much log(recent / average) moves from one
+  half-life to the next) is large for bursts and jitter, which then fall back
+  to the average, and small for a steady trend, which is then followed. The
+  slope is damped, and followed no further ahead than the history it was seen on.
 - The plan's stages not started yet: their weight times the run's average pace.
   Stages of one plan run at different speeds, and the current stage's speed
   says nothing about the next one's, so extrapolating it to the whole job (what
   a plain rate does) is wrong both ways; the run's average over every stage so
-  far is the unbiased guess. A young stage's own pace is also shrunk towards
-  the run's average until it has some progress of its own.
+  far is the unbiased guess. A young stage's own pace is likewise shrunk
+  towards the run's average until it has some progress of its own (about 5 %).
 
 Confidence is 1 / (1 + (u / 0.25)^2), where u is the expected relative error:
 the root of the sum of squares of (a) how far ahead the ETA reaches compared
 with the active time behind it (early in a run), (b) the share of the remaining
-time the run's average has to guess (stages not started yet, a freshly started
-one) times the spread of the stage speeds seen so far, and (c) the segment's
+time that rests on the run's average (stages not started yet, a stage just
+entered) times the spread of the stage speeds seen so far, (c) the segment's
 noise (the wander above, as much of it as the estimate follows) and how far the
-estimate departs from the plain average. It is halved while paused and falls
-further while stalled or silent for longer than the usual report interval.
+estimate departs from the plain average, and (d) a stage just entered, whose
+pace is about to be revised. It is halved while paused, and falls further while
+stalled or silent for longer than the usual report interval.
 
 Everything here is pure: no clock, no I/O, no grpc.
 """
@@ -79,11 +83,17 @@ MAX_PACE_RATIO = 10.0
 MIN_PACE_RATIO = 0.3
 # Damping of the slope of the pace.
 TREND_DAMPING = 0.5
+# The trend is followed this many times as far ahead as the history it was seen on.
+TREND_HORIZON = 1.0
 # A young stage's pace is shrunk towards the run's until it has about this much
 # of its own progress (a fraction of the stage).
 STAGE_PRIOR = 0.05
 # Spread (standard deviation of log pace) between stages before two finished.
 STAGE_SPREAD_PRIOR = 0.5
+STAGE_SPREAD_PRIOR_WEIGHT = 2.0
+# Uncertainty of a stage just entered, falling as it makes progress of its own:
+# its pace, still the run's, is about to be revised.
+FRESH_STAGE_UNCERTAINTY = 0.3
 # Uncertainty per sqrt(seconds remaining / active seconds so far).
 EARLY_UNCERTAINTY = 0.15
 # Uncertainty per unit of |log(ETA / ETA at the segment's average pace)|.
@@ -179,10 +189,11 @@ class _Forecast:
     early: float = 0.0
     unseen: float = 0.0
     segment: float = 0.0
+    fresh: float = 0.0
 
     @property
     def uncertainty(self) -> float:
-        return math.sqrt(self.early**2 + self.unseen**2 + self.segment**2)
+        return math.sqrt(self.early**2 + self.unseen**2 + self.segment**2 + self.fresh**2)
 
 
 def _fraction(op: Operation) -> float:
@@ -293,6 +304,11 @@ def observe(state: EtaState, op: Operation, now: float) -> EtaState:
         state.stage_log_mean,
         state.stage_log_m2,
     )
+    segment_start, segment_base = state.segment_start, state.segment_base
+    progress = state.segment_progress
+    decayed_time, decayed_progress = state.decayed_time, state.decayed_progress
+    since_sample, drift = state.since_sample + dt, state.drift
+    wander, samples = state.wander, state.samples
     if plan.index != state.stage_index:
         # A new stage: record how fast the last one went, start a fresh segment.
         log_pace = _finished_log_pace(state, op, active)
@@ -301,43 +317,29 @@ def observe(state: EtaState, op: Operation, now: float) -> EtaState:
             delta = log_pace - stage_log_mean
             stage_log_mean += delta / stages_seen
             stage_log_m2 += delta * (log_pace - stage_log_mean)
-        base = plan.progress or 0.0
-        segment = (plan.index, active, base, base, 0.0, 0.0, 0.0, None)
-        wander, samples = state.wander, state.samples
-    else:
-        progress = state.segment_progress
-        decayed_time, decayed_progress = state.decayed_time, state.decayed_progress
-        since_sample, drift = state.since_sample + dt, state.drift
-        wander, samples = state.wander, state.samples
-        if plan.progress is not None:
-            delta = max(0.0, plan.progress - progress)
-            progress += delta
-            age = active - state.segment_start
-            half_life = _half_life(age, gap)
-            decayed_time, decayed_progress = _decay(
-                decayed_time, decayed_progress, dt, delta, half_life
-            )
-            done = progress - state.segment_base
-            if since_sample >= max(SAMPLE_REPORTS * gap, half_life) and done > 0:
-                # How far the recent pace is from the average, and how much
-                # that moved since the last sample: trends move it slowly,
-                # bursts and jitter a lot.
-                average = age / done
-                sample = math.log(_recent_pace(decayed_time, decayed_progress, average) / average)
-                if drift is not None:
-                    wander += WANDER_SMOOTHING * ((sample - drift) ** 2 - wander)
-                    samples += 1
-                drift, since_sample = sample, 0.0
-        segment = (
-            state.stage_index,
-            state.segment_start,
-            state.segment_base,
-            progress,
-            decayed_time,
-            decayed_progress,
-            since_sample,
-            drift,
+        segment_start, segment_base = active, plan.progress or 0.0
+        progress = segment_base
+        decayed_time = decayed_progress = since_sample = 0.0
+        drift = None
+    elif plan.progress is not None:
+        delta = max(0.0, plan.progress - progress)
+        progress += delta
+        age = active - segment_start
+        half_life = _half_life(age, gap)
+        decayed_time, decayed_progress = _decay(
+            decayed_time, decayed_progress, dt, delta, half_life
         )
+        done = progress - segment_base
+        if since_sample >= max(SAMPLE_REPORTS * gap, half_life) and done > 0:
+            # How far the recent pace is from the average, and how much that
+            # moved since the last sample: trends move it slowly, bursts and
+            # jitter a lot.
+            average = age / done
+            sample = math.log(_recent_pace(decayed_time, decayed_progress, average) / average)
+            if drift is not None:
+                wander += WANDER_SMOOTHING * ((sample - drift) ** 2 - wander)
+                samples += 1
+            drift, since_sample = sample, 0.0
     return EtaState(
         last_at=now,
         observations=state.observations + 1,
@@ -350,14 +352,14 @@ def observe(state: EtaState, op: Operation, now: float) -> EtaState:
         units=units,
         run_time=run_time,
         run_amount=run_amount,
-        stage_index=segment[0],
-        segment_start=segment[1],
-        segment_base=segment[2],
-        segment_progress=segment[3],
-        decayed_time=segment[4],
-        decayed_progress=segment[5],
-        since_sample=segment[6],
-        drift=segment[7],
+        stage_index=plan.index,
+        segment_start=segment_start,
+        segment_base=segment_base,
+        segment_progress=progress,
+        decayed_time=decayed_time,
+        decayed_progress=decayed_progress,
+        since_sample=since_sample,
+        drift=drift,
         wander=wander,
         samples=samples,
         stages_seen=stages_seen,
@@ -444,15 +446,19 @@ def _remaining(state: EtaState, op: Operation) -> _Forecast | None:
     total = current + future
     if total <= 0:
         return _Forecast(0.0)
-    if state.stages_seen >= 2:
-        stage_spread = math.sqrt(state.stage_log_m2 / (state.stages_seen - 1))
-    else:
-        stage_spread = STAGE_SPREAD_PRIOR
+    # The spread of stage speeds: the finished stages' sample variance, with the
+    # prior counted as STAGE_SPREAD_PRIOR_WEIGHT more stages.
+    freedom = max(0, state.stages_seen - 1)
+    stage_spread = math.sqrt(
+        (state.stage_log_m2 + STAGE_SPREAD_PRIOR_WEIGHT * STAGE_SPREAD_PRIOR**2)
+        / (freedom + STAGE_SPREAD_PRIOR_WEIGHT)
+    )
     return _Forecast(
         seconds=total,
         early=EARLY_UNCERTAINTY * math.sqrt(total / state.active),
         unseen=stage_spread * (future + prior * current) / total,
         segment=noise * current / total,
+        fresh=FRESH_STAGE_UNCERTAINTY * prior if op.planned else 0.0,
     )
 
 
@@ -493,7 +499,7 @@ def _segment(state: EtaState, left: float, age: float, run_pace: float) -> tuple
     pace = average * math.exp(keep * signal)
     trend = TREND_DAMPING * keep * slope
     # The trend is followed no further ahead than the history it was seen on.
-    ahead = min(left, done)
+    ahead = min(left, TREND_HORIZON * done)
     seconds = ahead * (pace + trend * ahead / 2) + (left - ahead) * (pace + trend * ahead)
     seconds = max(seconds, MIN_PACE_RATIO * left * pace)
     plain = left * average
