@@ -303,3 +303,23 @@ async def test_other_services_and_unknown_methods_are_counted(
 
     counts = await rpc_counts(metrics_port)
     assert counts == {("Check", "OK"): 1, ("Nope", "UNIMPLEMENTED"): 1}
+
+
+def test_metrics_listen_flag_serves_prometheus_text(server_factory):
+    import urllib.request
+
+    import grpc as grpc_module
+    from headway.v1 import progress_pb2 as pb
+    from headway.v1 import progress_pb2_grpc as pb_grpc
+
+    server = server_factory(metrics_listen="127.0.0.1:0")
+    port = server.server.metrics_port
+    assert port > 0
+    with grpc_module.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ProgressTrackerStub(channel)
+        op = stub.StartOperation(pb.StartOperationRequest(kind="scrape", project="m"))
+        stub.UpdateOperation(pb.UpdateOperationRequest(operation_id=op.id, sequence=1))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    assert 'headway_rpcs_total{code="OK",method="StartOperation"} 1.0' in text
+    assert "headway_updates_total 1.0" in text
