@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from headway_server.domain import alerts, lifecycle
-from headway_server.domain.model import AlertType, Estimate, Operation, StartSpec, Update
+from headway_server.domain.model import AlertType, Estimate, Operation, StartSpec, State, Update
 
 T = alerts.AlertThresholds()
 
@@ -59,5 +59,5 @@ def test_alerts_keep_their_since_and_end_with_the_operation():
     assert (first.type, first.since) == (AlertType.STALLED, 20)
     [again] = alerts.evaluate(dataclasses.replace(op, alerts=(first,)), 30, T)
     assert again.since == 20
-    ended = lifecycle.finish(op, lifecycle.State.FAILED, 40, call="FailOperation", request_id="")
+    ended = lifecycle.finish(op, State.FAILED, 40, call="FailOperation", request_id="")
     assert alerts.evaluate(ended, 40, T) == ()
