@@ -107,6 +107,11 @@ class ProgressTrackerStub:
                 request_serializer=headway_dot_v1_dot_progress__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=headway_dot_v1_dot_progress__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.ReportProgress = channel.stream_stream(
+                '/headway.v1.ProgressTracker/ReportProgress',
+                request_serializer=headway_dot_v1_dot_progress__pb2.UpdateOperationRequest.SerializeToString,
+                response_deserializer=headway_dot_v1_dot_progress__pb2.ReportProgressResponse.FromString,
+                _registered_method=True)
 
 
 class ProgressTrackerServicer:
@@ -219,6 +224,17 @@ class ProgressTrackerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportProgress(self, request_iterator, context):
+        """For producers that report often: one long-lived stream, each report
+        validated and applied exactly as UpdateOperation and acknowledged in order.
+        A rejected report is acknowledged with its error and the stream goes on;
+        the stream ends OK when the client closes it, and with UNAVAILABLE (and
+        headway-resume-revision) when the server shuts down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProgressTrackerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -291,6 +307,11 @@ def add_ProgressTrackerServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=headway_dot_v1_dot_progress__pb2.GetStatsRequest.FromString,
                     response_serializer=headway_dot_v1_dot_progress__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'ReportProgress': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReportProgress,
+                    request_deserializer=headway_dot_v1_dot_progress__pb2.UpdateOperationRequest.FromString,
+                    response_serializer=headway_dot_v1_dot_progress__pb2.ReportProgressResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -673,6 +694,33 @@ class ProgressTracker:
             '/headway.v1.ProgressTracker/GetStats',
             headway_dot_v1_dot_progress__pb2.GetStatsRequest.SerializeToString,
             headway_dot_v1_dot_progress__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportProgress(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/headway.v1.ProgressTracker/ReportProgress',
+            headway_dot_v1_dot_progress__pb2.UpdateOperationRequest.SerializeToString,
+            headway_dot_v1_dot_progress__pb2.ReportProgressResponse.FromString,
             options,
             channel_credentials,
             insecure,

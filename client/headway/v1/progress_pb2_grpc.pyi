@@ -83,6 +83,13 @@ class ProgressTrackerStub:
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_progress_pb2.GetStatsRequest, _progress_pb2.GetStatsResponse]
     """Counts, success rate and duration/throughput percentiles per kind and stage."""
+    ReportProgress: _grpc.StreamStreamMultiCallable[_progress_pb2.UpdateOperationRequest, _progress_pb2.ReportProgressResponse]
+    """For producers that report often: one long-lived stream, each report
+    validated and applied exactly as UpdateOperation and acknowledged in order.
+    A rejected report is acknowledged with its error and the stream goes on;
+    the stream ends OK when the client closes it, and with UNAVAILABLE (and
+    headway-resume-revision) when the server shuts down.
+    """
 
 @_typing.type_check_only
 class ProgressTrackerAsyncStub(ProgressTrackerStub):
@@ -134,6 +141,13 @@ class ProgressTrackerAsyncStub(ProgressTrackerStub):
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_progress_pb2.GetStatsRequest, _progress_pb2.GetStatsResponse]  # type: ignore[assignment]
     """Counts, success rate and duration/throughput percentiles per kind and stage."""
+    ReportProgress: _aio.StreamStreamMultiCallable[_progress_pb2.UpdateOperationRequest, _progress_pb2.ReportProgressResponse]  # type: ignore[assignment]
+    """For producers that report often: one long-lived stream, each report
+    validated and applied exactly as UpdateOperation and acknowledged in order.
+    A rejected report is acknowledged with its error and the stream goes on;
+    the stream ends OK when the client closes it, and with UNAVAILABLE (and
+    headway-resume-revision) when the server shuts down.
+    """
 
 class ProgressTrackerServicer(metaclass=_abc_1.ABCMeta):
     """ProgressTracker is called by producers (Start/Update/Complete/Fail), by
@@ -266,5 +280,18 @@ class ProgressTrackerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_progress_pb2.GetStatsResponse, _abc.Awaitable[_progress_pb2.GetStatsResponse]]:
         """Counts, success rate and duration/throughput percentiles per kind and stage."""
+
+    @_abc_1.abstractmethod
+    def ReportProgress(
+        self,
+        request_iterator: _MaybeAsyncIterator[_progress_pb2.UpdateOperationRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_progress_pb2.ReportProgressResponse], _abc.AsyncIterator[_progress_pb2.ReportProgressResponse]]:
+        """For producers that report often: one long-lived stream, each report
+        validated and applied exactly as UpdateOperation and acknowledged in order.
+        A rejected report is acknowledged with its error and the stream goes on;
+        the stream ends OK when the client closes it, and with UNAVAILABLE (and
+        headway-resume-revision) when the server shuts down.
+        """
 
 def add_ProgressTrackerServicer_to_server(servicer: ProgressTrackerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
