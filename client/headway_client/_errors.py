@@ -95,10 +95,15 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
     return code() if callable(code) else grpc.StatusCode.UNKNOWN
 
 
+def error_for(code: grpc.StatusCode, details: str) -> HeadwayError:
+    """The HeadwayError for a status, e.g. one carried in a ReportProgress ack."""
+    return _ERROR_BY_CODE.get(code, HeadwayError)(details or str(code), code=code)
+
+
 def from_rpc_error(exc: grpc.RpcError) -> HeadwayError:
     """The HeadwayError for a failed call; use as `raise from_rpc_error(exc) from exc`."""
-    code = status_of(exc)
     details = exc.details() if hasattr(exc, "details") else None
-    details = details or str(code)
-    cls = _ERROR_BY_CODE.get(code, HeadwayError)
-    return cls(details, code=code)
+    return error_for(status_of(exc), details or "")
+
+
+STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
@@ -13,7 +14,15 @@ from headway.v1 import progress_pb2 as pb
 from headway.v1 import progress_pb2_grpc as pb_grpc
 
 from headway_client import _common
-from headway_client._errors import FailedPrecondition, OperationCancelled, from_rpc_error
+from headway_client._errors import (
+    STATUS_BY_NUMBER,
+    FailedPrecondition,
+    OperationCancelled,
+    Unavailable,
+    error_for,
+    from_rpc_error,
+    status_of,
+)
 from headway_client._reports import PendingReports
 from headway_client._retry import RECONNECT, REPORT_RETRY, RetryPolicy, call_with_retry, retryable
 
@@ -90,6 +99,7 @@ class HeadwayClient:
         request_id: str = "",
         min_interval: float = 0.1,
         raise_on_cancel: bool = False,
+        streaming: bool = True,
     ) -> OperationHandle:
         """Starts an operation and returns the handle a producer reports through.
 
@@ -113,7 +123,11 @@ class HeadwayClient:
             request_id=request_id,
         )
         return OperationHandle(
-            self, operation, min_interval=min_interval, raise_on_cancel=raise_on_cancel
+            self,
+            operation,
+            min_interval=min_interval,
+            raise_on_cancel=raise_on_cancel,
+            streaming=streaming,
         )
 
     def start_operation(
@@ -286,6 +300,66 @@ class HeadwayClient:
                     cancel()
 
 
+class ReportStream:
+    """Reports over one ReportProgress stream, acknowledged in order.
+
+    Falls back to unary UpdateOperation for good when the server does not
+    implement the stream. A broken stream is reopened and the unacknowledged
+    report resent: it keeps its sequence, so the server applies it once.
+    """
+
+    def __init__(self, client: HeadwayClient) -> None:
+        self.client = client
+        self.unary = False
+        self._requests: queue.Queue[pb.UpdateOperationRequest | None] | None = None
+        self._acks: Any = None
+
+    def _open(self) -> None:
+        requests: queue.Queue[pb.UpdateOperationRequest | None] = queue.Queue()
+
+        def feed() -> Iterator[pb.UpdateOperationRequest]:
+            while (request := requests.get()) is not None:
+                yield request
+
+        self._acks = self.client.stub.ReportProgress(feed(), metadata=self.client.metadata)
+        self._requests = requests
+
+    def send(self, request: pb.UpdateOperationRequest) -> pb.UpdateOperationResponse:
+        if self.unary:
+            return self.client.report(request)
+        delays = REPORT_RETRY.delays()
+        while True:
+            try:
+                if self._requests is None:
+                    self._open()
+                assert self._requests is not None
+                self._requests.put(request)
+                ack: pb.ReportProgressResponse = next(self._acks)
+            except (grpc.RpcError, StopIteration) as exc:
+                self.close()
+                status = status_of(exc) if isinstance(exc, grpc.RpcError) else None
+                if status == grpc.StatusCode.UNIMPLEMENTED:
+                    self.unary = True
+                    return self.client.report(request)
+                delay = next(delays, None)
+                if delay is None or (status is not None and not retryable(exc)):
+                    if isinstance(exc, grpc.RpcError):
+                        raise from_rpc_error(exc) from exc
+                    raise Unavailable("the report stream ended") from None
+                time.sleep(delay)
+                continue
+            if ack.error_code:
+                code = STATUS_BY_NUMBER.get(ack.error_code, grpc.StatusCode.UNKNOWN)
+                raise error_for(code, ack.error_message)
+            return ack.result
+
+    def close(self) -> None:
+        if self._requests is not None:
+            self._requests.put(None)
+            self._acks.cancel()
+        self._requests, self._acks = None, None
+
+
 class OperationHandle:
     """A producer's handle on one operation; reports are coalesced and sent in the background.
 
@@ -300,8 +374,12 @@ class OperationHandle:
         *,
         min_interval: float = 0.1,
         raise_on_cancel: bool = False,
+        streaming: bool = True,
     ) -> None:
         self.client = client
+        # Reports go over one ReportProgress stream unless asked otherwise.
+        self._stream = ReportStream(client)
+        self._stream.unary = not streaming
         self.id = operation.id
         self.operation = operation
         self.min_interval = min_interval
@@ -430,7 +508,7 @@ class OperationHandle:
 
     def _send(self, request: pb.UpdateOperationRequest) -> None:
         # A retried report keeps its sequence, so the server applies it once.
-        response = self.client.report(request)
+        response = self._stream.send(request)
         with self._lock:
             self.rpcs += 1
             self.revision = max(self.revision, response.revision)
@@ -458,6 +536,7 @@ class OperationHandle:
             self._closed = True
             self._lock.notify_all()
         self._sender.join()
+        self._stream.close()
 
     # Ending
 

@@ -84,6 +84,9 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
     async def UpdateOperation(
         self, request: pb.UpdateOperationRequest, context: Any
     ) -> pb.UpdateOperationResponse:
+        return await self._update(request)
+
+    async def _update(self, request: pb.UpdateOperationRequest) -> pb.UpdateOperationResponse:
         check_id("operation_id", request.operation_id)
         result = await self.service.update(request.operation_id, convert.update(request))
         op = result.operation
@@ -94,6 +97,31 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
             applied=result.applied,
             state=int(op.state),  # type: ignore[arg-type]
         )
+
+    async def ReportProgress(
+        self, request_iterator: AsyncIterator[pb.UpdateOperationRequest], context: Any
+    ) -> AsyncIterator[pb.ReportProgressResponse]:
+        # One stream per producer saves the per-call cost of unary reports; each
+        # report goes through the same validation and idempotency as UpdateOperation.
+        last_revision = 0
+        async for request in request_iterator:
+            ack = pb.ReportProgressResponse(
+                sequence=request.sequence, operation_id=request.operation_id
+            )
+            try:
+                ack.result.CopyFrom(await self._update(request))
+                last_revision = ack.result.revision
+            except errors.HeadwayError as exc:
+                # A rejected report does not end the stream: the producer may
+                # report on other operations through it.
+                code = STATUS_BY_ERROR[type(exc)]
+                ack.error_code = code.value[0]
+                ack.error_message = str(exc)
+            except Exception as exc:
+                await _abort(context, exc, "ReportProgress")
+            yield ack
+            if self.hub.stopping:
+                await _end_for_shutdown(context, ShuttingDown(last_revision))
 
     @unary
     async def CompleteOperation(

@@ -94,7 +94,7 @@ def test_context_manager_fails_with_the_exception_and_reraises(client):
 
 def test_a_million_advances_cost_a_few_rpcs_and_lose_nothing(client, faults):
     advances = 100_000
-    with client.start(kind="bulk", project="coalesce", total=advances) as op:
+    with client.start(kind="bulk", project="coalesce", total=advances, streaming=False) as op:
         for i in range(advances):
             op.advance(1)
             if i % 1000 == 0:
@@ -106,6 +106,27 @@ def test_a_million_advances_cost_a_few_rpcs_and_lose_nothing(client, faults):
     # At most one report per min_interval (0.1 s) while the loop ran, plus the final flush.
     assert faults.calls == op.rpcs
     assert faults.calls < 200, f"{faults.calls} UpdateOperation calls for {advances} advances"
+
+
+def test_reports_go_over_one_stream_by_default(client, faults):
+    with client.start(kind="bulk", project="streamed", total=50_000) as op:
+        for _ in range(50_000):
+            op.advance(1)
+        op.update(counters={"rows": 3})
+    stored = client.get(op.id)
+    assert (stored.completed, dict(stored.counters)) == (50_000, {"rows": 3})
+    assert faults.calls == 0, "reports went through unary UpdateOperation"
+    assert 0 < op.rpcs < 200
+
+
+def test_a_rejected_streamed_report_reaches_the_producer(client):
+    op = client.start(kind="bad", project="streamed", total=5, min_interval=0)
+    op.update(completed=9)
+    with pytest.raises(InvalidArgument, match="completed"):
+        op.flush(timeout=5)
+    op.update(completed=5)
+    op.complete()
+    assert client.get(op.id).completed == 5
 
 
 def test_stage_changes_each_reach_the_server(client):
@@ -121,7 +142,7 @@ def test_stage_changes_each_reach_the_server(client):
 
 
 def test_a_reply_lost_after_commit_is_retried_without_double_counting(client, faults):
-    op = client.start(kind="retry", project="faults", min_interval=0)
+    op = client.start(kind="retry", project="faults", min_interval=0, streaming=False)
     faults.fail_after_commit = 1
     op.update(counters={"pages": 5}, completed=5)
     op.flush(timeout=10)

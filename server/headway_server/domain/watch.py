@@ -62,6 +62,10 @@ class WatchHub:
         # would cost O(watchers) to unregister from on every wake-up.
         self._waiters: set[asyncio.Future[int]] = set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def stop(self) -> None:
         """Ends every watch stream with ShuttingDown at its next wait."""
         self._stopping = True
