@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from headway_server.domain import eta, lifecycle
-from headway_server.domain.model import Operation, StageSpec, StartSpec, State, Update
+from headway_server.domain.model import Estimate, Operation, StageSpec, StartSpec, State, Update
 
 T0 = 1000.0
 
@@ -37,12 +37,12 @@ class Tracked:
         self.op = op
         self.state = eta.EtaState()
 
-    def report(self, at: float, **fields: Any) -> eta.Estimate:
+    def report(self, at: float, **fields: Any) -> Estimate:
         self.op = lifecycle.apply_update(self.op, Update(**fields), T0 + at)
         self.state = eta.observe(self.state, self.op, T0 + at)
         return self.estimate(at)
 
-    def estimate(self, at: float) -> eta.Estimate:
+    def estimate(self, at: float) -> Estimate:
         return eta.estimate(self.state, self.op, T0 + at)
 
 
@@ -137,7 +137,7 @@ def test_terminal_operation_has_eta_zero_and_full_confidence(end: State) -> None
 def test_default_state_is_empty_and_estimates_nothing() -> None:
     op = start(total=10)
     found = eta.estimate(eta.EtaState(), op, T0)
-    assert found == eta.Estimate(throughput=0.0, per_percent=False, eta=None, confidence=0.0)
+    assert found == Estimate(throughput=0.0, per_percent=False, eta=None, confidence=0.0, at=T0)
 
 
 # --- time-decayed rate ------------------------------------------------------------------
@@ -337,4 +337,4 @@ def test_state_and_estimate_are_immutable_values() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         state.active = 1.0  # type: ignore[misc]
     assert eta.EtaState() == state
-    assert hash(eta.Estimate()) == hash(eta.Estimate())
+    assert hash(Estimate()) == hash(Estimate())

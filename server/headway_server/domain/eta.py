@@ -58,7 +58,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from headway_server.domain.model import Operation, StageState, State
+from headway_server.domain.model import Estimate, Operation, StageState, State
 
 # Half-life of the decayed pace: this fraction of the segment's active age, within bounds.
 HALF_LIFE_FRACTION = 0.1
@@ -152,18 +152,6 @@ class EtaState:
     stages_seen: int = 0
     stage_log_mean: float = 0.0
     stage_log_m2: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Estimate:
-    """What the estimator says about an operation at a given time."""
-
-    # Units per second when the operation counts units, else percent per second.
-    throughput: float = 0.0
-    per_percent: bool = False
-    # Seconds remaining from `now`; None while unknown.
-    eta: float | None = None
-    confidence: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,9 +378,9 @@ def estimate(state: EtaState, op: Operation, now: float) -> Estimate:
             else float(op.completed - state.base_units)
         )
         throughput = max(0.0, done) / state.active if state.active > 0 else 0.0
-        return Estimate(throughput, per_percent, 0.0, 1.0)
+        return Estimate(throughput, per_percent, 0.0, 1.0, now)
     if state.last_at is None:
-        return Estimate(0.0, per_percent, None, 0.0)
+        return Estimate(0.0, per_percent, None, 0.0, now)
     silent = max(0.0, now - state.last_at)
     usual = state.gap if state.gap > 0 else 1.0
     paused = op.state is State.PAUSED
@@ -405,7 +393,7 @@ def estimate(state: EtaState, op: Operation, now: float) -> Estimate:
         throughput = state.run_amount * keep / time * (100.0 if per_percent else 1.0)
     forecast = _remaining(state, op)
     if forecast is None:
-        return Estimate(throughput, per_percent, None, 0.0)
+        return Estimate(throughput, per_percent, None, 0.0, now)
     remaining = forecast.seconds
     if not paused:
         # Work goes on between reports, but is not assumed to beyond the usual interval.
@@ -418,7 +406,7 @@ def estimate(state: EtaState, op: Operation, now: float) -> Estimate:
         confidence *= STALLED_CONFIDENCE / (1.0 + silent / timeout)
     elif silent > 2 * usual:
         confidence *= 2 * usual / silent
-    return Estimate(throughput, per_percent, remaining, min(1.0, max(0.0, confidence)))
+    return Estimate(throughput, per_percent, remaining, min(1.0, max(0.0, confidence)), now)
 
 
 def _remaining(state: EtaState, op: Operation) -> _Forecast | None:

@@ -34,14 +34,7 @@ def refresh(
     """Recomputes the estimate and the alerts that depend on it."""
     estimate = op.estimate
     if op.eta_state is not None and op.has_own_progress:
-        found = eta.estimate(op.eta_state, op, now)
-        estimate = Estimate(
-            throughput=found.throughput,
-            per_percent=found.per_percent,
-            eta=found.eta,
-            confidence=found.confidence,
-            at=now,
-        )
+        estimate = eta.estimate(op.eta_state, op, now)
     peak = op.peak_throughput
     if op.state is State.RUNNING and op.percent >= 10 and not estimate.per_percent:
         peak = max(peak, estimate.throughput)
