@@ -7,7 +7,6 @@ anything is built, so a rejected request cannot leave a half-applied change.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -23,6 +22,7 @@ from headway_server.domain.model import (
     StartSpec,
     State,
     Update,
+    evolve,
 )
 
 CANCELLED_CODE = "CANCELLED"
@@ -54,7 +54,7 @@ def validate_start(spec: StartSpec, operation_id: str, request_id: str) -> Start
         seen.add(stage.name)
         v.check_number(f"{field}.weight", stage.weight, low=0, high=1e9)
         stages.append(StageSpec(stage.name, stage.weight or 1.0))
-    return dataclasses.replace(spec, stages=tuple(stages))
+    return evolve(spec, stages=tuple(stages))
 
 
 def new_operation(operation_id: str, spec: StartSpec, now: float) -> Operation:
@@ -127,10 +127,10 @@ def _enter_stage(op: Operation, name: str, now: float) -> tuple[Stage, ...]:
     for i in range(max(current, 0), target):
         stage = stages[i]
         if stage.state is StageState.RUNNING:
-            stages[i] = dataclasses.replace(stage, state=StageState.DONE, finished_at=now)
+            stages[i] = evolve(stage, state=StageState.DONE, finished_at=now)
         elif stage.state is StageState.PENDING:
-            stages[i] = dataclasses.replace(stage, state=StageState.SKIPPED)
-    stages[target] = dataclasses.replace(stages[target], state=StageState.RUNNING, started_at=now)
+            stages[i] = evolve(stage, state=StageState.SKIPPED)
+    stages[target] = evolve(stages[target], state=StageState.RUNNING, started_at=now)
     return tuple(stages)
 
 
@@ -166,7 +166,7 @@ def apply_update(op: Operation, update: Update, now: float) -> Operation:
         if (completed, total) != (stage.completed, stage.total):
             stages = (
                 *stages[:i],
-                dataclasses.replace(stage, completed=completed, total=total),
+                evolve(stage, completed=completed, total=total),
                 *stages[i + 1 :],
             )
 
@@ -192,7 +192,7 @@ def apply_update(op: Operation, update: Update, now: float) -> Operation:
     elif update.paused is False or state is State.QUEUED:
         state, pause_reason = State.RUNNING, ""
 
-    new = dataclasses.replace(
+    new = evolve(
         op,
         state=state,
         stalled=False,
@@ -211,7 +211,7 @@ def apply_update(op: Operation, update: Update, now: float) -> Operation:
         last_report_at=now,
         last_sequence=max(op.last_sequence, update.sequence),
     )
-    return dataclasses.replace(new, percent=compute_percent(new))
+    return evolve(new, percent=compute_percent(new))
 
 
 def compute_percent(op: Operation) -> float:
@@ -242,9 +242,9 @@ def _finish_stages(op: Operation, state: State, now: float) -> tuple[Stage, ...]
     stages = []
     for stage in op.stages:
         if stage.state is StageState.RUNNING:
-            stage = dataclasses.replace(stage, state=running, finished_at=now)
+            stage = evolve(stage, state=running, finished_at=now)
         elif stage.state is StageState.PENDING and state is State.SUCCEEDED:
-            stage = dataclasses.replace(stage, state=StageState.SKIPPED)
+            stage = evolve(stage, state=StageState.SKIPPED)
         stages.append(stage)
     return tuple(stages)
 
@@ -266,7 +266,7 @@ def finish(
     error: OperationError | None = None,
 ) -> Operation:
     require_active(op, call)
-    new = dataclasses.replace(
+    new = evolve(
         op,
         state=state,
         stalled=False,
@@ -280,7 +280,7 @@ def finish(
         finished_at=now,
         finished_by=(call, request_id),
     )
-    return dataclasses.replace(new, percent=compute_percent(new))
+    return evolve(new, percent=compute_percent(new))
 
 
 def validate_complete(message: str, result: JsonObject | None, request_id: str) -> None:
@@ -320,8 +320,8 @@ def request_cancel(op: Operation, reason: str, now: float) -> Operation | None:
             request_id="",
             error=OperationError(code=CANCELLED_CODE, message=reason or "cancelled while queued"),
         )
-        return dataclasses.replace(ended, cancel_requested=True, cancel_reason=reason)
-    return dataclasses.replace(op, cancel_requested=True, cancel_reason=reason, updated_at=now)
+        return evolve(ended, cancel_requested=True, cancel_reason=reason)
+    return evolve(op, cancel_requested=True, cancel_reason=reason, updated_at=now)
 
 
 def mark_stalled(op: Operation, now: float) -> Operation | None:
@@ -332,5 +332,5 @@ def mark_stalled(op: Operation, now: float) -> Operation | None:
         and op.heartbeat_timeout > 0
         and now - op.last_report_at >= op.heartbeat_timeout
     ):
-        return dataclasses.replace(op, stalled=True, updated_at=now)
+        return evolve(op, stalled=True, updated_at=now)
     return None

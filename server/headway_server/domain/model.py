@@ -8,10 +8,33 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 JsonObject = Mapping[str, Any]
+T = TypeVar("T")
+_FIELD_NAMES: dict[type, tuple[tuple[str, ...], frozenset[str]]] = {}
+
+
+def evolve(value: T, **changes: Any) -> T:
+    """A copy of a frozen slots dataclass with some fields changed.
+
+    dataclasses.replace re-runs __init__ over every field and dominated the
+    profile of a report (7 copies of a 50-field Operation, ~60 % of the time);
+    copying the slots directly is several times cheaper.
+    """
+    cls = type(value)
+    known = _FIELD_NAMES.get(cls)
+    if known is None:
+        names = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+        known = _FIELD_NAMES[cls] = (names, frozenset(names))
+    if not known[1].issuperset(changes):
+        unknown = ", ".join(sorted(set(changes) - known[1]))
+        raise TypeError(f"{cls.__name__} has no field(s) {unknown}")
+    new = object.__new__(cls)
+    for name in known[0]:
+        object.__setattr__(new, name, changes[name] if name in changes else getattr(value, name))
+    return new
 
 
 class State(enum.IntEnum):

@@ -6,11 +6,10 @@ compare-and-set write as the change that caused them.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 
 from headway_server.domain import alerts, eta
-from headway_server.domain.model import AlertType, Estimate, Operation, State
+from headway_server.domain.model import AlertType, Estimate, Operation, State, evolve
 
 # Children per parent and nesting depth; a roll-up reads every child of a
 # parent, so both bound the cost of one child's report.
@@ -21,7 +20,7 @@ MAX_DEPTH = 8
 def observe_report(op: Operation, now: float) -> Operation:
     """Feeds an applied report to the ETA estimator."""
     state = op.eta_state if op.eta_state is not None else eta.EtaState()
-    return dataclasses.replace(op, eta_state=eta.observe(state, op, now))
+    return evolve(op, eta_state=eta.observe(state, op, now))
 
 
 def refresh(
@@ -38,12 +37,10 @@ def refresh(
     peak = op.peak_throughput
     if op.state is State.RUNNING and op.percent >= 10 and not estimate.per_percent:
         peak = max(peak, estimate.throughput)
-    new = dataclasses.replace(op, estimate=estimate, peak_throughput=peak)
-    new = dataclasses.replace(
-        new, eta_baseline=alerts.track_eta_baseline(new, now, thresholds.eta_slip_window)
-    )
+    new = evolve(op, estimate=estimate, peak_throughput=peak)
+    new = evolve(new, eta_baseline=alerts.track_eta_baseline(new, now, thresholds.eta_slip_window))
     found_alerts = alerts.evaluate(new, now, thresholds, typical_throughput=typical_throughput)
-    return dataclasses.replace(new, alerts=found_alerts)
+    return evolve(new, alerts=found_alerts)
 
 
 def alert_types(op: Operation) -> set[AlertType]:
@@ -81,4 +78,4 @@ def roll_up(parent: Operation, children: list[Operation], now: float) -> Operati
             changes["estimate"] = estimate
     if not changes:
         return None
-    return dataclasses.replace(parent, updated_at=now, **changes)  # type: ignore[arg-type]
+    return evolve(parent, updated_at=now, **changes)

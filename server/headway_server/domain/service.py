@@ -37,6 +37,7 @@ from headway_server.domain.model import (
     TimelineEntry,
     TimelineType,
     Update,
+    evolve,
 )
 from headway_server.domain.stats import Stats, StatsAggregate
 from headway_server.domain.validation import check_id
@@ -175,7 +176,7 @@ class OperationService:
             depth = await self._child_depth(spec.parent_id)
             try:
                 new = lifecycle.new_operation(operation_id, spec, self._clock())
-                op = await self.store.create(dataclasses.replace(new, depth=depth))
+                op = await self.store.create(evolve(new, depth=depth))
                 log.info("operation started", extra={"operation_id": op.id, "kind": spec.kind})
                 await self._after_write(None, op)
                 return op
@@ -308,14 +309,14 @@ class OperationService:
             v.check_name(f"{field}.code", entry.code)
             v.check_struct(f"{field}.details", entry.details)
             v.check_number(f"{field}.time", entry.time, low=0, high=1e12)
-            stamped.append(entry if entry.time else dataclasses.replace(entry, time=now))
+            stamped.append(entry if entry.time else evolve(entry, time=now))
         errors = sum(1 for e in stamped if e.level is LogLevel.ERROR)
         warnings = sum(1 for e in stamped if e.level is LogLevel.WARNING)
 
         def count(op: Operation) -> Operation | None:
             if not errors and not warnings:
                 return None
-            counted = dataclasses.replace(
+            counted = evolve(
                 op,
                 error_count=op.error_count + errors,
                 warning_count=op.warning_count + warnings,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 from collections import OrderedDict
 
@@ -16,7 +15,7 @@ from headway_server.domain.errors import (
     NotFound,
     ResourceExhausted,
 )
-from headway_server.domain.model import Change, Operation, OperationFilter
+from headway_server.domain.model import Change, Operation, OperationFilter, evolve
 from headway_server.store.base import Changes, Page
 
 
@@ -74,7 +73,7 @@ class MemoryStore:
                 f"the store holds its maximum of {self._max_operations} operations"
             )
         revision = self._next()
-        stored = dataclasses.replace(operation, revision=revision, created_revision=revision)
+        stored = evolve(operation, revision=revision, created_revision=revision)
         self._operations[stored.id] = stored
         # An id deleted earlier and created again is live, not a tombstone.
         old = self._tombstones.pop(stored.id, None)
@@ -91,7 +90,7 @@ class MemoryStore:
             raise NotFound(f"operation {operation.id!r} not found")
         if current.revision != expected_revision:
             raise Conflict(f"operation {operation.id!r} changed concurrently")
-        stored = dataclasses.replace(operation, revision=self._next())
+        stored = evolve(operation, revision=self._next())
         self._operations[stored.id] = stored
         self._record(stored, current.revision)
         return stored
