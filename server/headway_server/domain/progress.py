@@ -15,6 +15,8 @@ from headway_server.domain.model import AlertType, Estimate, Operation, State, e
 # parent, so both bound the cost of one child's report.
 MAX_CHILDREN = 10_000
 MAX_DEPTH = 8
+# Ten years: beyond this an ETA is reported as unknown.
+MAX_ETA = 10 * 365 * 86400.0
 
 
 def observe_report(op: Operation, now: float) -> Operation:
@@ -34,6 +36,10 @@ def refresh(
     estimate = op.estimate
     if op.eta_state is not None and op.has_own_progress:
         estimate = eta.estimate(op.eta_state, op, now)
+        if estimate.eta is not None and estimate.eta > MAX_ETA:
+            # A crawl at this pace would outlast any useful answer (and the
+            # protobuf Timestamp range): say "unknown" rather than a date.
+            estimate = evolve(estimate, eta=None, confidence=0.0)
     peak = op.peak_throughput
     if op.state is State.RUNNING and op.percent >= 10 and not estimate.per_percent:
         peak = max(peak, estimate.throughput)
