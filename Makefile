@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := protos/headway/v1/progress.proto
 GEN_DIR := client
 
-.PHONY: venv run test demo proto proto-check lint format typecheck check clean
+.PHONY: venv run test demo bench bench-quick proto proto-check lint format typecheck check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ run: $(STAMP)
 # A server, a simulated multi-stage job, and `headway watch` following it live.
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+# Headway against bare grpc.aio baselines, side by side; writes bench/results/ (<= 10 min).
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+bench-quick: $(STAMP)
+	$(PY) bench/run.py --quick
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,1642 @@
+"""Headway's benchmark suite: every figure side by side with a bare grpc.aio baseline.
+
+Starts the Headway server (`python -m headway_server serve`) and the bare baseline
+(`bench/bare_server.py`) as separate processes on 127.0.0.1 and drives them
+from this process (the load generator, one asyncio loop). Each figure is
+measured against the bare server in the same run and reported as a ratio,
+because absolute figures drift between runs and machines.
+
+Sections (see `issues show 5`):
+
+1. ingest: UpdateOperation calls/s and p50/p99 latency at 32 and 64 in flight,
+   against the bare unary echo (goal: at least 0.8x).
+2. streamed_reports: ReportProgress reports/s against the unary UpdateOperation
+   rate (goal: at least 4x); "not implemented" while the server answers
+   UNIMPLEMENTED. The bare bidirectional echo is shown for reference.
+3. fanout: N watchers of one operation (WatchOperation) and N watchers of a
+   project of 100 changing operations (WatchOperations) against the bare
+   fan-out: operation states delivered/s when over-driven (goals: 0.8x and 3x
+   the bare per-message ceiling), and p50/p99 latency from a report's ack to
+   a watcher's receipt at half the saturating rate (goal: p99 under 250 ms).
+4. slow_consumers: the project fan-out at a fixed rate with 10 % of watchers
+   that never read, against the same readers alone: their p99 (goal: within
+   1.1x), the producer's rate (goal: unchanged, within 5 %), server RSS over
+   the run (goal: flat, under 5 % growth).
+5. memory: server RSS per idle watcher against the bare stream (goal: at most
+   1.25x), and per retained operation with a typical payload (goal: under 2 KiB).
+6. admission: many WatchOperations streams opened at once: all admitted, none
+   CANCELLED, time until all are SYNCED (the bare server's time for reference).
+7. scaling: ingest at 1, 10, 100, 1,000 operations and fan-out at 1, 10, 100,
+   1,000 watchers, each against the bare server.
+
+The machine's cores are shared: the load generator competes with the server
+for CPU, so every run records both processes' CPU use (100 % = one core).
+
+    .venv/bin/python bench/run.py [--quick] [--out DIR] [--only SECTION ...]
+
+Writes DIR/results.json and DIR/results.md (default bench/results/) and prints
+the table. Exits 1 when a section failed or timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2, struct_pb2
+from headway.v1 import progress_pb2 as pb
+from headway.v1 import progress_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+DEFAULT_OUT = BENCH / "results"
+BARE_SERVICE = "headway.bench.Bare"
+SECTIONS = (
+    "ingest",
+    "streamed_reports",
+    "fanout",
+    "slow_consumers",
+    "memory",
+    "admission",
+    "scaling",
+)
+NOT_IMPLEMENTED = "not implemented"
+CHANNEL_OPTIONS = [
+    # Every channel gets its own connection (grpc otherwise shares subchannels).
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+]
+PROJECT_OPS = 100
+# Producer tasks (unpaced, the reports in flight), enough that a fan-out run
+# flat out is bound by delivery, not by one producer's round trips.
+PROJECT_PRODUCERS = 8
+FANOUT_PRODUCERS = 4
+# Watchers whose receipts are kept for latency (all of them are counted).
+LATENCY_SAMPLE = 100
+# Rate for the slow-consumer runs when the fan-out section gave none.
+DEFAULT_SLOW_RATE = 200.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    mode: str
+    duration: float  # measured seconds per run
+    warmup: float
+    watchers: int  # fan-out and slow-consumer watchers
+    watcher_channels: int
+    slow_duration: float
+    idle_watchers: int
+    retained_ops: int
+    admission_streams: int
+    admission_channels: int
+    scaling_points: tuple[int, ...]
+    scaling_duration: float
+    section_timeout: float
+    total_limit: float
+
+
+QUICK = Sizes(
+    mode="quick",
+    duration=0.8,
+    warmup=0.2,
+    watchers=50,
+    watcher_channels=4,
+    slow_duration=1.2,
+    idle_watchers=200,
+    retained_ops=400,
+    admission_streams=500,
+    admission_channels=4,
+    scaling_points=(1, 10),
+    scaling_duration=0.5,
+    section_timeout=40.0,
+    total_limit=110.0,
+)
+FULL = Sizes(
+    mode="full",
+    duration=5.0,
+    warmup=0.5,
+    watchers=1000,
+    watcher_channels=8,
+    slow_duration=12.0,
+    idle_watchers=2000,
+    retained_ops=10_000,
+    admission_streams=10_000,
+    admission_channels=16,
+    scaling_points=(1, 10, 100, 1000),
+    scaling_duration=2.0,
+    section_timeout=150.0,
+    total_limit=590.0,
+)
+
+Json = dict[str, Any]
+
+
+# --------------------------------------------------------------------------
+# Processes
+
+
+_children: list[subprocess.Popen[bytes]] = []
+
+
+def _kill_children() -> None:
+    for proc in list(_children):
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what we started
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=2)
+    _children.clear()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """A server run as a child process on 127.0.0.1, with its RSS and CPU time."""
+
+    def __init__(self, name: str, argv: Sequence[str], port: int, log_dir: Path) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.port = port
+        self.address = f"127.0.0.1:{port}"
+        self.log_path = log_dir / f"{name}-{port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _children.append(self.proc)
+
+    async def ready(self, limit: float = 30.0) -> None:
+        deadline = time.monotonic() + limit
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            while True:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited: {self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name} not ready after {limit:.0f}s")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(channel.channel_ready(), 0.5)
+                    return
+
+    def log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def rss(self) -> int:
+        """Resident set size in bytes (VmRSS)."""
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        # utime and stime are fields 14 and 15 (1-based), counted from after "(comm)".
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        if self.proc in _children:
+            _children.remove(self.proc)
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+class Servers:
+    """A fresh Headway server and a fresh bare server, each with a producer channel."""
+
+    def __init__(self, log_dir: Path) -> None:
+        hport, bport = free_port(), free_port()
+        self.headway = ServerProcess(
+            "headway",
+            [
+                sys.executable,
+                "-m",
+                "headway_server",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{hport}",
+                "--log-level",
+                "WARNING",
+            ],
+            hport,
+            log_dir,
+        )
+        self.bare = ServerProcess(
+            "bare",
+            [sys.executable, str(BENCH / "bare_server.py"), "--port", str(bport)],
+            bport,
+            log_dir,
+        )
+        self._channels: list[grpc.aio.Channel] = []
+
+    async def __aenter__(self) -> Servers:
+        self.headway.start()
+        self.bare.start()
+        await asyncio.gather(self.headway.ready(), self.bare.ready())
+        self.hchannel = self.channel(self.headway)
+        self.bchannel = self.channel(self.bare)
+        self.stub = pb_grpc.ProgressTrackerStub(self.hchannel)
+        self.echo = bare_echo(self.bchannel)
+        self.publish = self.bchannel.unary_unary(
+            f"/{BARE_SERVICE}/Publish", request_serializer=None, response_deserializer=None
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for ch in self._channels:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ch.close(None), 5)
+        self.headway.stop()
+        self.bare.stop()
+
+    def channel(self, server: ServerProcess) -> grpc.aio.Channel:
+        ch = channel(server.address)
+        self._channels.append(ch)
+        return ch
+
+    def channels(self, server: ServerProcess, count: int) -> list[grpc.aio.Channel]:
+        return [self.channel(server) for _ in range(count)]
+
+
+def bare_echo(ch: grpc.aio.Channel) -> Any:
+    # The client does what it does against Headway: serialize an
+    # UpdateOperationRequest, parse an UpdateOperationResponse.
+    return ch.unary_unary(
+        f"/{BARE_SERVICE}/Echo",
+        request_serializer=pb.UpdateOperationRequest.SerializeToString,
+        response_deserializer=pb.UpdateOperationResponse.FromString,
+    )
+
+
+class CpuMeter:
+    """Server and load-generator CPU over a run, as % of one core."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.wall = time.perf_counter()
+        self.server_cpu = server.cpu_seconds()
+        self.load_cpu = time.process_time()
+
+    def result(self, items: int = 0) -> Json:
+        """CPU shares; with `items`, also the server's CPU microseconds per item, a
+        figure the load generator's own CPU use does not bound."""
+        wall = max(time.perf_counter() - self.wall, 1e-9)
+        server = self.server.cpu_seconds() - self.server_cpu
+        out: Json = {
+            "server_cpu_pct": round(100 * server / wall, 1),
+            "loadgen_cpu_pct": round(100 * (time.process_time() - self.load_cpu) / wall, 1),
+        }
+        if items:
+            out["server_cpu_us_per_item"] = round(1e6 * server / items, 1)
+        return out
+
+
+# --------------------------------------------------------------------------
+# Helpers
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 3)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def rpc_code(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code().name
+    return type(exc).__name__
+
+
+async def bounded_gather(coros: Sequence[Awaitable[Any]], limit: int) -> list[Any]:
+    gate = asyncio.Semaphore(limit)
+
+    async def one(coro: Awaitable[Any]) -> Any:
+        async with gate:
+            return await coro
+
+    return await asyncio.gather(*(one(c) for c in coros))
+
+
+async def start_ops(stub: Any, prefix: str, count: int, project: str) -> list[str]:
+    ids = [f"{prefix}-{i}" for i in range(count)]
+    await bounded_gather(
+        [
+            stub.StartOperation(
+                pb.StartOperationRequest(
+                    operation_id=op_id,
+                    kind="bench",
+                    project=project,
+                    # Large enough never to be reached, small enough that the
+                    # ETA stays a valid Timestamp.
+                    total=10**7,
+                    unit="items",
+                    labels={"team": "bench"},
+                )
+            )
+            for op_id in ids
+        ],
+        64,
+    )
+    return ids
+
+
+def report(op_id: str, sequence: int, completed: int) -> pb.UpdateOperationRequest:
+    """A typical progress report: a count, a counter delta and a message."""
+    return pb.UpdateOperationRequest(
+        operation_id=op_id,
+        sequence=sequence,
+        completed=completed,
+        counters={"items": 1},
+        message=f"item {completed}",
+    )
+
+
+# --------------------------------------------------------------------------
+# 1. Unary ingest
+
+
+async def run_ingest(
+    call: Callable[[pb.UpdateOperationRequest], Awaitable[Any]],
+    op_ids: Sequence[str],
+    in_flight: int,
+    duration: float,
+    warmup: float,
+    server: ServerProcess,
+) -> Json:
+    """`in_flight` tasks call as fast as they can; with at least as many operations
+    as tasks each task owns its operations (sequences), else they share them
+    (sequence 0, completed rising)."""
+    owned = len(op_ids) >= in_flight
+    counts = [0] * len(op_ids)
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    measuring = False
+    stop = False
+
+    async def worker(w: int) -> None:
+        mine = list(range(w, len(op_ids), in_flight)) if owned else [w % len(op_ids)]
+        for i in itertools.cycle(mine):
+            if stop:
+                return
+            counts[i] += 1
+            request = report(op_ids[i], counts[i] if owned else 0, counts[i])
+            started = time.perf_counter()
+            try:
+                await call(request)
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] += 1
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return
+                continue
+            if measuring:
+                latencies.append(time.perf_counter() - started)
+
+    tasks = [asyncio.create_task(worker(w)) for w in range(in_flight)]
+    try:
+        await asyncio.sleep(warmup)
+        meter = CpuMeter(server)
+        measuring = True
+        await asyncio.sleep(duration)
+        measuring = False
+        cpu = meter.result(len(latencies))
+    finally:
+        stop = True
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+    return {
+        "in_flight": in_flight,
+        "operations": len(op_ids),
+        "calls": len(latencies),
+        "calls_per_s": round(len(latencies) / duration, 1),
+        "p50_ms": ms(percentile(latencies, 50)),
+        "p99_ms": ms(percentile(latencies, 99)),
+        "errors": dict(errors),
+        **cpu,
+    }
+
+
+async def section_ingest(sizes: Sizes, log_dir: Path) -> Json:
+    out: Json = {"runs": {}}
+    async with Servers(log_dir) as s:
+        ops = await start_ops(s.stub, "ingest", 64, "bench-ingest")
+        for in_flight in (32, 64):
+            h = await run_ingest(
+                s.stub.UpdateOperation,
+                ops[:in_flight],
+                in_flight,
+                sizes.duration,
+                sizes.warmup,
+                s.headway,
+            )
+            b = await run_ingest(
+                s.echo, ops[:in_flight], in_flight, sizes.duration, sizes.warmup, s.bare
+            )
+            out["runs"][str(in_flight)] = {
+                "headway": h,
+                "bare": b,
+                "ratio": ratio(h["calls_per_s"], b["calls_per_s"]),
+            }
+    return out
+
+
+# --------------------------------------------------------------------------
+# 2. Streamed reports
+
+
+async def run_streamed(
+    open_call: Callable[..., Any],
+    op_ids: Sequence[str],
+    window: int,
+    duration: float,
+    warmup: float,
+    server: ServerProcess,
+) -> Json:
+    """One stream per operation, each keeping `window` reports unacknowledged."""
+    # Probe first: a server without the RPC answers UNIMPLEMENTED.
+    probe = open_call()
+    try:
+        await probe.write(report(op_ids[0], 1, 1))
+        await asyncio.wait_for(probe.read(), 10)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return {"status": NOT_IMPLEMENTED, "detail": exc.details()}
+        raise
+    finally:
+        probe.cancel()
+
+    acks = 0
+    rejected = 0
+    latencies: list[float] = []
+    measuring = False
+    stop = False
+    errors: Counter[str] = Counter()
+
+    async def producer(op_id: str) -> None:
+        nonlocal acks, rejected
+        call = open_call()
+        gate = asyncio.Semaphore(window)
+        sent: deque[float] = deque()
+
+        async def writer() -> None:
+            sequence = 1  # the probe used 1 on the first operation
+            while not stop:
+                await gate.acquire()
+                sequence += 1
+                sent.append(time.perf_counter())
+                await call.write(report(op_id, sequence, sequence))
+            await call.done_writing()
+
+        async def reader() -> None:
+            nonlocal acks, rejected
+            async for ack in call:
+                gate.release()
+                started = sent.popleft()
+                if measuring:
+                    acks += 1
+                    latencies.append(time.perf_counter() - started)
+                    if getattr(ack, "error_code", 0):
+                        rejected += 1
+
+        tasks = [asyncio.create_task(writer()), asyncio.create_task(reader())]
+        try:
+            await asyncio.gather(*tasks)
+        except grpc.aio.AioRpcError as exc:
+            errors[exc.code().name] += 1
+        finally:
+            for task in tasks:
+                task.cancel()
+            call.cancel()
+
+    tasks = [asyncio.create_task(producer(op_id)) for op_id in op_ids]
+    try:
+        await asyncio.sleep(warmup)
+        meter = CpuMeter(server)
+        measuring = True
+        await asyncio.sleep(duration)
+        measuring = False
+        cpu = meter.result(acks)
+    finally:
+        stop = True
+        _, pending = await asyncio.wait(tasks, timeout=5)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "status": "ok",
+        "streams": len(op_ids),
+        "window": window,
+        "reports_per_s": round(acks / duration, 1),
+        "p50_ms": ms(percentile(latencies, 50)),
+        "p99_ms": ms(percentile(latencies, 99)),
+        "rejected": rejected,
+        "errors": dict(errors),
+        **cpu,
+    }
+
+
+async def section_streamed(sizes: Sizes, log_dir: Path, unary_rate: float | None) -> Json:
+    streams, window = 4, 64
+    async with Servers(log_dir) as s:
+        ops = await start_ops(s.stub, "stream", streams, "bench-stream")
+        if unary_rate is None:
+            unary = await run_ingest(
+                s.stub.UpdateOperation, ops, 64, sizes.duration, sizes.warmup, s.headway
+            )
+            unary_rate = unary["calls_per_s"]
+        bare_stream = s.bchannel.stream_stream(
+            f"/{BARE_SERVICE}/EchoStream",
+            request_serializer=pb.UpdateOperationRequest.SerializeToString,
+            response_deserializer=pb.UpdateOperationResponse.FromString,
+        )
+        b = await run_streamed(bare_stream, ops, window, sizes.duration, sizes.warmup, s.bare)
+        ops2 = await start_ops(s.stub, "stream2", streams, "bench-stream")
+        h = await run_streamed(
+            s.stub.ReportProgress, ops2, window, sizes.duration, sizes.warmup, s.headway
+        )
+    out: Json = {
+        "streams": streams,
+        "window": window,
+        "unary_update_calls_per_s": unary_rate,
+        "headway": h,
+        "bare_bidi_echo": b,
+    }
+    if h["status"] == NOT_IMPLEMENTED:
+        out["status"] = NOT_IMPLEMENTED
+    else:
+        out["ratio_vs_unary"] = ratio(h["reports_per_s"], unary_rate)
+        out["ratio_vs_bare_bidi"] = ratio(h["reports_per_s"], b["reports_per_s"])
+    return out
+
+
+# --------------------------------------------------------------------------
+# 3, 4, 7. Fan-out
+
+# A watcher: its first item says it is admitted and synced; then one list per
+# message of the revisions of the operation states it carried.
+OpenStream = Callable[[int], AsyncGenerator[list[int], None]]
+# A producer task's next report: returns the acknowledged revision.
+Produce = Callable[[int], Awaitable[int]]
+
+
+@dataclass
+class Fanout:
+    open_stream: OpenStream
+    produce: Produce
+    producers: int
+    # Opens a watcher that never reads; returns the call (to cancel).
+    open_idle: Callable[[int], Any] | None = None
+
+
+def headway_operation_fanout(stub: Any, watch_stubs: Sequence[Any], op_id: str) -> Fanout:
+    completed = 0
+
+    async def open_stream(i: int) -> AsyncGenerator[list[int], None]:
+        call = watch_stubs[i % len(watch_stubs)].WatchOperation(
+            pb.WatchOperationRequest(operation_id=op_id)
+        )
+        try:
+            first = True
+            async for event in call:
+                if first:
+                    first = False
+                    yield []
+                elif event.type == pb.OperationEvent.CHANGED:
+                    yield [event.revision]
+        finally:
+            call.cancel()
+
+    async def produce(w: int) -> int:
+        # Several producers share the operation: no sequence, completed rising.
+        nonlocal completed
+        completed += 1
+        ack = await stub.UpdateOperation(report(op_id, 0, completed))
+        return int(ack.revision)
+
+    return Fanout(open_stream, produce, producers=FANOUT_PRODUCERS)
+
+
+def headway_project_fanout(
+    stub: Any,
+    watch_stubs: Sequence[Any],
+    project: str,
+    op_ids: Sequence[str],
+    idle_stubs: Sequence[Any] = (),
+) -> Fanout:
+    counts = dict.fromkeys(op_ids, 0)
+    owned = [itertools.cycle(op_ids[w::PROJECT_PRODUCERS]) for w in range(PROJECT_PRODUCERS)]
+    request = pb.WatchOperationsRequest(filter=pb.OperationFilter(project=project))
+
+    async def open_stream(i: int) -> AsyncGenerator[list[int], None]:
+        call = watch_stubs[i % len(watch_stubs)].WatchOperations(request)
+        try:
+            synced = False
+            async for response in call:
+                if not synced:
+                    if any(e.type == pb.OperationEvent.SYNCED for e in response.events):
+                        synced = True
+                        yield []
+                    continue
+                yield [e.revision for e in response.events if e.type == pb.OperationEvent.CHANGED]
+        finally:
+            call.cancel()
+
+    def open_idle(i: int) -> Any:
+        # Never-reading watchers are other clients: on their own connections.
+        stubs = idle_stubs or watch_stubs
+        return stubs[i % len(stubs)].WatchOperations(request)
+
+    async def produce(w: int) -> int:
+        op_id = next(owned[w % PROJECT_PRODUCERS])
+        counts[op_id] += 1
+        ack = await stub.UpdateOperation(report(op_id, counts[op_id], counts[op_id]))
+        return int(ack.revision)
+
+    return Fanout(open_stream, produce, producers=PROJECT_PRODUCERS, open_idle=open_idle)
+
+
+def bare_fanout(publish: Any, channels: Sequence[grpc.aio.Channel], template: bytes) -> Fanout:
+    """Every subscriber gets every published message: an OperationEvent as
+    WatchOperation sends it, its revision the publish number."""
+    subscribes = [
+        ch.unary_stream(
+            f"/{BARE_SERVICE}/Subscribe",
+            request_serializer=None,
+            response_deserializer=pb.OperationEvent.FromString,
+        )
+        for ch in channels
+    ]
+    hello = pb.OperationEvent(type=pb.OperationEvent.SYNCED, revision=1).SerializeToString()
+    event = pb.OperationEvent.FromString(template)
+    sequence = 0
+
+    async def open_stream(i: int) -> AsyncGenerator[list[int], None]:
+        call = subscribes[i % len(subscribes)](hello)
+        try:
+            first = True
+            async for message in call:
+                if first:
+                    first = False
+                    yield []
+                else:
+                    yield [message.revision]
+        finally:
+            call.cancel()
+
+    def open_idle(i: int) -> Any:
+        return subscribes[i % len(subscribes)](hello)
+
+    async def produce(w: int) -> int:
+        nonlocal sequence
+        sequence += 1
+        revision = sequence
+        event.revision = revision
+        await publish(event.SerializeToString())
+        return revision
+
+    return Fanout(open_stream, produce, producers=FANOUT_PRODUCERS, open_idle=open_idle)
+
+
+async def run_fanout(
+    fan: Fanout,
+    readers: int,
+    *,
+    rate: float | None,
+    duration: float,
+    warmup: float,
+    server: ServerProcess,
+    idle: int = 0,
+    sample_rss: bool = False,
+) -> Json:
+    """`readers` watchers read everything; `idle` more never read. The producer
+    runs flat out (rate None) or paced at `rate` reports/s."""
+    acked: dict[int, float] = {}
+    receipts: list[tuple[int, float]] = []
+    delivered = 0
+    messages = 0
+    produced = 0
+    skipped = 0
+    measuring = False
+    stop = False
+    ready = 0
+    all_ready = asyncio.Event()
+    errors: Counter[str] = Counter()
+    failed_early: list[str] = []
+
+    idle_calls = [fan.open_idle(i) for i in range(idle)] if idle and fan.open_idle else []
+
+    async def reader(i: int) -> None:
+        nonlocal delivered, messages, ready
+        sample = i < LATENCY_SAMPLE
+        stream = fan.open_stream(i)
+        first = True
+        try:
+            async for revisions in stream:
+                if first:
+                    first = False
+                    ready += 1
+                    if ready == readers:
+                        all_ready.set()
+                    continue
+                if measuring and revisions:
+                    messages += 1
+                    delivered += len(revisions)
+                    if sample:
+                        now = time.perf_counter()
+                        receipts.extend((r, now) for r in revisions)
+            ended = "stream ended"
+        except grpc.aio.AioRpcError as exc:
+            ended = f"{exc.code().name}: {exc.details()}"
+        finally:
+            await stream.aclose()
+        # Only cancellation ends a reader normally: anything else is an error.
+        errors[ended.split(":")[0]] += 1
+        if first:
+            failed_early.append(ended)
+            all_ready.set()
+
+    async def one_report(w: int) -> bool:
+        nonlocal produced
+        try:
+            revision = await fan.produce(w)
+        except grpc.aio.AioRpcError as exc:
+            errors["producer " + exc.code().name] += 1
+            return False
+        acked[revision] = time.perf_counter()
+        if measuring:
+            produced += 1
+        return True
+
+    async def flat_out(w: int) -> None:
+        """Closed loop: one report after another."""
+        while not stop:
+            if not await one_report(w):
+                await asyncio.sleep(0.01)
+
+    async def paced(rate: float) -> None:
+        """Open loop: a report every 1/rate s whatever the answers' latency
+        (at most 4 per producer in flight; beyond that a report is skipped)."""
+        nonlocal skipped
+        pending: set[asyncio.Task[bool]] = set()
+        next_at = time.perf_counter()
+        for i in itertools.count():
+            if stop:
+                break
+            next_at += 1 / rate
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -0.1:
+                next_at = time.perf_counter()  # behind: do not burst to catch up
+            if len(pending) >= 4 * fan.producers:
+                skipped += 1
+                continue
+            task = asyncio.create_task(one_report(i % fan.producers))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    reader_tasks = [asyncio.create_task(reader(i)) for i in range(readers)]
+    producer_tasks: list[asyncio.Task[None]] = []
+    rss: list[tuple[float, int]] = []
+    try:
+        started = time.perf_counter()
+        await asyncio.wait_for(all_ready.wait(), 30 + readers / 50)
+        if failed_early:
+            raise RuntimeError(f"{len(failed_early)} watchers failed, first: {failed_early[0]}")
+        admitted_s = time.perf_counter() - started
+        await asyncio.sleep(0.2)  # let idle watchers fill their windows
+        producer_tasks = (
+            [asyncio.create_task(paced(rate))]
+            if rate
+            else [asyncio.create_task(flat_out(w)) for w in range(fan.producers)]
+        )
+        await asyncio.sleep(warmup)
+        meter = CpuMeter(server)
+        t0 = time.perf_counter()
+        measuring = True
+        while (now := time.perf_counter()) < t0 + duration:
+            if sample_rss:
+                rss.append((round(now - t0, 3), server.rss()))
+            await asyncio.sleep(min(0.25, t0 + duration - now))
+        measuring = False
+        cpu = meter.result(delivered)
+        if sample_rss:
+            rss.append((round(time.perf_counter() - t0, 3), server.rss()))
+    finally:
+        stop = True
+        await asyncio.gather(*producer_tasks, return_exceptions=True)
+        for task in reader_tasks:
+            task.cancel()
+        await asyncio.gather(*reader_tasks, return_exceptions=True)
+        for call in idle_calls:
+            call.cancel()
+    latencies = [max(0.0, t - acked[r]) for r, t in receipts if r in acked]
+    out: Json = {
+        "readers": readers,
+        "idle": idle,
+        "target_rate": rate,
+        "producer_reports_per_s": round(produced / duration, 1),
+        "producer_skipped": skipped,
+        "states_delivered_per_s": round(delivered / duration, 1),
+        "states_per_watcher_per_s": round(delivered / duration / readers, 1),
+        "messages_per_s": round(messages / duration, 1),
+        "states_per_message": round(delivered / messages, 2) if messages else None,
+        "p50_ms": ms(percentile(latencies, 50)),
+        "p99_ms": ms(percentile(latencies, 99)),
+        "latency_samples": len(latencies),
+        "admitted_s": round(admitted_s, 3),
+        "errors": dict(errors),
+        **cpu,
+    }
+    if sample_rss:
+        out["rss_bytes"] = rss
+    return out
+
+
+async def fanout_pair(fan: Fanout, readers: int, sizes: Sizes, server: ServerProcess) -> Json:
+    """Over-driven to find the ceiling, then paced at half of it for latency."""
+    saturated = await run_fanout(
+        fan, readers, rate=None, duration=sizes.duration, warmup=sizes.warmup, server=server
+    )
+    half = max(1.0, 0.5 * saturated["states_per_watcher_per_s"])
+    paced = await run_fanout(
+        fan, readers, rate=half, duration=sizes.duration, warmup=sizes.warmup, server=server
+    )
+    return {"saturated": saturated, "half_rate": paced}
+
+
+async def typical_event(stub: Any, op_id: str) -> bytes:
+    """A real Headway operation, as an OperationEvent: the bare fan-out's message."""
+    op = await stub.GetOperation(pb.GetOperationRequest(operation_id=op_id))
+    return pb.OperationEvent(
+        type=pb.OperationEvent.CHANGED, revision=op.revision, operation=op
+    ).SerializeToString()
+
+
+async def section_fanout(sizes: Sizes, log_dir: Path) -> Json:
+    n = sizes.watchers
+    async with Servers(log_dir) as s:
+        hwatch = [
+            pb_grpc.ProgressTrackerStub(c) for c in s.channels(s.headway, sizes.watcher_channels)
+        ]
+        bwatch = s.channels(s.bare, sizes.watcher_channels)
+        (single,) = await start_ops(s.stub, "fan-one", 1, "bench-fan-one")
+        project_ops = await start_ops(s.stub, "fan-proj", PROJECT_OPS, "bench-fan")
+        one = await fanout_pair(
+            headway_operation_fanout(s.stub, hwatch, single), n, sizes, s.headway
+        )
+        project = await fanout_pair(
+            headway_project_fanout(s.stub, hwatch, "bench-fan", project_ops), n, sizes, s.headway
+        )
+        template = await typical_event(s.stub, single)
+        bare = await fanout_pair(bare_fanout(s.publish, bwatch, template), n, sizes, s.bare)
+    bare_rate = bare["saturated"]["states_delivered_per_s"]
+    return {
+        "watchers": n,
+        "project_operations": PROJECT_OPS,
+        "message_bytes": len(template),
+        "operation": one,
+        "project": project,
+        "bare": bare,
+        "operation_ratio": ratio(one["saturated"]["states_delivered_per_s"], bare_rate),
+        "project_ratio": ratio(project["saturated"]["states_delivered_per_s"], bare_rate),
+        "project_half_rate_reports_per_s": project["half_rate"]["target_rate"],
+    }
+
+
+async def section_slow(sizes: Sizes, log_dir: Path, rate: float | None) -> Json:
+    n = sizes.watchers
+    slow = max(1, n // 10)
+    readers = n - slow
+    rate = rate or DEFAULT_SLOW_RATE
+    async with Servers(log_dir) as s:
+        hwatch = [
+            pb_grpc.ProgressTrackerStub(c) for c in s.channels(s.headway, sizes.watcher_channels)
+        ]
+        ops = await start_ops(s.stub, "slow", PROJECT_OPS, "bench-slow")
+        idle_stubs = [pb_grpc.ProgressTrackerStub(c) for c in s.channels(s.headway, 2)]
+        fan = headway_project_fanout(s.stub, hwatch, "bench-slow", ops, idle_stubs)
+        runs = [
+            await run_fanout(
+                fan,
+                readers,
+                idle=idle,
+                rate=rate,
+                duration=sizes.slow_duration,
+                warmup=sizes.warmup,
+                server=s.headway,
+                sample_rss=True,
+            )
+            for idle in (0, slow)
+        ]
+    alone, mixed = runs
+
+    def growth(run: Json) -> tuple[float, float]:
+        rss = [b for _, b in run["rss_bytes"]]
+        quarter = max(1, len(rss) // 4)
+        return statistics.mean(rss[:quarter]), statistics.mean(rss[-quarter:])
+
+    first, last = growth(mixed)
+    alone_first, alone_last = growth(alone)
+    return {
+        "watchers": n,
+        "never_read": slow,
+        "rate": rate,
+        "without_slow": alone,
+        "with_slow": mixed,
+        "p99_ratio": ratio(mixed["p99_ms"], alone["p99_ms"]),
+        "producer_ratio": ratio(mixed["producer_reports_per_s"], alone["producer_reports_per_s"]),
+        "rss_first_quarter_bytes": round(first),
+        "rss_last_quarter_bytes": round(last),
+        "rss_growth": ratio(last - first, first),
+        "rss_growth_without_slow": ratio(alone_last - alone_first, alone_first),
+    }
+
+
+async def section_scaling(sizes: Sizes, log_dir: Path) -> Json:
+    ingest: Json = {}
+    fanout: Json = {}
+    duration, warmup = sizes.scaling_duration, sizes.warmup
+    async with Servers(log_dir) as s:
+        hwatch = [
+            pb_grpc.ProgressTrackerStub(c) for c in s.channels(s.headway, sizes.watcher_channels)
+        ]
+        bwatch = s.channels(s.bare, sizes.watcher_channels)
+        bare_ops = await start_ops(s.stub, "scale-bare", 32, "bench-scale")
+        bare = await run_ingest(s.echo, bare_ops, 32, duration, warmup, s.bare)
+        for n in sizes.scaling_points:
+            ops = await start_ops(s.stub, f"scale-{n}", n, f"bench-scale-{n}")
+            h = await run_ingest(s.stub.UpdateOperation, ops, 32, duration, warmup, s.headway)
+            ingest[str(n)] = {
+                "headway": h,
+                "bare_calls_per_s": bare["calls_per_s"],
+                "ratio": ratio(h["calls_per_s"], bare["calls_per_s"]),
+            }
+        (single,) = await start_ops(s.stub, "scale-fan", 1, "bench-scale-fan")
+        template = await typical_event(s.stub, single)
+        for n in sizes.scaling_points:
+            h = await run_fanout(
+                headway_operation_fanout(s.stub, hwatch, single),
+                n,
+                rate=None,
+                duration=duration,
+                warmup=warmup,
+                server=s.headway,
+            )
+            b = await run_fanout(
+                bare_fanout(s.publish, bwatch, template),
+                n,
+                rate=None,
+                duration=duration,
+                warmup=warmup,
+                server=s.bare,
+            )
+            fanout[str(n)] = {
+                "headway": h,
+                "bare": b,
+                "ratio": ratio(h["states_delivered_per_s"], b["states_delivered_per_s"]),
+            }
+    return {"in_flight": 32, "bare_ingest": bare, "ingest": ingest, "fanout": fanout}
+
+
+# --------------------------------------------------------------------------
+# 5. Memory, 6. Admission
+
+
+async def open_synced(open_stream: OpenStream, indices: Sequence[int]) -> list[Any]:
+    """Opens streams at once and waits for each one's first item; returns the
+    open iterators (or the exception a stream failed with)."""
+
+    async def one(i: int) -> Any:
+        stream = open_stream(i)
+        try:
+            await anext(stream)
+        except BaseException as exc:
+            await stream.aclose()
+            return exc
+        return stream
+
+    return await asyncio.gather(*(one(i) for i in indices))
+
+
+async def close_streams(streams: Sequence[Any]) -> None:
+    await asyncio.gather(
+        *(s.aclose() for s in streams if not isinstance(s, BaseException)),
+        return_exceptions=True,
+    )
+
+
+async def idle_memory(open_stream: OpenStream, count: int, server: ServerProcess) -> Json:
+    warm = await open_synced(open_stream, range(count // 10))
+    await asyncio.sleep(0.5)
+    before = server.rss()
+    streams = await open_synced(open_stream, range(count // 10, count + count // 10))
+    await asyncio.sleep(0.5)
+    after = server.rss()
+    failed = [s for s in streams if isinstance(s, BaseException)]
+    await close_streams([*warm, *streams])
+    opened = count - len(failed)
+    return {
+        "watchers": opened,
+        "failed": len(failed),
+        "rss_before": before,
+        "rss_after": after,
+        "bytes_per_watcher": round((after - before) / opened) if opened else None,
+    }
+
+
+async def retained_memory(stub: Any, count: int, server: ServerProcess) -> Json:
+    """Operations with a typical payload, run to completion and retained."""
+    details = struct_pb2.Struct()
+    details.update({"repository": "acme/search", "branch": "main"})
+    result = struct_pb2.Struct()
+    result.update({"files": 1000, "symbols": 48000})
+
+    async def lifecycle(op_id: str) -> None:
+        await stub.StartOperation(
+            pb.StartOperationRequest(
+                operation_id=op_id,
+                kind="github-ingest",
+                project="acme",
+                labels={"team": "search", "source": "github", "env": "prod"},
+                total=1000,
+                unit="files",
+                stages=[
+                    pb.StageSpec(name="clone", weight=1),
+                    pb.StageSpec(name="index", weight=4),
+                    pb.StageSpec(name="embed", weight=2),
+                ],
+                heartbeat_timeout=duration_pb2.Duration(seconds=3600),
+            )
+        )
+        updates = [
+            pb.UpdateOperationRequest(stage="clone", stage_completed=1, stage_total=1),
+            pb.UpdateOperationRequest(
+                stage="index",
+                stage_completed=500,
+                stage_total=1000,
+                completed=500,
+                counters={"files": 500, "symbols": 24000},
+                checkpoint="src/search/index/file-0500.py",
+                message="indexing src/search/index",
+                details=details,
+            ),
+            pb.UpdateOperationRequest(
+                stage="embed",
+                stage_completed=1000,
+                stage_total=1000,
+                completed=1000,
+                counters={"files": 500, "symbols": 24000},
+                checkpoint="src/search/index/file-1000.py",
+                message="embedding",
+            ),
+        ]
+        for sequence, update in enumerate(updates, 1):
+            update.operation_id = op_id
+            update.sequence = sequence
+            await stub.UpdateOperation(update)
+        await stub.CompleteOperation(
+            pb.CompleteOperationRequest(
+                operation_id=op_id, result=result, message="done", request_id=f"{op_id}-done"
+            )
+        )
+
+    warm = max(50, count // 10)
+    await bounded_gather([lifecycle(f"warm-{i}") for i in range(warm)], 32)
+    await asyncio.sleep(0.3)
+    before = server.rss()
+    await bounded_gather([lifecycle(f"retained-{i}") for i in range(count)], 32)
+    await asyncio.sleep(0.3)
+    after = server.rss()
+    op = await stub.GetOperation(pb.GetOperationRequest(operation_id="retained-0"))
+    return {
+        "operations": count,
+        "serialized_operation_bytes": op.ByteSize(),
+        "rss_before": before,
+        "rss_after": after,
+        "bytes_per_operation": round((after - before) / count),
+    }
+
+
+async def section_memory(sizes: Sizes, log_dir: Path) -> Json:
+    n = sizes.idle_watchers
+    async with Servers(log_dir) as s:
+        hwatch = [
+            pb_grpc.ProgressTrackerStub(c) for c in s.channels(s.headway, sizes.watcher_channels)
+        ]
+        bwatch = s.channels(s.bare, sizes.watcher_channels)
+        ops = await start_ops(s.stub, "idle", 1, "bench-idle")
+        template = await typical_event(s.stub, ops[0])
+        h = await idle_memory(
+            headway_project_fanout(s.stub, hwatch, "bench-idle", ops).open_stream, n, s.headway
+        )
+        b = await idle_memory(bare_fanout(s.publish, bwatch, template).open_stream, n, s.bare)
+    async with Servers(log_dir) as s:
+        retained = await retained_memory(s.stub, sizes.retained_ops, s.headway)
+    return {
+        "idle_watchers": {
+            "headway": h,
+            "bare": b,
+            "ratio": ratio(h["bytes_per_watcher"], b["bytes_per_watcher"]),
+        },
+        "retained_operations": retained,
+    }
+
+
+async def admit(open_stream: OpenStream, count: int, limit: float) -> Json:
+    started = time.perf_counter()
+    streams = await asyncio.wait_for(open_synced(open_stream, range(count)), limit)
+    elapsed = time.perf_counter() - started
+    failures = Counter(rpc_code(s) for s in streams if isinstance(s, BaseException))
+    await close_streams(streams)
+    return {
+        "streams": count,
+        "admitted": count - sum(failures.values()),
+        "cancelled": failures.get("CANCELLED", 0),
+        "failures": dict(failures),
+        "seconds_to_all_synced": round(elapsed, 3),
+    }
+
+
+async def section_admission(sizes: Sizes, log_dir: Path) -> Json:
+    n = sizes.admission_streams
+    timeout = sizes.section_timeout / 3
+    async with Servers(log_dir) as s:
+        hwatch = [
+            pb_grpc.ProgressTrackerStub(c) for c in s.channels(s.headway, sizes.admission_channels)
+        ]
+        bwatch = s.channels(s.bare, sizes.admission_channels)
+        ops = await start_ops(s.stub, "admit", 1, "bench-admit")
+        template = await typical_event(s.stub, ops[0])
+        h = await admit(
+            headway_project_fanout(s.stub, hwatch, "bench-admit", ops).open_stream, n, timeout
+        )
+        b = await admit(bare_fanout(s.publish, bwatch, template).open_stream, n, timeout)
+    return {
+        "channels": sizes.admission_channels,
+        "headway": h,
+        "bare": b,
+        "ratio_time": ratio(h["seconds_to_all_synced"], b["seconds_to_all_synced"]),
+    }
+
+
+# --------------------------------------------------------------------------
+# Report
+
+
+def fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
+    elif isinstance(value, int):
+        text = f"{value:,}"
+    else:
+        text = str(value)
+    return f"{text}{unit}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def met(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("yes" if ok else "**no**")
+
+
+def at_least(value: float | None, goal: float) -> bool | None:
+    return None if value is None else value >= goal
+
+
+def at_most(value: float | None, goal: float) -> bool | None:
+    return None if value is None else value <= goal
+
+
+def lat(run: Json) -> str:
+    return f"{fmt(run.get('p50_ms'))} / {fmt(run.get('p99_ms'))} ms"
+
+
+def table_rows(sections: Json) -> list[Json]:
+    rows: list[Json] = []
+
+    def row(figure: str, headway: str, bare: str, r: str, goal: str, ok: str) -> None:
+        rows.append(
+            {
+                "figure": figure,
+                "headway": headway,
+                "bare": bare,
+                "ratio": r,
+                "goal": goal,
+                "met": ok,
+            }
+        )
+
+    def failed(name: str, sec: Json) -> bool:
+        if sec.get("status", "ok") != "ok":
+            row(f"{name}: {sec['status']}", "n/a", "n/a", "n/a", "—", "n/a")
+            return True
+        return False
+
+    sec = sections.get("ingest", {"status": "not run"})
+    if not failed("Update ingest", sec):
+        for n, run in sec["runs"].items():
+            h, b = run["headway"], run["bare"]
+            row(
+                f"UpdateOperation calls/s, {n} in flight (bare: unary echo)",
+                fmt(h["calls_per_s"]),
+                fmt(b["calls_per_s"]),
+                fmt_ratio(run["ratio"]),
+                "≥ 0.8x",
+                met(at_least(run["ratio"], 0.8)),
+            )
+            row(
+                f"Server CPU µs per UpdateOperation, {n} in flight (bare: per echo); "
+                "ratio = bare / Headway",
+                fmt(h.get("server_cpu_us_per_item")),
+                fmt(b.get("server_cpu_us_per_item")),
+                fmt_ratio(ratio(b.get("server_cpu_us_per_item"), h.get("server_cpu_us_per_item"))),
+                "—",
+                "—",
+            )
+            row(
+                f"UpdateOperation p50 / p99 latency, {n} in flight",
+                lat(h),
+                lat(b),
+                fmt_ratio(ratio(h["p99_ms"], b["p99_ms"])) + " (p99)",
+                "—",
+                "—",
+            )
+    sec = sections.get("streamed_reports", {"status": "not run"})
+    if sec.get("status") == NOT_IMPLEMENTED:
+        row(
+            "ReportProgress reports/s (bare: unary UpdateOperation, 64 in flight)",
+            NOT_IMPLEMENTED,
+            fmt(sec.get("unary_update_calls_per_s")),
+            "n/a",
+            "≥ 4x",
+            "n/a",
+        )
+    elif not failed("Streamed reports", sec):
+        h = sec["headway"]
+        row(
+            f"ReportProgress reports/s, {sec['streams']} streams x {sec['window']} "
+            "unacked (bare: unary UpdateOperation, 64 in flight)",
+            fmt(h["reports_per_s"]),
+            fmt(sec["unary_update_calls_per_s"]),
+            fmt_ratio(sec["ratio_vs_unary"]),
+            "≥ 4x",
+            met(at_least(sec["ratio_vs_unary"], 4)),
+        )
+        row(
+            "ReportProgress reports/s vs bare bidirectional echo",
+            fmt(h["reports_per_s"]),
+            fmt(sec["bare_bidi_echo"].get("reports_per_s")),
+            fmt_ratio(sec["ratio_vs_bare_bidi"]),
+            "—",
+            "—",
+        )
+    sec = sections.get("fanout", {"status": "not run"})
+    if not failed("Fan-out", sec):
+        n = sec["watchers"]
+        bare_sat = sec["bare"]["saturated"]
+        row(
+            f"WatchOperation, {n} watchers of 1 op: states delivered/s (bare: messages/s)",
+            fmt(sec["operation"]["saturated"]["states_delivered_per_s"]),
+            fmt(bare_sat["states_delivered_per_s"]),
+            fmt_ratio(sec["operation_ratio"]),
+            "≥ 0.8x",
+            met(at_least(sec["operation_ratio"], 0.8)),
+        )
+        row(
+            f"WatchOperations, {n} watchers of {sec['project_operations']} ops: "
+            "states delivered/s (bare: messages/s)",
+            fmt(sec["project"]["saturated"]["states_delivered_per_s"]),
+            fmt(bare_sat["states_delivered_per_s"]),
+            fmt_ratio(sec["project_ratio"]),
+            "≥ 3x",
+            met(at_least(sec["project_ratio"], 3)),
+        )
+        for name, key in (("WatchOperation", "operation"), ("WatchOperations", "project")):
+            h, b = sec[key]["saturated"], bare_sat
+            row(
+                f"{name}: server CPU µs per state delivered (bare: per message); "
+                "ratio = bare / Headway",
+                fmt(h.get("server_cpu_us_per_item")),
+                fmt(b.get("server_cpu_us_per_item")),
+                fmt_ratio(ratio(b.get("server_cpu_us_per_item"), h.get("server_cpu_us_per_item"))),
+                "—",
+                "—",
+            )
+        for name, key in (("WatchOperation", "operation"), ("WatchOperations", "project")):
+            h, b = sec[key]["half_rate"], sec["bare"]["half_rate"]
+            p99 = h.get("p99_ms")
+            row(
+                f"{name} ack→receipt p50 / p99 at half the saturating rate "
+                f"({fmt(h['target_rate'])} reports/s; bare {fmt(b['target_rate'])}/s)",
+                lat(h),
+                lat(b),
+                fmt_ratio(ratio(p99, b.get("p99_ms"))) + " (p99)",
+                "p99 < 250 ms" if key == "project" else "—",
+                met(at_most(p99, 250)) if key == "project" else "—",
+            )
+    sec = sections.get("slow_consumers", {"status": "not run"})
+    if not failed("Slow consumers", sec):
+        a, m = sec["with_slow"], sec["without_slow"]
+        row(
+            f"Slow consumers: readers' p99 with {sec['never_read']} of {sec['watchers']} "
+            "never reading (bare: same readers alone)",
+            f"{fmt(a['p99_ms'])} ms",
+            f"{fmt(m['p99_ms'])} ms",
+            fmt_ratio(sec["p99_ratio"]),
+            "≤ 1.1x",
+            met(at_most(sec["p99_ratio"], 1.1)),
+        )
+        row(
+            f"Slow consumers: producer reports/s (target {fmt(sec['rate'])}/s)",
+            fmt(a["producer_reports_per_s"]),
+            fmt(m["producer_reports_per_s"]),
+            fmt_ratio(sec["producer_ratio"]),
+            "≥ 0.95x",
+            met(at_least(sec["producer_ratio"], 0.95)),
+        )
+        growth = sec["rss_growth"]
+        row(
+            "Slow consumers: server RSS first → last quarter of the run",
+            f"{fmt(sec['rss_first_quarter_bytes'] / 2**20)} → "
+            f"{fmt(sec['rss_last_quarter_bytes'] / 2**20)} MiB",
+            "n/a"
+            if sec.get("rss_growth_without_slow") is None
+            else f"{100 * sec['rss_growth_without_slow']:+.1f} % without them",
+            "n/a" if growth is None else f"{100 * growth:+.1f} %",
+            "< 5 % growth",
+            met(at_most(growth, 0.05)),
+        )
+    sec = sections.get("memory", {"status": "not run"})
+    if not failed("Memory", sec):
+        idle = sec["idle_watchers"]
+        row(
+            f"RSS per idle watcher, {idle['headway']['watchers']} WatchOperations "
+            "(bare: Subscribe)",
+            fmt(idle["headway"]["bytes_per_watcher"], " B"),
+            fmt(idle["bare"]["bytes_per_watcher"], " B"),
+            fmt_ratio(idle["ratio"]),
+            "≤ 1.25x",
+            met(at_most(idle["ratio"], 1.25)),
+        )
+        kept = sec["retained_operations"]
+        row(
+            f"RSS per retained operation, {kept['operations']} with a typical payload "
+            f"({kept['serialized_operation_bytes']} B serialized)",
+            fmt(kept["bytes_per_operation"], " B"),
+            "—",
+            "—",
+            "< 2048 B",
+            met(at_most(kept["bytes_per_operation"], 2047)),
+        )
+    sec = sections.get("admission", {"status": "not run"})
+    if not failed("Admission", sec):
+        h, b = sec["headway"], sec["bare"]
+        row(
+            f"Admission: {h['streams']} WatchOperations opened at once, admitted / CANCELLED",
+            f"{h['admitted']} / {h['cancelled']}",
+            f"{b['admitted']} / {b['cancelled']}",
+            "—",
+            "all / 0",
+            met(h["admitted"] == h["streams"] and h["cancelled"] == 0),
+        )
+        row(
+            "Admission: seconds until all SYNCED (bare: first message)",
+            fmt(h["seconds_to_all_synced"], " s"),
+            fmt(b["seconds_to_all_synced"], " s"),
+            fmt_ratio(sec["ratio_time"]),
+            "—",
+            "—",
+        )
+    sec = sections.get("scaling", {"status": "not run"})
+    if not failed("Scaling", sec):
+        for n, run in sec["ingest"].items():
+            row(
+                f"Scaling: UpdateOperation calls/s over {n} ops, 32 in flight (bare: echo)",
+                fmt(run["headway"]["calls_per_s"]),
+                fmt(run["bare_calls_per_s"]),
+                fmt_ratio(run["ratio"]),
+                "—",
+                "—",
+            )
+        for n, run in sec["fanout"].items():
+            row(
+                f"Scaling: WatchOperation states delivered/s, {n} watchers (bare: messages/s)",
+                fmt(run["headway"]["states_delivered_per_s"]),
+                fmt(run["bare"]["states_delivered_per_s"]),
+                fmt_ratio(run["ratio"]),
+                "—",
+                "—",
+            )
+    return rows
+
+
+def markdown(results: Json) -> str:
+    m = results["machine"]
+    lines = [
+        f"# Headway benchmark ({results['mode']})",
+        "",
+        f"{m['cores']} cores, Python {m['python']}, grpcio {m['grpcio']}, "
+        f"protobuf {m['protobuf']}, {m['platform']}; {results['seconds']:.0f} s.",
+        "",
+        "Server and load generator are separate processes on 127.0.0.1 sharing these "
+        "cores: the load generator (one asyncio process) competes with the server for "
+        "CPU, so each run records both processes' CPU use in results.json. "
+        "Ratios compare Headway with the bare grpc.aio server measured in the same run.",
+        "",
+        "| figure | Headway | bare | ratio | goal | met? |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["table"]:
+        cells = [r["figure"], r["headway"], r["bare"], r["ratio"], r["goal"], r["met"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> Json:
+    import google.protobuf
+
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "protobuf": google.protobuf.__version__,
+        "platform": platform.platform(),
+        "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+    }
+
+
+# --------------------------------------------------------------------------
+# Main
+
+
+def raise_fd_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+async def run_all(sizes: Sizes, only: set[str], log_dir: Path) -> Json:
+    sections: Json = {}
+
+    async def run(name: str, make: Callable[[], Awaitable[Json]]) -> None:
+        if name not in only:
+            sections[name] = {"status": "skipped"}
+            return
+        started = time.perf_counter()
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        try:
+            result = await asyncio.wait_for(make(), sizes.section_timeout)
+            result.setdefault("status", "ok")
+        except TimeoutError:
+            result = {"status": f"timeout after {sizes.section_timeout:.0f}s"}
+        except Exception as exc:
+            result = {"status": f"error: {type(exc).__name__}: {exc}"[:500]}
+        finally:
+            _kill_children()
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        print(f"[bench] {name}: {result['status']} in {result['seconds']}s", file=sys.stderr)
+        sections[name] = result
+
+    await run("ingest", lambda: section_ingest(sizes, log_dir))
+    unary = sections["ingest"].get("runs", {}).get("64", {}).get("headway", {}).get("calls_per_s")
+    await run("streamed_reports", lambda: section_streamed(sizes, log_dir, unary))
+    await run("fanout", lambda: section_fanout(sizes, log_dir))
+    half = sections["fanout"].get("project_half_rate_reports_per_s")
+    await run("slow_consumers", lambda: section_slow(sizes, log_dir, half))
+    await run("memory", lambda: section_memory(sizes, log_dir))
+    await run("admission", lambda: section_admission(sizes, log_dir))
+    await run("scaling", lambda: section_scaling(sizes, log_dir))
+    return sections
+
+
+@contextlib.contextmanager
+def watchdog(limit: float) -> Iterator[None]:
+    """Kills the servers and exits if the whole run overruns its bound."""
+
+    def fire() -> None:
+        print(f"[bench] overran {limit:.0f}s; stopping", file=sys.stderr, flush=True)
+        _kill_children()
+        os._exit(2)
+
+    timer = threading.Timer(limit, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Headway benchmarks against bare grpc.aio")
+    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    only = set(args.only or SECTIONS)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    log_dir = out / "logs.tmp"  # the servers' output, kept for a failed run
+    shutil.rmtree(log_dir, ignore_errors=True)
+    log_dir.mkdir()
+    raise_fd_limit(4 * sizes.admission_streams + 1024)
+
+    started = time.perf_counter()
+    try:
+        with watchdog(sizes.total_limit):
+            sections = asyncio.run(run_all(sizes, only, log_dir))
+    finally:
+        _kill_children()
+    results: Json = {
+        "mode": sizes.mode,
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": machine(),
+        "sizes": dataclasses.asdict(sizes),
+        "sections": sections,
+    }
+    results["table"] = table_rows(sections)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = markdown(results)
+    (out / "results.md").write_text(text)
+    print(text)
+    bad = [n for n, s in sections.items() if s["status"] not in ("ok", "skipped", NOT_IMPLEMENTED)]
+    if bad:
+        print(f"[bench] failed: {', '.join(bad)}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

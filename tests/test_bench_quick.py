@@ -1,0 +1,79 @@
+"""The benchmark suite (bench/run.py) runs in quick mode and writes its results.
+
+It checks that the suite works and what it reports, never a threshold on a
+time or a ratio: those are for the full run on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = {
+    "ingest",
+    "streamed_reports",
+    "fanout",
+    "slow_consumers",
+    "memory",
+    "admission",
+    "scaling",
+}
+# A section either ran or found the RPC it measures not implemented yet.
+DONE = {"ok", "not implemented"}
+
+
+@pytest.mark.timeout(150)
+def test_quick_suite_writes_json_and_a_markdown_table(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["mode"] == "quick"
+    machine = results["machine"]
+    for key in ("cores", "python", "grpcio"):
+        assert machine[key]
+    sections = results["sections"]
+    assert set(sections) == SECTIONS
+    for name, section in sections.items():
+        assert section["status"] in DONE, (name, section["status"])
+
+    ingest = sections["ingest"]["runs"]
+    assert set(ingest) == {"32", "64"}
+    for run in ingest.values():
+        assert run["headway"]["calls"] > 0 and run["bare"]["calls"] > 0
+        assert run["ratio"] > 0
+    fanout = sections["fanout"]
+    for key in ("operation", "project", "bare"):
+        assert set(fanout[key]) == {"saturated", "half_rate"}
+        assert fanout[key]["saturated"]["states_delivered_per_s"] > 0
+    assert sections["admission"]["headway"]["streams"] > 0
+    memory = sections["memory"]
+    assert memory["idle_watchers"]["headway"]["watchers"] > 0
+    assert memory["retained_operations"]["operations"] > 0
+    scaling = sections["scaling"]
+    assert set(scaling["ingest"]) == set(scaling["fanout"]) == {"1", "10"}
+
+    rows = results["table"]
+    assert rows and all(
+        set(row) == {"figure", "headway", "bare", "ratio", "goal", "met"} for row in rows
+    )
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| figure | Headway | bare | ratio | goal | met? |" in markdown
+    assert "| --- | --- | --- | --- | --- | --- |" in markdown
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert len(table) == len(rows) + 2  # header, separator, one line per figure
+    assert machine["grpcio"] in markdown
+    # The table is printed too.
+    assert "| figure | Headway | bare | ratio | goal | met? |" in done.stdout
