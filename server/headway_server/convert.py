@@ -156,18 +156,20 @@ def _error(error: OperationError) -> pb.OperationError:
 
 # Watchers of a busy project receive the same operation state many times over;
 # converting it once per revision instead of once per watcher is the cheap win.
-_cache: dict[tuple[str, int], pb.Operation] = {}
+# Keyed by the stored value itself (held in the entry, so its id() cannot be
+# reused while cached): ids and revisions alone can repeat across two servers
+# in one process.
+_cache: dict[int, tuple[Operation, pb.Operation]] = {}
 
 
 def operation(op: Operation) -> pb.Operation:
-    key = (op.id, op.revision)
-    cached = _cache.get(key)
-    if cached is not None:
-        return cached
+    cached = _cache.get(id(op))
+    if cached is not None and cached[0] is op:
+        return cached[1]
     message = _operation(op)
     if len(_cache) >= _CACHE_LIMIT:
         _cache.clear()
-    _cache[key] = message
+    _cache[id(op)] = (op, message)
     return message
 
 

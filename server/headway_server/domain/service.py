@@ -349,8 +349,8 @@ class OperationService:
         if page_size < 0:
             raise InvalidArgument("page_size", f"must not be negative (got {page_size})")
         limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        where = OperationFilter(project=f"logs\0{operation_id}\0{min_level}\0{stage}")
-        after = _decode_page_token(page_token, where)
+        key = _key(f"logs\0{operation_id}\0{min_level}\0{stage}")
+        after = _decode_page_token(page_token, key)
         held, dropped = await self.journal.logs(operation_id)
         matching = [
             e
@@ -361,7 +361,7 @@ class OperationService:
         ]
         page = matching[:limit]
         more = len(matching) > limit
-        token = _encode_page_token(page[-1].index, where) if more else ""
+        token = _encode_page_token(page[-1].index, key) if more else ""
         return page, token, dropped
 
     async def timeline(self, operation_id: str) -> tuple[list[TimelineEntry], int]:
@@ -384,9 +384,10 @@ class OperationService:
         if page_size < 0:
             raise InvalidArgument("page_size", f"must not be negative (got {page_size})")
         limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = _decode_page_token(page_token, where)
+        key = _filter_key(where)
+        after = _decode_page_token(page_token, key)
         page = await self.store.list_page(where, after=after, limit=limit)
-        token = _encode_page_token(page.next_after, where) if page.next_after else ""
+        token = _encode_page_token(page.next_after, key) if page.next_after else ""
         return page, token
 
     async def sweep(self) -> int:
@@ -429,28 +430,32 @@ def _error_text(entry: LogEntry) -> str:
     return f"{text} ({entry.item})" if entry.item else text
 
 
+def _key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _filter_key(where: OperationFilter) -> str:
+    """What a page token is tied to: the filter it pages through."""
     fields = dataclasses.asdict(where)
     fields["states"] = sorted(int(s) for s in where.states)
-    encoded = json.dumps(fields, sort_keys=True, default=str).encode()
-    return hashlib.sha256(encoded).hexdigest()[:16]
+    return _key(json.dumps(fields, sort_keys=True, default=str))
 
 
-def _encode_page_token(after: int, where: OperationFilter) -> str:
-    raw = json.dumps({"after": after, "filter": _filter_key(where)}).encode()
+def _encode_page_token(after: int, key: str) -> str:
+    raw = json.dumps({"after": after, "filter": key}).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_page_token(token: str, where: OperationFilter) -> int:
+def _decode_page_token(token: str, key: str) -> int:
     if not token:
         return 0
     try:
         padded = token + "=" * (-len(token) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode()))
         after = data["after"]
-        key = data["filter"]
+        issued_for = data["filter"]
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         raise InvalidArgument("page_token", "is not a token this server issued") from exc
-    if not isinstance(after, int) or after < 0 or key != _filter_key(where):
+    if not isinstance(after, int) or after < 0 or issued_for != key:
         raise InvalidArgument("page_token", "belongs to a different filter or is malformed")
     return after
