@@ -24,7 +24,6 @@ _ADVANCING = frozenset(
     }
 )
 TERMINAL_STATES = frozenset({pb.Operation.SUCCEEDED, pb.Operation.FAILED, pb.Operation.CANCELLED})
-ACTIVE_STATES = frozenset({pb.Operation.QUEUED, pb.Operation.RUNNING, pb.Operation.PAUSED})
 
 StageArg = str | tuple[str, float]
 
