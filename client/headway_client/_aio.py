@@ -14,7 +14,15 @@ from headway.v1 import progress_pb2 as pb
 from headway.v1 import progress_pb2_grpc as pb_grpc
 
 from headway_client import _common
-from headway_client._errors import FailedPrecondition, OperationCancelled, from_rpc_error
+from headway_client._errors import (
+    STATUS_BY_NUMBER,
+    FailedPrecondition,
+    OperationCancelled,
+    Unavailable,
+    error_for,
+    from_rpc_error,
+    status_of,
+)
 from headway_client._reports import PendingReports
 from headway_client._retry import RECONNECT, REPORT_RETRY, RetryPolicy, acall_with_retry, retryable
 
@@ -80,6 +88,7 @@ class AsyncHeadwayClient:
         request_id: str = "",
         min_interval: float = 0.1,
         raise_on_cancel: bool = False,
+        streaming: bool = True,
     ) -> AsyncOperationHandle:
         """Starts an operation; see HeadwayClient.start."""
         request = _common.start_request(
@@ -97,7 +106,11 @@ class AsyncHeadwayClient:
         )
         operation = await self._call(self.stub.StartOperation, request)
         return AsyncOperationHandle(
-            self, operation, min_interval=min_interval, raise_on_cancel=raise_on_cancel
+            self,
+            operation,
+            min_interval=min_interval,
+            raise_on_cancel=raise_on_cancel,
+            streaming=streaming,
         )
 
     async def get(self, operation_id: str) -> pb.Operation:
@@ -201,6 +214,53 @@ class AsyncHeadwayClient:
                 call.cancel()
 
 
+class AsyncReportStream:
+    """Reports over one ReportProgress stream; see _sync.ReportStream."""
+
+    def __init__(self, client: AsyncHeadwayClient) -> None:
+        self.client = client
+        self.unary = False
+        self._call: Any = None
+
+    async def send(self, request: pb.UpdateOperationRequest) -> pb.UpdateOperationResponse:
+        if self.unary:
+            return await self.client.report(request)
+        delays = REPORT_RETRY.delays()
+        while True:
+            try:
+                if self._call is None:
+                    self._call = self.client.stub.ReportProgress(metadata=self.client.metadata)
+                await self._call.write(request)
+                ack = await self._call.read()
+                if ack is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    raise EOFError("the report stream ended")
+            except (grpc.RpcError, EOFError) as exc:
+                await self.close()
+                status = status_of(exc) if isinstance(exc, grpc.RpcError) else None
+                if status == grpc.StatusCode.UNIMPLEMENTED:
+                    self.unary = True
+                    return await self.client.report(request)
+                delay = next(delays, None)
+                if delay is None or (status is not None and not retryable(exc)):
+                    if isinstance(exc, grpc.RpcError):
+                        raise from_rpc_error(exc) from exc
+                    raise Unavailable(str(exc)) from None
+                await asyncio.sleep(delay)
+                continue
+            if ack.error_code:
+                code = STATUS_BY_NUMBER.get(ack.error_code, grpc.StatusCode.UNKNOWN)
+                raise error_for(code, ack.error_message)
+            result: pb.UpdateOperationResponse = ack.result
+            return result
+
+    async def close(self) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                await call.done_writing()
+            call.cancel()
+
+
 class AsyncOperationHandle:
     """A producer's handle for asyncio code; reports are coalesced by a background task."""
 
@@ -211,8 +271,11 @@ class AsyncOperationHandle:
         *,
         min_interval: float = 0.1,
         raise_on_cancel: bool = False,
+        streaming: bool = True,
     ) -> None:
         self.client = client
+        self._stream = AsyncReportStream(client)
+        self._stream.unary = not streaming
         self.id = operation.id
         self.operation = operation
         self.min_interval = min_interval
@@ -282,7 +345,7 @@ class AsyncOperationHandle:
             requests = self._pending.take()
             try:
                 for request in requests:
-                    response = await self.client.report(request)
+                    response = await self._stream.send(request)
                     self.rpcs += 1
                     self.revision = max(self.revision, response.revision)
                     self.percent = response.percent
@@ -295,6 +358,7 @@ class AsyncOperationHandle:
             else:
                 self._idle.set()
                 if self._closed:
+                    await self._stream.close()
                     return
 
     async def flush(self) -> None:

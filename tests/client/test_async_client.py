@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import grpc
 import pytest
 from headway.v1 import progress_pb2 as pb
-from headway_client import AsyncHeadwayClient, OperationNotFound
+from headway_client import AsyncHeadwayClient, InvalidArgument, OperationNotFound
 
 
 async def test_async_producer_reports_coalesced_and_completes(grpc_server):
@@ -53,3 +55,29 @@ async def test_async_watch_sees_the_operation_to_its_end(grpc_server):
     assert events[0].type == pb.OperationEvent.SNAPSHOT
     assert events[-1].operation.state == pb.Operation.SUCCEEDED
     assert events[-1].operation.completed == 3
+
+
+class CountUnaryUpdates(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        if details.method == "/headway.v1.ProgressTracker/UpdateOperation":
+            self.calls += 1
+        return await continuation(details)
+
+
+async def test_async_handle_reports_over_the_stream_and_surfaces_rejections(server_factory):
+    counter = CountUnaryUpdates()
+    server = server_factory(interceptors=[counter])
+    async with AsyncHeadwayClient(server.address, timeout=5) as client:
+        op = await client.start(kind="async", project="aio-stream", total=10, min_interval=0)
+        op.advance(4)
+        await op.flush()
+        op.update(completed=11)
+        with pytest.raises(InvalidArgument, match="completed"):
+            await op.flush()
+        await op.complete()
+        stored = await client.get(op.id)
+    assert (stored.completed, stored.state) == (4, pb.Operation.SUCCEEDED)
+    assert counter.calls == 0 and op.rpcs >= 1
