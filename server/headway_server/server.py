@@ -68,7 +68,10 @@ class HeadwayServer:
             await asyncio.sleep(self.config.sweep_interval)
             try:
                 await self.service.sweep()
-                await self._publish_gauges()
+                if self.metrics_port:
+                    # Counting every operation by state and kind is a full scan:
+                    # only worth it when something can scrape the result.
+                    await self._publish_gauges()
             except Exception:
                 # A failed sweep must not end leases and retention for good.
                 log.exception("sweep failed")
