@@ -88,9 +88,11 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
 ]
 PROJECT_OPS = 100
-# Producer tasks (unpaced, the reports in flight), enough that a fan-out run
-# flat out is bound by delivery, not by one producer's round trips.
-PROJECT_PRODUCERS = 8
+# Producer tasks (unpaced, the reports in flight). A project's operations are
+# separate jobs, each with its own worker reporting one report at a time: one
+# producer per operation, so a run flat out is bound by delivery, not by a few
+# producers' round trips.
+PROJECT_PRODUCERS = PROJECT_OPS
 FANOUT_PRODUCERS = 4
 # Watchers whose receipts are kept for latency (all of them are counted).
 LATENCY_SAMPLE = 100

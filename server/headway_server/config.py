@@ -41,9 +41,18 @@ class ServerConfig:
     slow_fraction: float = 0.5
     error_rate_threshold: float = 0.1
     eta_slip_seconds: float = 60.0
+    # After a round of watch sends, time left to producers, relative to how
+    # long the round took (see domain/watch.py); 0 = none, no batching pauses.
+    watch_yield_ratio: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("retention", "bookmark_interval", "shutdown_grace", "sweep_interval"):
+        for name in (
+            "retention",
+            "bookmark_interval",
+            "shutdown_grace",
+            "sweep_interval",
+            "watch_yield_ratio",
+        ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must not be negative")
         if self.bookmark_interval == 0 or self.sweep_interval == 0:
@@ -67,6 +76,7 @@ _FLAGS: dict[str, Callable[[str], object]] = {
     "slow-fraction": float,
     "error-rate-threshold": float,
     "eta-slip": parse_duration,
+    "watch-yield-ratio": float,
 }
 _FIELD = {"history": "history_size", "eta-slip": "eta_slip_seconds"}
 _HELP = {
@@ -82,6 +92,8 @@ _HELP = {
     "slow-fraction": "SLOW alert below this fraction of typical or earlier throughput",
     "error-rate-threshold": "HIGH_ERROR_RATE alert above this many errors per unit",
     "eta-slip": "ETA_SLIPPING alert when the estimated end moves later by more than this",
+    "watch-yield-ratio": "after each round of watch sends, pause for producers this many "
+    "times the round's length (at most 100ms); watchers then get batched changes",
 }
 
 

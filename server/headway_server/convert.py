@@ -29,7 +29,9 @@ from headway_server.domain.model import (
 from headway_server.domain.stats import KindStats, Percentiles, Stats
 from headway_server.domain.watch import WatchEvent
 
-_CACHE_LIMIT = 8192
+# Serialized operation states kept for watch fan-out (about 600 B each): the
+# states being fanned out right now, not every operation the server holds.
+_CACHE_LIMIT = 4096
 
 
 def struct_to_dict(message: struct_pb2.Struct, field: str) -> JsonObject:
@@ -154,23 +156,28 @@ def _error(error: OperationError) -> pb.OperationError:
     return message
 
 
-# Watchers of a busy project receive the same operation state many times over;
-# converting it once per revision instead of once per watcher is the cheap win.
-# Keyed by the stored value itself (held in the entry, so its id() cannot be
-# reused while cached): ids and revisions alone can repeat across two servers
-# in one process.
-_cache: dict[int, tuple[Operation, pb.Operation]] = {}
-
-
 def operation(op: Operation) -> pb.Operation:
+    return _operation(op)
+
+
+# Watchers of a busy project receive the same operation state many times over;
+# serializing it once per revision instead of once per watcher is the cheap
+# win. Keyed by the stored value itself (held in the entry, so its id() cannot
+# be reused while cached): ids and revisions alone can repeat across two
+# servers in one process.
+_cache: dict[int, tuple[Operation, bytes]] = {}
+
+
+def operation_bytes(op: Operation) -> bytes:
+    """The serialized pb.Operation of a stored value, cached for fan-out."""
     cached = _cache.get(id(op))
     if cached is not None and cached[0] is op:
         return cached[1]
-    message = _operation(op)
+    data = _operation(op).SerializeToString()
     if len(_cache) >= _CACHE_LIMIT:
         _cache.clear()
-    _cache[id(op)] = (op, message)
-    return message
+    _cache[id(op)] = (op, data)
+    return data
 
 
 def _operation(op: Operation) -> pb.Operation:
@@ -226,14 +233,36 @@ def _operation(op: Operation) -> pb.Operation:
     return message
 
 
-def event(watch_event: WatchEvent) -> pb.OperationEvent:
-    message = pb.OperationEvent(
+def varint(value: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative int."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# Tags of the length-delimited fields spliced in below: (field number << 3) | 2.
+_EVENT_OPERATION_TAG = b"\x1a"  # OperationEvent.operation = 3
+EVENTS_TAG = b"\x0a"  # WatchOperationsResponse.events = 1
+
+
+def event_bytes(watch_event: WatchEvent) -> bytes:
+    """The serialized pb.OperationEvent, built around the cached operation bytes.
+
+    Protobuf's wire format is a concatenation of fields, so the event is its
+    small header followed by the operation as field 3: no per-watcher copy or
+    re-serialization of the operation.
+    """
+    head = pb.OperationEvent(
         revision=watch_event.revision,
         type=int(watch_event.type),  # type: ignore[arg-type]
-    )
-    if watch_event.operation is not None:
-        message.operation.CopyFrom(operation(watch_event.operation))
-    return message
+    ).SerializeToString()
+    if watch_event.operation is None:
+        return head
+    body = operation_bytes(watch_event.operation)
+    return b"".join((head, _EVENT_OPERATION_TAG, varint(len(body)), body))
 
 
 def log_entry(message: pb.LogEntry, field: str) -> LogEntry:

@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from headway.v1 import progress_pb2 as pb
-from headway.v1 import progress_pb2_grpc as pb_grpc
 
+from headway_server import handlers
 from headway_server.config import ServerConfig
 from headway_server.domain.alerts import AlertThresholds
 from headway_server.domain.service import OperationService
@@ -125,7 +125,11 @@ def create_server(
     service = OperationService(
         chosen, retention=config.retention, thresholds=thresholds, observer=metrics
     )
-    hub = WatchHub(chosen, bookmark_interval=config.bookmark_interval)
+    hub = WatchHub(
+        chosen,
+        bookmark_interval=config.bookmark_interval,
+        yield_ratio=config.watch_yield_ratio,
+    )
     grpc_server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -136,9 +140,7 @@ def create_server(
         maximum_concurrent_rpcs=None,
         interceptors=[metrics.rpc_interceptor(), *interceptors],
     )
-    pb_grpc.add_ProgressTrackerServicer_to_server(
-        ProgressTrackerServicer(service, hub), grpc_server
-    )
+    handlers.add_servicer(ProgressTrackerServicer(service, hub), grpc_server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
     reflection.enable_server_reflection(

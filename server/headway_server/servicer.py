@@ -234,24 +234,26 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
         found = await self.service.stats(convert.operation_filter(request.filter), window=window)
         return convert.stats(found)
 
-    async def WatchOperation(
+    async def WatchOperation(  # type: ignore[override]  # yields serialized events
         self, request: pb.WatchOperationRequest, context: Any
-    ) -> AsyncIterator[pb.OperationEvent]:
+    ) -> AsyncIterator[bytes]:
+        # Watch streams yield serialized messages (see handlers.serialize): the
+        # operation's bytes are shared by every watcher of it.
         try:
             check_id("operation_id", request.operation_id)
             _check_revision(request.from_revision)
             async for event in self.hub.watch_operation(
                 request.operation_id, request.from_revision
             ):
-                yield convert.event(event)
+                yield convert.event_bytes(event)
         except ShuttingDown as exc:
             await _end_for_shutdown(context, exc)
         except Exception as exc:
             await _abort(context, exc, "WatchOperation")
 
-    async def WatchOperations(
+    async def WatchOperations(  # type: ignore[override]  # yields serialized responses
         self, request: pb.WatchOperationsRequest, context: Any
-    ) -> AsyncIterator[pb.WatchOperationsResponse]:
+    ) -> AsyncIterator[bytes]:
         try:
             where = convert.operation_filter(request.filter)
             _check_revision(request.from_revision)
@@ -269,24 +271,24 @@ def _check_revision(revision: int) -> None:
         raise errors.InvalidArgument("from_revision", f"must not be negative (got {revision})")
 
 
-def _messages(batch: list[WatchEvent]) -> list[pb.WatchOperationsResponse]:
-    """Splits a batch of events into responses of bounded count and size."""
-    messages = []
-    current = pb.WatchOperationsResponse()
-    size = 0
+def _messages(batch: list[WatchEvent]) -> list[bytes]:
+    """Serialized WatchOperationsResponses of bounded count and size carrying
+    `batch`: each is its events, each one spliced in as field 1."""
+    messages: list[bytes] = []
+    parts: list[bytes] = []
+    size = count = 0
     for watch_event in batch:
-        event = convert.event(watch_event)
-        event_size = event.ByteSize()
-        if current.events and (
-            len(current.events) >= _MAX_EVENTS_PER_MESSAGE
-            or size + event_size > _MAX_BYTES_PER_MESSAGE
+        event = convert.event_bytes(watch_event)
+        if count and (
+            count >= _MAX_EVENTS_PER_MESSAGE or size + len(event) > _MAX_BYTES_PER_MESSAGE
         ):
-            messages.append(current)
-            current, size = pb.WatchOperationsResponse(), 0
-        current.events.append(event)
-        size += event_size
-    if current.events:
-        messages.append(current)
+            messages.append(b"".join(parts))
+            parts, size, count = [], 0, 0
+        parts += (convert.EVENTS_TAG, convert.varint(len(event)), event)
+        size += len(event)
+        count += 1
+    if parts:
+        messages.append(b"".join(parts))
     return messages
 
 

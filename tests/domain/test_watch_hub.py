@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
+import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -142,6 +144,71 @@ async def test_slow_watcher_skips_superseded_states(
     assert last is not None
     assert last.state is State.SUCCEEDED
     assert last.completed == 10
+
+
+async def test_light_load_delivers_every_state(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    await create(store, "a")
+    stream = watch(hub, streams)
+    await nxt(stream)  # snapshot
+    await nxt(stream)  # SYNCED
+    received: list[int] = []
+
+    async def follow() -> None:
+        while len(received) < 30:
+            received.extend(e.revision for e in await next_non_bookmark(stream))
+
+    follower = asyncio.create_task(follow())
+    for i in range(30):
+        await change(store, "a", completed=i)
+        await asyncio.sleep(0.002)  # a producer's report every few milliseconds
+    await asyncio.wait_for(follower, TIMEOUT)
+    # One watcher's round takes microseconds: no pause, nothing coalesced.
+    assert received == list(range(2, 32))
+
+
+@pytest.mark.parametrize(("yield_ratio", "batched"), [(0.0, False), (1.0, True)])
+async def test_busy_rounds_yield_to_producers_and_batch_their_changes(
+    store: MemoryStore, streams: Any, yield_ratio: float, batched: bool
+) -> None:
+    """Rounds of slow sends (a blocking 2 ms each, as thousands of grpc writes
+    would be) leave producers time; each watcher then gets many operations per
+    batch. The control without the pause shows the test can fail."""
+    hub = WatchHub(store, bookmark_interval=10.0, yield_ratio=yield_ratio)
+    ops = [f"op{i}" for i in range(40)]
+    for op_id in ops:
+        await create(store, op_id)
+    sizes: list[int] = []
+    stop = asyncio.Event()
+
+    async def watcher() -> None:
+        # Read as grpc drives a stream: directly, a send in the same step.
+        async for batch in watch(hub, streams):
+            if stop.is_set():
+                return
+            if batch[0].type is EventType.CHANGED:
+                sizes.append(len(batch))
+                time.sleep(0.002)  # noqa: ASYNC251  # on purpose: a send that holds the loop
+
+    async def producer() -> None:
+        for step in itertools.count():
+            if stop.is_set():
+                return
+            await change(store, ops[step % len(ops)], completed=step)
+            await asyncio.sleep(0)
+
+    watchers = [asyncio.create_task(watcher()) for _ in range(10)]
+    await asyncio.sleep(0.05)
+    producing = asyncio.create_task(producer())
+    await asyncio.sleep(0.6)
+    stop.set()
+    await asyncio.wait_for(producing, TIMEOUT)
+    await store.create(Operation(id="last", spec=StartSpec()))  # wakes the watchers to stop
+    await asyncio.wait_for(asyncio.gather(*watchers), TIMEOUT)
+    hub.stop()
+    mean = sum(sizes) / len(sizes)
+    assert (mean >= 5) is batched, f"mean batch {mean:.1f} over {len(sizes)} batches"
 
 
 async def test_watcher_filters_and_delivers_how_it_ended(

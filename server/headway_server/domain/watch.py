@@ -22,6 +22,11 @@ from headway_server.store.base import OperationStore
 # Changes read from the store per round; a watcher that is further behind
 # catches up over several rounds, each one message or a few.
 CHANGES_PER_ROUND = 1000
+# How long the pump yields to producers after a round of wake-ups, relative to
+# the round (see WatchHub); shorter pauses are not worth a timer.
+DEFAULT_YIELD_RATIO = 1.0  # measured in bench/: see the README's Performance
+MAX_PAUSE = 0.1
+MIN_PAUSE = 0.001
 
 
 class EventType(enum.IntEnum):
@@ -54,20 +59,31 @@ class WatchHub:
     """Runs watch streams against a store; one per server."""
 
     def __init__(
-        self, store: OperationStore, *, bookmark_interval: float, coalesce: float = 0.0
+        self,
+        store: OperationStore,
+        *,
+        bookmark_interval: float,
+        yield_ratio: float = DEFAULT_YIELD_RATIO,
+        max_pause: float = MAX_PAUSE,
     ) -> None:
         self.store = store
         self.bookmark_interval = bookmark_interval
         self.open_watchers = 0
         self._stopping = False
         # One task waits on the store for every watcher and wakes them all by
-        # setting (and replacing) one event, at most once per `coalesce`
-        # seconds: a per-watcher wait task, timer and cancel on every change
-        # cost ~18 % of fan-out time, and a burst of reports now reaches each
-        # watcher as one batch instead of one wake-up per report.
-        self.coalesce = coalesce
+        # setting (and replacing) one event: a per-watcher wait task, timer and
+        # cancel on every change cost ~18 % of fan-out time.
         self._tick = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
+        # After each round of wake-ups the pump leaves the event loop to
+        # producers for `yield_ratio` times as long as the round took (at most
+        # `max_pause`). A round of a few watchers takes microseconds, so they
+        # see every state; a round of thousands takes tens of milliseconds, and
+        # then watchers are behind by design: their next round carries every
+        # operation changed meanwhile in one message, and producers keep their
+        # share of the CPU instead of waiting behind every watcher's send.
+        self.yield_ratio = yield_ratio
+        self.max_pause = max_pause
 
     @property
     def stopping(self) -> bool:
@@ -84,11 +100,16 @@ class WatchHub:
         seen = self.store.revision
         while not self._stopping:
             await self.store.wait_for_change(seen)
-            if self.coalesce:
-                await asyncio.sleep(self.coalesce)
             seen = self.store.revision
             tick, self._tick = self._tick, asyncio.Event()
+            started = time.perf_counter()
             tick.set()
+            # The watchers just woken were scheduled first: this resumes after
+            # each has built and handed its message to grpc.
+            await asyncio.sleep(0)
+            pause = min(self.max_pause, (time.perf_counter() - started) * self.yield_ratio)
+            if pause >= MIN_PAUSE:
+                await asyncio.sleep(pause)
 
     async def _wait(self, after: int, deadline: float) -> None:
         """Waits for a change after `after`, the deadline, or shutdown."""
