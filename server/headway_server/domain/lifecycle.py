@@ -22,6 +22,7 @@ from headway_server.domain.model import (
     StartSpec,
     State,
     Update,
+    amend,
     evolve,
 )
 
@@ -211,7 +212,7 @@ def apply_update(op: Operation, update: Update, now: float) -> Operation:
         last_report_at=now,
         last_sequence=max(op.last_sequence, update.sequence),
     )
-    return evolve(new, percent=compute_percent(new))
+    return amend(new, percent=compute_percent(new))
 
 
 def compute_percent(op: Operation) -> float:
@@ -280,7 +281,7 @@ def finish(
         finished_at=now,
         finished_by=(call, request_id),
     )
-    return evolve(new, percent=compute_percent(new))
+    return amend(new, percent=compute_percent(new))
 
 
 def validate_complete(message: str, result: JsonObject | None, request_id: str) -> None:

@@ -7,34 +7,50 @@ on; every change builds a new value with `dataclasses.replace`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 JsonObject = Mapping[str, Any]
 T = TypeVar("T")
-_FIELD_NAMES: dict[type, tuple[tuple[str, ...], frozenset[str]]] = {}
+_COPIERS: dict[type, tuple[Callable[[Any], Any], frozenset[str]]] = {}
+
+
+def _copier(cls: type) -> tuple[Callable[[Any], Any], frozenset[str]]:
+    """A function copying every slot of a `cls` value, generated once per class:
+    straight-line attribute copies are ~4x cheaper than a loop over field names."""
+    names = tuple(f.name for f in fields(cls))
+    lines = ["def copy(value):", "    new = new_(cls)"]
+    lines += [f"    set_(new, {name!r}, value.{name})" for name in names]
+    lines.append("    return new")
+    namespace: dict[str, Any] = {"new_": object.__new__, "set_": object.__setattr__, "cls": cls}
+    exec("\n".join(lines), namespace)  # code built from the class's own field names
+    entry = _COPIERS[cls] = (namespace["copy"], frozenset(names))
+    return entry
 
 
 def evolve(value: T, **changes: Any) -> T:
     """A copy of a frozen slots dataclass with some fields changed.
 
     dataclasses.replace re-runs __init__ over every field and dominated the
-    profile of a report (7 copies of a 50-field Operation, ~60 % of the time);
+    profile of a report (several copies of a 50-field Operation per report);
     copying the slots directly is several times cheaper.
     """
     cls = type(value)
-    known = _FIELD_NAMES.get(cls)
-    if known is None:
-        names = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
-        known = _FIELD_NAMES[cls] = (names, frozenset(names))
-    if not known[1].issuperset(changes):
-        unknown = ", ".join(sorted(set(changes) - known[1]))
+    copy, known = _COPIERS.get(cls) or _copier(cls)
+    if not known.issuperset(changes):
+        unknown = ", ".join(sorted(set(changes) - known))
         raise TypeError(f"{cls.__name__} has no field(s) {unknown}")
-    new = object.__new__(cls)
-    for name in known[0]:
-        object.__setattr__(new, name, changes[name] if name in changes else getattr(value, name))
-    return new
+    new: T = copy(value)
+    return amend(new, **changes)
+
+
+def amend(fresh: T, **changes: Any) -> T:
+    """Sets fields of a value the caller has just built with `evolve` and not yet
+    shared with anyone (not stored, not returned): saves another whole copy."""
+    for name, changed in changes.items():
+        object.__setattr__(fresh, name, changed)
+    return fresh
 
 
 class State(enum.IntEnum):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 
 from headway_server.domain import alerts, eta
-from headway_server.domain.model import AlertType, Estimate, Operation, State, evolve
+from headway_server.domain.model import AlertType, Estimate, Operation, State, amend, evolve
 
 # Children per parent and nesting depth; a roll-up reads every child of a
 # parent, so both bound the cost of one child's report.
@@ -44,9 +44,9 @@ def refresh(
     if op.state is State.RUNNING and op.percent >= 10 and not estimate.per_percent:
         peak = max(peak, estimate.throughput)
     new = evolve(op, estimate=estimate, peak_throughput=peak)
-    new = evolve(new, eta_baseline=alerts.track_eta_baseline(new, now, thresholds.eta_slip_window))
+    amend(new, eta_baseline=alerts.track_eta_baseline(new, now, thresholds.eta_slip_window))
     found_alerts = alerts.evaluate(new, now, thresholds, typical_throughput=typical_throughput)
-    return evolve(new, alerts=found_alerts)
+    return amend(new, alerts=found_alerts)
 
 
 def alert_types(op: Operation) -> set[AlertType]:
