@@ -176,9 +176,9 @@ class Served(NamedTuple):
 
 @pytest.fixture
 async def served(metrics: Metrics) -> AsyncIterator[Served]:
-    """The real Headway server with the metrics interceptor, and a channel to it."""
+    """The real Headway server recording in `metrics`, and a channel to it."""
     metrics_port = metrics.serve("127.0.0.1:0")
-    server, port = create_server(CONFIG, interceptors=[metrics.rpc_interceptor()])
+    server, port = create_server(CONFIG, metrics=metrics)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -161,23 +161,28 @@ def operation(op: Operation) -> pb.Operation:
 
 
 # Watchers of a busy project receive the same operation state many times over;
-# serializing it once per revision instead of once per watcher is the cheap
-# win. Keyed by the stored value itself (held in the entry, so its id() cannot
-# be reused while cached): ids and revisions alone can repeat across two
-# servers in one process.
-_cache: dict[int, tuple[Operation, bytes]] = {}
+# serializing it (and each event carrying it) once instead of once per watcher
+# is the cheap win. Keyed by the stored value itself (held in the entry, so its
+# id() cannot be reused while cached): ids and revisions alone can repeat
+# across two servers in one process. Entry: (type, revision) -> event bytes,
+# and None -> the operation's bytes.
+_cache: dict[int, tuple[Operation, dict[tuple[int, int] | None, bytes]]] = {}
+
+
+def _serialized(op: Operation) -> dict[tuple[int, int] | None, bytes]:
+    cached = _cache.get(id(op))
+    if cached is not None and cached[0] is op:
+        return cached[1]
+    if len(_cache) >= _CACHE_LIMIT:
+        _cache.clear()
+    entry: dict[tuple[int, int] | None, bytes] = {None: _operation(op).SerializeToString()}
+    _cache[id(op)] = (op, entry)
+    return entry
 
 
 def operation_bytes(op: Operation) -> bytes:
     """The serialized pb.Operation of a stored value, cached for fan-out."""
-    cached = _cache.get(id(op))
-    if cached is not None and cached[0] is op:
-        return cached[1]
-    data = _operation(op).SerializeToString()
-    if len(_cache) >= _CACHE_LIMIT:
-        _cache.clear()
-    _cache[id(op)] = (op, data)
-    return data
+    return _serialized(op)[None]
 
 
 def _operation(op: Operation) -> pb.Operation:
@@ -249,20 +254,29 @@ EVENTS_TAG = b"\x0a"  # WatchOperationsResponse.events = 1
 
 
 def event_bytes(watch_event: WatchEvent) -> bytes:
-    """The serialized pb.OperationEvent, built around the cached operation bytes.
+    """The serialized pb.OperationEvent, cached with the operation it carries.
 
     Protobuf's wire format is a concatenation of fields, so the event is its
-    small header followed by the operation as field 3: no per-watcher copy or
-    re-serialization of the operation.
+    small header followed by the operation's cached bytes as field 3: no copy
+    or re-serialization of the operation per event, nor of an event per watcher.
     """
-    head = pb.OperationEvent(
+    if watch_event.operation is None:
+        return _event_head(watch_event)
+    entry = _serialized(watch_event.operation)
+    key = (int(watch_event.type), watch_event.revision)
+    event = entry.get(key)
+    if event is None:
+        body = entry[None]
+        head = _event_head(watch_event)
+        event = entry[key] = b"".join((head, _EVENT_OPERATION_TAG, varint(len(body)), body))
+    return event
+
+
+def _event_head(watch_event: WatchEvent) -> bytes:
+    return pb.OperationEvent(
         revision=watch_event.revision,
         type=int(watch_event.type),  # type: ignore[arg-type]
     ).SerializeToString()
-    if watch_event.operation is None:
-        return head
-    body = operation_bytes(watch_event.operation)
-    return b"".join((head, _EVENT_OPERATION_TAG, varint(len(body)), body))
 
 
 def log_entry(message: pb.LogEntry, field: str) -> LogEntry:

@@ -1,17 +1,20 @@
-"""Registers the ProgressTracker servicer with grpc, built from the service descriptor.
+"""Registers servicers with grpc, built from their service descriptors.
 
-The generated add_ProgressTrackerServicer_to_server serializes every response
-with the message class's SerializeToString. Watch streams instead yield bytes
-they have already serialized once for all their watchers, so the handlers here
-pass bytes through and serialize messages as usual.
+The generated add_*Servicer_to_server functions serialize every response with
+the message class's SerializeToString. Watch streams instead yield bytes they
+have serialized once for all their watchers, so the handlers here pass bytes
+through and serialize messages as usual. Each method is also wrapped, once, to
+count its calls in the metrics.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from headway.v1 import progress_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ProgressTracker"]
@@ -24,6 +27,9 @@ _HANDLER_BY_SHAPE = {
     (True, True): grpc.stream_stream_rpc_method_handler,
 }
 
+# (method name, implementation, server streaming?) -> what grpc calls.
+Wrap = Callable[[str, Callable[..., Any], bool], Callable[..., Any]]
+
 
 def serialize(response: Any) -> bytes:
     """A response message's wire bytes; bytes are taken as already serialized."""
@@ -32,19 +38,24 @@ def serialize(response: Any) -> bytes:
     return bytes(response.SerializeToString())
 
 
-def add_servicer(servicer: Any, server: grpc.aio.Server) -> None:
-    """Registers every method of the service, as the generated function does."""
+def add_service(
+    server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any, wrap: Wrap
+) -> None:
+    """Registers every method of `service` that `servicer` implements."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    for method in SERVICE.methods:
+    for method in service.methods:
+        behaviour = getattr(servicer, method.name, None)
+        if behaviour is None:
+            continue  # e.g. a newer health proto's method the servicer lacks: UNIMPLEMENTED
         request = message_factory.GetMessageClass(method.input_type)
         make = _HANDLER_BY_SHAPE[method.client_streaming, method.server_streaming]
         handlers[method.name] = make(
-            getattr(servicer, method.name),
+            wrap(method.name, behaviour, method.server_streaming),
             request_deserializer=request.FromString,
             response_serializer=serialize,
         )
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
     # Registered methods skip grpc's per-call generic lookup; not in grpc's stubs yet.
-    server.add_registered_method_handlers(SERVICE.full_name, handlers)  # type: ignore[attr-defined]
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]

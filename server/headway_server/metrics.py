@@ -15,9 +15,8 @@ one process. Exported:
 from __future__ import annotations
 
 import asyncio
-import inspect
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
@@ -54,11 +53,6 @@ DURATION_BUCKETS = (
     86400.0,
     float("inf"),
 )
-
-if TYPE_CHECKING:
-    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    _Interceptor = grpc.aio.ServerInterceptor
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -154,9 +148,17 @@ class Metrics:
     def alert_raised(self, alert_type: str) -> None:
         self._alerts.labels(type=alert_type).inc()
 
-    def rpc_interceptor(self) -> grpc.aio.ServerInterceptor[Any, Any]:
-        """Counts every RPC in headway_rpcs_total when it finishes."""
-        return _RpcCounter(self)
+    def counted(self, method: str, behaviour: Callable[..., Any], streaming: bool) -> Any:
+        """`behaviour` (an RPC method's implementation) wrapped to record its end in
+        headway_rpcs_total. Wrapped once at registration: a server interceptor
+        would run a coroutine and build a handler on every call (~10 % of a
+        unary report's server time)."""
+        wrap = _count_stream if streaming else _count_unary
+        return wrap(self.rpc_finished, method, behaviour)
+
+    def unknown_methods(self) -> grpc.GenericRpcHandler[Any, Any]:
+        """A catch-all handler, registered last: answers UNIMPLEMENTED, counted."""
+        return _UnknownMethods(self.rpc_finished)
 
     # Exposition --------------------------------------------------------------
 
@@ -199,78 +201,65 @@ def _code_after(
     return grpc.StatusCode.UNKNOWN
 
 
-async def _resolve(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
+Record = Callable[[str, grpc.StatusCode], None]
 
 
-class _RpcCounter(_Interceptor):
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
+def _count_unary(record: Record, method: str, inner: Callable[..., Any]) -> Any:
+    async def behaviour(request: Any, context: Any) -> Any:
+        try:
+            response = await inner(request, context)
+        except BaseException as exc:
+            record(method, _code_after(context, exc))
+            raise
+        record(method, _code_after(context, None))
+        return response
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
+    return behaviour
+
+
+def _count_stream(record: Record, method: str, inner: Callable[..., Any]) -> Any:
+    async def behaviour(request: Any, context: Any) -> AsyncIterator[Any]:
+        result = inner(request, context)
+        try:
+            if hasattr(result, "__aiter__"):
+                async for message in result:
+                    yield message
+            else:
+                # A handler that writes with context.write() (health's Watch).
+                await result
+        except BaseException as exc:
+            record(method, _code_after(context, exc))
+            raise
+        finally:
+            # Closed here, not whenever it is collected, so its cleanup (e.g. a
+            # watcher unregistering) runs when the call ends.
+            if hasattr(result, "aclose"):
+                await result.aclose()
+        record(method, _code_after(context, None))
+
+    return behaviour
+
+
+if TYPE_CHECKING:
+    _GenericHandler = grpc.GenericRpcHandler[Any, Any]
+else:  # not subscriptable at run time
+    _GenericHandler = grpc.GenericRpcHandler
+
+
+class _UnknownMethods(_GenericHandler):
+    def __init__(self, record: Record) -> None:
+        self._record = record
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method.rpartition("/")[2]
-        if handler is None:
-            # No such method: grpc answers UNIMPLEMENTED without calling anything.
-            self._metrics.rpc_finished(method, grpc.StatusCode.UNIMPLEMENTED)
-            return handler
-        record = self._metrics.rpc_finished
+        full_name = handler_call_details.method
+        method = full_name.rpartition("/")[2]
+        record = self._record
 
-        def unary(inner: Callable[..., Any]) -> Callable[..., Any]:
-            async def behaviour(request: Any, context: Any) -> Any:
-                try:
-                    response = await _resolve(inner(request, context))
-                except BaseException as exc:
-                    record(method, _code_after(context, exc))
-                    raise
-                record(method, _code_after(context, None))
-                return response
+        async def refuse(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            record(method, grpc.StatusCode.UNIMPLEMENTED)
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"method {full_name} not found")
+            raise AssertionError("unreachable: abort raises")
 
-            return behaviour
-
-        def streaming(inner: Callable[..., Any]) -> Callable[..., Any]:
-            async def behaviour(request: Any, context: Any) -> AsyncIterator[Any]:
-                result = inner(request, context)
-                try:
-                    if hasattr(result, "__aiter__"):
-                        async for message in result:
-                            yield message
-                    elif inspect.isawaitable(result):
-                        # A handler that writes with context.write() instead of yielding.
-                        await result
-                    else:
-                        for message in result:
-                            yield message
-                except BaseException as exc:
-                    record(method, _code_after(context, exc))
-                    raise
-                finally:
-                    # Closed here, not whenever it is collected, so its cleanup
-                    # (e.g. a watcher unregistering) runs when the call ends.
-                    if hasattr(result, "aclose"):
-                        await result.aclose()
-                record(method, _code_after(context, None))
-
-            return behaviour
-
-        options = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **options)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **options)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **options)
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                streaming(handler.stream_stream), **options
-            )
-        return handler
+        return grpc.unary_unary_rpc_method_handler(refuse)

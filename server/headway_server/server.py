@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from headway.v1 import progress_pb2 as pb
@@ -107,6 +107,7 @@ def create_server(
     store: OperationStore | None = None,
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    metrics: Metrics | None = None,
 ) -> tuple[HeadwayServer, int]:
     """Builds (not starts) the server; call from the event loop it will run on.
 
@@ -116,7 +117,7 @@ def create_server(
     chosen: OperationStore = store or MemoryStore(
         max_operations=config.max_operations, history_size=config.history_size
     )
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     thresholds = AlertThresholds(
         slow_fraction=config.slow_fraction,
         error_rate=config.error_rate_threshold,
@@ -138,11 +139,15 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=None,
-        interceptors=[metrics.rpc_interceptor(), *interceptors],
+        interceptors=interceptors or None,
     )
-    handlers.add_servicer(ProgressTrackerServicer(service, hub), grpc_server)
+    handlers.add_service(
+        grpc_server, handlers.SERVICE, ProgressTrackerServicer(service, hub), metrics.counted
+    )
     health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    handlers.add_service(
+        grpc_server, health_pb2.DESCRIPTOR.services_by_name["Health"], health, metrics.counted
+    )
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
@@ -151,6 +156,8 @@ def create_server(
         ),
         grpc_server,
     )
+    # Last, so that only calls no service above answers reach it.
+    grpc_server.add_generic_rpc_handlers((metrics.unknown_methods(),))
     try:
         port = grpc_server.add_insecure_port(config.listen)
     except RuntimeError as exc:  # grpcio reports a failed bind as RuntimeError
