@@ -417,3 +417,33 @@ async def test_watch_one_until_deleted(store: MemoryStore, hub: WatchHub, stream
 async def test_watch_one_unknown_is_not_found(hub: WatchHub, streams: Any) -> None:
     with pytest.raises(NotFound):
         await nxt(watch_one(hub, streams, "nope"))
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["watch_operation", "watch_operations"])
+async def test_change_made_while_a_watcher_sends_reaches_it_promptly(
+    store: MemoryStore, streams: Any, single: bool
+) -> None:
+    """A change the pump has already announced while the watcher was busy
+    sending must not wait for a later change (or the bookmark) to be read."""
+    hub = WatchHub(store, bookmark_interval=30.0)
+    await create(store, "a")
+    if single:
+        stream: AsyncIterator[Any] = watch_one(hub, streams, "a")
+        await nxt(stream)  # snapshot
+        await change(store, "a", completed=1)  # 2
+        assert (await nxt(stream)).revision == 2
+    else:
+        stream = watch(hub, streams)
+        await nxt(stream)  # snapshot
+        await nxt(stream)  # SYNCED
+        await change(store, "a", completed=1)  # 2
+        assert kinds(await nxt(stream)) == [(EventType.CHANGED, 2, "a")]
+    # The stream is suspended at its send; a change now, and the pump's round
+    # for it, happen before the watcher asks the store again.
+    await change(store, "a", completed=2)  # 3
+    for _ in range(5):
+        await asyncio.sleep(0)
+    received = await asyncio.wait_for(anext(stream), 1.0)
+    revision = received.revision if single else received[0].revision
+    assert revision == 3
+    hub.stop()

@@ -96,8 +96,7 @@ class WatchHub:
         if self._pump is not None:
             self._pump.cancel()
 
-    async def _pump_changes(self) -> None:
-        seen = self.store.revision
+    async def _pump_changes(self, seen: int) -> None:
         while not self._stopping:
             await self.store.wait_for_change(seen)
             seen = self.store.revision
@@ -111,22 +110,31 @@ class WatchHub:
             if pause >= MIN_PAUSE:
                 await asyncio.sleep(pause)
 
-    async def _wait(self, after: int, deadline: float) -> None:
-        """Waits for a change after `after`, the deadline, or shutdown."""
-        if self._stopping:
-            raise ShuttingDown(after)
-        if self.store.revision > after:
-            return
+    def _round(self) -> asyncio.Event:
+        """The tick to wait on for changes after a read of the store made now.
+
+        The pump sets the current tick at its next round once the store's
+        revision has moved past the one it last saw, so every change after the
+        read sets this tick (or it has been set already): no wake-up is lost.
+        """
         if self._pump is None:
-            self._pump = asyncio.create_task(self._pump_changes(), name="headway-watch-pump")
-        # The pump fires for every change after the revision it last saw, so a
-        # change made after the check above still sets this (or a later) tick.
-        tick = self._tick
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                await tick.wait()
+            # Started from the revision read now, not whenever the task first
+            # runs: a change in between would otherwise wake nobody.
+            self._pump = asyncio.create_task(
+                self._pump_changes(self.store.revision), name="headway-watch-pump"
+            )
+        return self._tick
+
+    async def _wait(self, tick: asyncio.Event, deadline: float, resume_at: int) -> None:
+        """Waits for `tick`, the deadline, or shutdown (ShuttingDown(resume_at))."""
         if self._stopping:
-            raise ShuttingDown(after)
+            raise ShuttingDown(resume_at)
+        if not tick.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await tick.wait()
+        if self._stopping:
+            raise ShuttingDown(resume_at)
 
     async def watch_operations(
         self, where: OperationFilter, from_revision: int
@@ -169,6 +177,8 @@ class WatchHub:
         synced = from_revision == 0
         sent_at = time.monotonic()
         while True:
+            tick = self._round()
+            read_at = self.store.revision
             try:
                 changes = await self.store.changes(last, limit=CHANGES_PER_ROUND)
             except HistoryCompacted:
@@ -181,21 +191,29 @@ class WatchHub:
                 continue
             batch = [e for c in changes.changes if (e := _select(c, where, known, resumed_at))]
             last = changes.revision
-            if not synced and last >= self.store.revision:
+            if not synced and last >= read_at:
                 batch.append(WatchEvent(EventType.SYNCED, last))
                 synced = True
+            if last < read_at:
+                # The read stopped at CHANGES_PER_ROUND: send this slice (if any
+                # of it matched) and read on without waiting for a round.
+                if batch:
+                    yield batch
+                    sent_at = time.monotonic()
+                continue
             if batch:
                 yield batch
                 sent_at = time.monotonic()
+                # At most one send per round of the pump: what changed during
+                # this send waits for the next round and then goes in one batch.
+                await self._wait(tick, sent_at + self.bookmark_interval, last)
                 continue
-            if last < self.store.revision:
-                continue  # more to read this round: nothing matched in this slice
             deadline = sent_at + self.bookmark_interval
             if time.monotonic() >= deadline:
                 yield [WatchEvent(EventType.BOOKMARK, last)]
                 sent_at = time.monotonic()
                 continue
-            await self._wait(last, deadline)
+            await self._wait(tick, deadline, last)
 
     async def watch_operation(
         self, operation_id: str, from_revision: int
@@ -211,6 +229,7 @@ class WatchHub:
     async def _watch_operation(
         self, operation_id: str, from_revision: int
     ) -> AsyncIterator[WatchEvent]:
+        tick = self._round()
         op = await self.store.get(operation_id)
         if from_revision > self.store.revision:
             # The client's revision is from before a restart of this store.
@@ -231,10 +250,13 @@ class WatchHub:
         while not op.state.terminal:
             deadline = sent_at + self.bookmark_interval
             if time.monotonic() >= deadline:
+                # Straight after a read: nothing for this stream up to here.
                 yield WatchEvent(EventType.BOOKMARK, max(last, self.store.revision))
                 sent_at = time.monotonic()
                 continue
-            await self._wait(max(last, self.store.revision), deadline)
+            # Returns at once if the pump has had a round since the last read.
+            await self._wait(tick, deadline, last)
+            tick = self._round()
             current = await self.store.get(operation_id)
             if current is None:
                 tomb = await self.store.tombstone(operation_id)
