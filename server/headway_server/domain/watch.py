@@ -98,7 +98,11 @@ class WatchHub:
 
     async def _pump_changes(self, seen: int) -> None:
         while not self._stopping:
-            await self.store.wait_for_change(seen)
+            # A quiet store still gets a round every half bookmark interval, so
+            # that watchers can send their bookmarks without a timer each.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.bookmark_interval / 2):
+                    await self.store.wait_for_change(seen)
             seen = self.store.revision
             tick, self._tick = self._tick, asyncio.Event()
             started = time.perf_counter()
@@ -125,14 +129,17 @@ class WatchHub:
             )
         return self._tick
 
-    async def _wait(self, tick: asyncio.Event, deadline: float, resume_at: int) -> None:
-        """Waits for `tick`, the deadline, or shutdown (ShuttingDown(resume_at))."""
+    async def _wait(self, tick: asyncio.Event, resume_at: int) -> None:
+        """Waits for `tick` (or shutdown: ShuttingDown(resume_at)).
+
+        No timer per wait: the pump has a round at least every half bookmark
+        interval, after which the watcher checks its own bookmark deadline. A
+        timer created and cancelled per watcher per round cost ~10 % of fan-out.
+        """
         if self._stopping:
             raise ShuttingDown(resume_at)
         if not tick.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    await tick.wait()
+            await tick.wait()
         if self._stopping:
             raise ShuttingDown(resume_at)
 
@@ -206,14 +213,14 @@ class WatchHub:
                 sent_at = time.monotonic()
                 # At most one send per round of the pump: what changed during
                 # this send waits for the next round and then goes in one batch.
-                await self._wait(tick, sent_at + self.bookmark_interval, last)
+                await self._wait(tick, last)
                 continue
             deadline = sent_at + self.bookmark_interval
             if time.monotonic() >= deadline:
                 yield [WatchEvent(EventType.BOOKMARK, last)]
                 sent_at = time.monotonic()
                 continue
-            await self._wait(tick, deadline, last)
+            await self._wait(tick, last)
 
     async def watch_operation(
         self, operation_id: str, from_revision: int
@@ -255,7 +262,7 @@ class WatchHub:
                 sent_at = time.monotonic()
                 continue
             # Returns at once if the pump has had a round since the last read.
-            await self._wait(tick, deadline, last)
+            await self._wait(tick, last)
             tick = self._round()
             current = await self.store.get(operation_id)
             if current is None:
