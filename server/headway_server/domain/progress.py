@@ -46,7 +46,12 @@ def refresh(
     new = evolve(op, estimate=estimate, peak_throughput=peak)
     amend(new, eta_baseline=alerts.track_eta_baseline(new, now, thresholds.eta_slip_window))
     found_alerts = alerts.evaluate(new, now, thresholds, typical_throughput=typical_throughput)
-    return amend(new, alerts=found_alerts)
+    amend(new, alerts=found_alerts)
+    if new.state.terminal:
+        # The final estimate is computed; the estimator's state (~0.5 KB) is
+        # not needed for the hour a finished operation is retained.
+        amend(new, eta_state=None)
+    return new
 
 
 def alert_types(op: Operation) -> set[AlertType]:
