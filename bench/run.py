@@ -1032,20 +1032,24 @@ async def section_slow(sizes: Sizes, log_dir: Path, rate: float | None) -> Json:
         ops = await start_ops(s.stub, "slow", PROJECT_OPS, "bench-slow")
         idle_stubs = [pb_grpc.ProgressTrackerStub(c) for c in s.channels(s.headway, 2)]
         fan = headway_project_fanout(s.stub, hwatch, "bench-slow", ops, idle_stubs)
-        runs = [
-            await run_fanout(
-                fan,
-                readers,
-                idle=idle,
-                rate=rate,
-                duration=sizes.slow_duration,
-                warmup=sizes.warmup,
-                server=s.headway,
-                sample_rss=True,
-            )
-            for idle in (0, slow)
-        ]
-    alone, mixed = runs
+        alone, mixed = await alternate(
+            [
+                functools.partial(
+                    run_fanout,
+                    fan,
+                    readers,
+                    idle=idle,
+                    rate=rate,
+                    duration=sizes.slow_duration,
+                    warmup=sizes.warmup,
+                    server=s.headway,
+                    sample_rss=True,
+                )
+                for idle in (0, slow)
+            ],
+            sizes.repeats,
+            "p99_ms",
+        )
 
     def growth(run: Json) -> tuple[float, float]:
         rss = [b for _, b in run["rss_bytes"]]

@@ -73,6 +73,7 @@ class Metrics:
             ["method", "code"],
             registry=self.registry,
         )
+        self._rpc_series: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._updates = Counter(
             "headway_updates", "Progress reports applied.", registry=self.registry
         )
@@ -111,7 +112,13 @@ class Metrics:
     # Recording ---------------------------------------------------------------
 
     def rpc_finished(self, method: str, code: grpc.StatusCode) -> None:
-        self._rpcs.labels(method=method, code=code.name).inc()
+        # labels() validates and locks on every call; the children are few.
+        child = self._rpc_series.get((method, code))
+        if child is None:
+            child = self._rpc_series[method, code] = self._rpcs.labels(
+                method=method, code=code.name
+            )
+        child.inc()
 
     def update_applied(self) -> None:
         self._updates.inc()
