@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 
 import pytest
 from headway_server.domain.errors import (
@@ -339,6 +340,20 @@ async def test_sweep_marks_stalled_running_operations(
     assert await service.sweep() == 0
     r = await service.update("running", Update(message="alive"))
     assert not r.operation.stalled
+
+
+async def test_expiry_is_logged_once_with_its_reason(
+    service: OperationService, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    await service.start(SPEC, operation_id="done")
+    await service.complete("done")
+    clock.advance(60)
+    with caplog.at_level(logging.INFO, logger="headway"):
+        assert await service.sweep() == 1
+    lines = [r for r in caplog.records if getattr(r, "operation_id", "") == "done"]
+    assert [(r.getMessage(), getattr(r, "reason", None)) for r in lines] == [
+        ("operation deleted", "retention expired")
+    ]
 
 
 async def test_sweep_expires_terminal_operations_after_retention(

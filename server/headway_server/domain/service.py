@@ -284,11 +284,14 @@ class OperationService:
                         continue
         return op
 
-    async def delete(self, operation_id: str) -> int:
+    async def delete(self, operation_id: str, *, reason: str = "DeleteOperation") -> int:
         op = await self._load(operation_id)
         revision = await self.store.delete(operation_id)
         await self.journal.forget(operation_id)
-        log.info("operation deleted", extra={"operation_id": operation_id, "revision": revision})
+        log.info(
+            "operation deleted",
+            extra={"operation_id": operation_id, "revision": revision, "reason": reason},
+        )
         if op.parent_id:
             await self._roll_up(op.parent_id)
         return revision
@@ -399,10 +402,9 @@ class OperationService:
             if op.state.terminal:
                 if op.finished_at is not None and now - op.finished_at >= self.retention:
                     try:
-                        await self.delete(op.id)
+                        await self.delete(op.id, reason="retention expired")
                     except NotFound:
                         continue
-                    log.info("operation expired", extra={"operation_id": op.id})
                     changed += 1
                 continue
 
