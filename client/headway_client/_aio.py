@@ -5,7 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+    Sized,
+)
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -112,6 +121,37 @@ class AsyncHeadwayClient:
             raise_on_cancel=raise_on_cancel,
             streaming=streaming,
         )
+
+    async def track(
+        self,
+        iterable: Iterable[T] | AsyncIterable[T],
+        total: int | None = None,
+        *,
+        kind: str = "",
+        project: str = "",
+        unit: str = "items",
+        **start_options: Any,
+    ) -> AsyncIterator[T]:
+        """Yields the items of a (sync or async) iterable, reporting one unit per
+        item, like tqdm: `async for row in client.track(rows, kind="export")`.
+
+        The operation completes when the iterable is exhausted and fails if the
+        loop raises.
+        """
+        if total is None and isinstance(iterable, Sized):
+            total = len(iterable)
+        op = await self.start(
+            kind=kind, project=project, total=total or 0, unit=unit, **start_options
+        )
+        async with op:
+            if isinstance(iterable, AsyncIterable):
+                async for item in iterable:
+                    yield item
+                    op.advance(1)
+            else:
+                for item in iterable:
+                    yield item
+                    op.advance(1)
 
     async def get(self, operation_id: str) -> pb.Operation:
         request = pb.GetOperationRequest(operation_id=operation_id)

@@ -81,3 +81,42 @@ async def test_async_handle_reports_over_the_stream_and_surfaces_rejections(serv
         stored = await client.get(op.id)
     assert (stored.completed, stored.state) == (4, pb.Operation.SUCCEEDED)
     assert counter.calls == 0 and op.rpcs >= 1
+
+
+async def test_async_track_reports_sync_and_async_iterables(grpc_server):
+    async def rows(n: int) -> Any:
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield i
+
+    async with AsyncHeadwayClient(grpc_server.address, timeout=5) as client:
+        listed = [item async for item in client.track(list(range(25)), project="atrack")]
+        streamed = [item async for item in client.track(rows(7), total=7, project="atrack2")]
+        [from_list] = await client.list(project="atrack")
+        [from_stream] = await client.list(project="atrack2")
+    assert listed == list(range(25))
+    assert streamed == list(range(7))
+    assert (from_list.completed, from_list.total, from_list.state) == (
+        25,
+        25,
+        pb.Operation.SUCCEEDED,
+    )
+    assert (from_stream.completed, from_stream.total, from_stream.state) == (
+        7,
+        7,
+        pb.Operation.SUCCEEDED,
+    )
+
+
+async def test_async_track_fails_the_operation_when_the_loop_raises(grpc_server):
+    async with AsyncHeadwayClient(grpc_server.address, timeout=5) as client:
+        with pytest.raises(RuntimeError, match="boom"):
+            async for _ in client.track([1, 2, 3], project="atrack-fail"):
+                raise RuntimeError("boom")
+        # The abandoned generator is closed by the event loop's finalizer.
+        for _ in range(100):
+            [stored] = await client.list(project="atrack-fail")
+            if stored.state != pb.Operation.RUNNING and stored.state != pb.Operation.QUEUED:
+                break
+            await asyncio.sleep(0.05)
+    assert stored.state == pb.Operation.FAILED
