@@ -66,22 +66,23 @@ def start_spec(request: pb.StartOperationRequest) -> StartSpec:
 
 
 def update(request: pb.UpdateOperationRequest) -> Update:
-    def opt(name: str) -> Any:
-        return getattr(request, name) if request.HasField(name) else None  # type: ignore[arg-type]
-
+    # The fields set, in one call: a HasField per optional field was 5 µs of a
+    # report. Optional fields have presence, so an explicit 0 or "" is listed.
+    given = {field.name: value for field, value in request.ListFields()}
+    details = given.get("details")
     return Update(
         sequence=request.sequence,
-        stage=opt("stage"),
-        stage_completed=opt("stage_completed"),
-        stage_total=opt("stage_total"),
-        completed=opt("completed"),
-        total=opt("total"),
-        percent=opt("percent"),
-        message=opt("message"),
-        details=struct_to_dict(request.details, "details") if request.HasField("details") else None,
+        stage=given.get("stage"),
+        stage_completed=given.get("stage_completed"),
+        stage_total=given.get("stage_total"),
+        completed=given.get("completed"),
+        total=given.get("total"),
+        percent=given.get("percent"),
+        message=given.get("message"),
+        details=None if details is None else struct_to_dict(details, "details"),
         counters=dict(request.counters),
-        checkpoint=opt("checkpoint"),
-        paused=opt("paused"),
+        checkpoint=given.get("checkpoint"),
+        paused=given.get("paused"),
         pause_reason=request.pause_reason,
     )
 
