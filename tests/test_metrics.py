@@ -305,6 +305,22 @@ async def test_other_services_and_unknown_methods_are_counted(
     assert counts == {("Check", "OK"): 1, ("Nope", "UNIMPLEMENTED"): 1}
 
 
+async def test_a_stream_to_an_unknown_method_is_refused_before_any_request(
+    served: Served,
+) -> None:
+    channel, _, metrics_port = served
+    call = channel.stream_stream(
+        "/headway.v1.ProgressTracker/NopeStream",
+        request_serializer=bytes,
+        response_deserializer=bytes,
+    )()  # type: ignore[call-arg]  # no iterator: grpc.aio's write() API, unused here
+    # The client sends nothing and waits: the server must not wait for it.
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await asyncio.wait_for(call.read(), 5)
+    assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert await rpc_counts(metrics_port) == {("NopeStream", "UNIMPLEMENTED"): 1}
+
+
 def test_metrics_listen_flag_serves_prometheus_text(server_factory):
     import urllib.request
 

@@ -264,9 +264,10 @@ class _UnknownMethods(_GenericHandler):
         method = full_name.rpartition("/")[2]
         record = self._record
 
-        async def refuse(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        async def refuse(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             record(method, grpc.StatusCode.UNIMPLEMENTED)
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"method {full_name} not found")
-            raise AssertionError("unreachable: abort raises")
 
-        return grpc.unary_unary_rpc_method_handler(refuse)
+        # Streaming both ways, so that the call is refused at once whatever its
+        # shape, without waiting for a request the client may never send.
+        return grpc.stream_stream_rpc_method_handler(refuse)
