@@ -19,10 +19,15 @@ MAX_DEPTH = 8
 MAX_ETA = 10 * 365 * 86400.0
 
 
+def observed_eta(op: Operation, now: float) -> eta.EtaState:
+    """The ETA estimator's state after an applied report left the operation as `op`."""
+    state = op.eta_state if op.eta_state is not None else eta.EtaState()
+    return eta.observe(state, op, now)
+
+
 def observe_report(op: Operation, now: float) -> Operation:
     """Feeds an applied report to the ETA estimator."""
-    state = op.eta_state if op.eta_state is not None else eta.EtaState()
-    return evolve(op, eta_state=eta.observe(state, op, now))
+    return evolve(op, eta_state=observed_eta(op, now))
 
 
 def refresh(

@@ -37,6 +37,7 @@ from headway_server.domain.model import (
     TimelineEntry,
     TimelineType,
     Update,
+    amend,
     evolve,
 )
 from headway_server.domain.stats import Stats, StatsAggregate
@@ -215,7 +216,9 @@ class OperationService:
             if lifecycle.is_duplicate(op, update):
                 return None
             now = self._clock()
-            reported = progress.observe_report(lifecycle.apply_update(op, update, now), now)
+            reported = lifecycle.apply_update(op, update, now)
+            # A value just built here and not yet shared: set, rather than copy.
+            amend(reported, eta_state=progress.observed_eta(reported, now))
             return self._refresh(reported, now)
 
         op, applied = await self._modify(operation_id, change)
