@@ -143,138 +143,128 @@ class WatchHub:
         if self._stopping:
             raise ShuttingDown(resume_at)
 
-    async def watch_operations(
-        self, where: OperationFilter, from_revision: int
-    ) -> AsyncIterator[list[WatchEvent]]:
-        """Yields batches of events for every operation matching `where`."""
-        self.open_watchers += 1
-        try:
-            async for batch in self._watch_operations(where, from_revision):
-                yield batch
-        finally:
-            self.open_watchers -= 1
-
     async def _snapshot(self, where: OperationFilter) -> tuple[list[WatchEvent], int, set[str]]:
         snap = await self.store.snapshot(where)
         events = [WatchEvent(EventType.SNAPSHOT, c.revision, c.operation) for c in snap.changes]
         return events, snap.revision, {c.operation.id for c in snap.changes}
 
-    async def _watch_operations(
+    async def watch_operations(
         self, where: OperationFilter, from_revision: int
     ) -> AsyncIterator[list[WatchEvent]]:
-        # Operations this stream has delivered and the client may hold. An
-        # operation that stops matching (e.g. finishes under active_only) is
-        # delivered once more so the client sees how it ended.
-        known: set[str] = set()
-        # After a resume the client may hold any operation that matched by
-        # identity and existed at from_revision; we cannot know which.
-        resumed_at = from_revision
-        last = from_revision
-        if from_revision > 0:
-            try:
-                await self.store.changes(from_revision, limit=0)
-            except HistoryCompacted:
-                yield [WatchEvent(EventType.RESET, self.store.revision)]
-                from_revision = resumed_at = 0
-        if from_revision == 0:
-            events, last, known = await self._snapshot(where)
-            if events:
-                yield events
-            yield [WatchEvent(EventType.SYNCED, last)]
-        synced = from_revision == 0
-        sent_at = time.monotonic()
-        while True:
-            tick = self._round()
-            read_at = self.store.revision
-            try:
-                changes = await self.store.changes(last, limit=CHANGES_PER_ROUND)
-            except HistoryCompacted:
-                # Fell behind the tombstone window while catching up.
+        """Yields batches of events for every operation matching `where`."""
+        # Counted here, not in a wrapper generator: a layer per message costs.
+        self.open_watchers += 1
+        try:
+            # Operations this stream has delivered and the client may hold. An
+            # operation that stops matching (e.g. finishes under active_only) is
+            # delivered once more so the client sees how it ended.
+            known: set[str] = set()
+            # After a resume the client may hold any operation that matched by
+            # identity and existed at from_revision; we cannot know which.
+            resumed_at = from_revision
+            last = from_revision
+            if from_revision > 0:
+                try:
+                    await self.store.changes(from_revision, limit=0)
+                except HistoryCompacted:
+                    yield [WatchEvent(EventType.RESET, self.store.revision)]
+                    from_revision = resumed_at = 0
+            if from_revision == 0:
                 events, last, known = await self._snapshot(where)
-                resumed_at = 0
-                synced_event = WatchEvent(EventType.SYNCED, last)
-                yield [WatchEvent(EventType.RESET, last), *events, synced_event]
-                sent_at = time.monotonic()
-                continue
-            batch = [e for c in changes.changes if (e := _select(c, where, known, resumed_at))]
-            last = changes.revision
-            if not synced and last >= read_at:
-                batch.append(WatchEvent(EventType.SYNCED, last))
-                synced = True
-            if last < read_at:
-                # The read stopped at CHANGES_PER_ROUND: send this slice (if any
-                # of it matched) and read on without waiting for a round.
+                if events:
+                    yield events
+                yield [WatchEvent(EventType.SYNCED, last)]
+            synced = from_revision == 0
+            sent_at = time.monotonic()
+            while True:
+                tick = self._round()
+                read_at = self.store.revision
+                try:
+                    changes = await self.store.changes(last, limit=CHANGES_PER_ROUND)
+                except HistoryCompacted:
+                    # Fell behind the tombstone window while catching up.
+                    events, last, known = await self._snapshot(where)
+                    resumed_at = 0
+                    synced_event = WatchEvent(EventType.SYNCED, last)
+                    yield [WatchEvent(EventType.RESET, last), *events, synced_event]
+                    sent_at = time.monotonic()
+                    continue
+                batch = [e for c in changes.changes if (e := _select(c, where, known, resumed_at))]
+                last = changes.revision
+                if not synced and last >= read_at:
+                    batch.append(WatchEvent(EventType.SYNCED, last))
+                    synced = True
+                if last < read_at:
+                    # The read stopped at CHANGES_PER_ROUND: send this slice (if any
+                    # of it matched) and read on without waiting for a round.
+                    if batch:
+                        yield batch
+                        sent_at = time.monotonic()
+                    continue
                 if batch:
                     yield batch
                     sent_at = time.monotonic()
-                continue
-            if batch:
-                yield batch
-                sent_at = time.monotonic()
-                # At most one send per round of the pump: what changed during
-                # this send waits for the next round and then goes in one batch.
+                    # At most one send per round of the pump: what changed during
+                    # this send waits for the next round and then goes in one batch.
+                    await self._wait(tick, last)
+                    continue
+                deadline = sent_at + self.bookmark_interval
+                if time.monotonic() >= deadline:
+                    yield [WatchEvent(EventType.BOOKMARK, last)]
+                    sent_at = time.monotonic()
+                    continue
                 await self._wait(tick, last)
-                continue
-            deadline = sent_at + self.bookmark_interval
-            if time.monotonic() >= deadline:
-                yield [WatchEvent(EventType.BOOKMARK, last)]
-                sent_at = time.monotonic()
-                continue
-            await self._wait(tick, last)
+        finally:
+            self.open_watchers -= 1
 
     async def watch_operation(
         self, operation_id: str, from_revision: int
     ) -> AsyncIterator[WatchEvent]:
         """Yields the events of one operation; ends after its terminal state or deletion."""
+        # Counted here, not in a wrapper generator: a layer per message costs.
         self.open_watchers += 1
         try:
-            async for event in self._watch_operation(operation_id, from_revision):
-                yield event
+            tick = self._round()
+            op = await self.store.get(operation_id)
+            if from_revision > self.store.revision:
+                # The client's revision is from before a restart of this store.
+                yield WatchEvent(EventType.RESET, self.store.revision)
+                from_revision = 0
+            if op is None:
+                tomb = await self.store.tombstone(operation_id) if from_revision else None
+                if tomb is None or tomb.revision <= from_revision:
+                    raise NotFound(f"operation {operation_id!r} not found")
+                yield WatchEvent(EventType.DELETED, tomb.revision, tomb.operation)
+                return
+            last = from_revision
+            if op.revision > from_revision:
+                kind = EventType.SNAPSHOT if from_revision == 0 else EventType.CHANGED
+                yield WatchEvent(kind, op.revision, op)
+                last = op.revision
+            sent_at = time.monotonic()
+            while not op.state.terminal:
+                deadline = sent_at + self.bookmark_interval
+                if time.monotonic() >= deadline:
+                    # Straight after a read: nothing for this stream up to here.
+                    yield WatchEvent(EventType.BOOKMARK, max(last, self.store.revision))
+                    sent_at = time.monotonic()
+                    continue
+                # Returns at once if the pump has had a round since the last read.
+                await self._wait(tick, last)
+                tick = self._round()
+                current = await self.store.get(operation_id)
+                if current is None:
+                    tomb = await self.store.tombstone(operation_id)
+                    revision = tomb.revision if tomb else self.store.revision
+                    yield WatchEvent(EventType.DELETED, revision, op)
+                    return
+                op = current
+                if op.revision > last:
+                    yield WatchEvent(EventType.CHANGED, op.revision, op)
+                    last = op.revision
+                    sent_at = time.monotonic()
         finally:
             self.open_watchers -= 1
-
-    async def _watch_operation(
-        self, operation_id: str, from_revision: int
-    ) -> AsyncIterator[WatchEvent]:
-        tick = self._round()
-        op = await self.store.get(operation_id)
-        if from_revision > self.store.revision:
-            # The client's revision is from before a restart of this store.
-            yield WatchEvent(EventType.RESET, self.store.revision)
-            from_revision = 0
-        if op is None:
-            tomb = await self.store.tombstone(operation_id) if from_revision else None
-            if tomb is None or tomb.revision <= from_revision:
-                raise NotFound(f"operation {operation_id!r} not found")
-            yield WatchEvent(EventType.DELETED, tomb.revision, tomb.operation)
-            return
-        last = from_revision
-        if op.revision > from_revision:
-            kind = EventType.SNAPSHOT if from_revision == 0 else EventType.CHANGED
-            yield WatchEvent(kind, op.revision, op)
-            last = op.revision
-        sent_at = time.monotonic()
-        while not op.state.terminal:
-            deadline = sent_at + self.bookmark_interval
-            if time.monotonic() >= deadline:
-                # Straight after a read: nothing for this stream up to here.
-                yield WatchEvent(EventType.BOOKMARK, max(last, self.store.revision))
-                sent_at = time.monotonic()
-                continue
-            # Returns at once if the pump has had a round since the last read.
-            await self._wait(tick, last)
-            tick = self._round()
-            current = await self.store.get(operation_id)
-            if current is None:
-                tomb = await self.store.tombstone(operation_id)
-                revision = tomb.revision if tomb else self.store.revision
-                yield WatchEvent(EventType.DELETED, revision, op)
-                return
-            op = current
-            if op.revision > last:
-                yield WatchEvent(EventType.CHANGED, op.revision, op)
-                last = op.revision
-                sent_at = time.monotonic()
 
 
 def _select(
