@@ -157,36 +157,29 @@ def _error(error: OperationError) -> pb.OperationError:
     return message
 
 
-def operation(op: Operation) -> pb.Operation:
-    return _operation(op)
-
-
 # Watchers of a busy project receive the same operation state many times over;
 # serializing it (and each event carrying it) once instead of once per watcher
 # is the cheap win. Keyed by the stored value itself (held in the entry, so its
 # id() cannot be reused while cached): ids and revisions alone can repeat
-# across two servers in one process. Entry: (type, revision) -> event bytes,
-# and None -> the operation's bytes.
-_cache: dict[int, tuple[Operation, dict[tuple[int, int] | None, bytes]]] = {}
+# across two servers in one process. Entry: None -> the operation's bytes;
+# (type, revision, framed) -> an event's bytes, framed as a
+# WatchOperationsResponse.events field or not.
+_EventKey = tuple[int, int, bool] | None
+_cache: dict[int, tuple[Operation, dict[_EventKey, bytes]]] = {}
 
 
-def _serialized(op: Operation) -> dict[tuple[int, int] | None, bytes]:
+def _serialized(op: Operation) -> dict[_EventKey, bytes]:
     cached = _cache.get(id(op))
     if cached is not None and cached[0] is op:
         return cached[1]
     if len(_cache) >= _CACHE_LIMIT:
         _cache.clear()
-    entry: dict[tuple[int, int] | None, bytes] = {None: _operation(op).SerializeToString()}
+    entry: dict[_EventKey, bytes] = {None: operation(op).SerializeToString()}
     _cache[id(op)] = (op, entry)
     return entry
 
 
-def operation_bytes(op: Operation) -> bytes:
-    """The serialized pb.Operation of a stored value, cached for fan-out."""
-    return _serialized(op)[None]
-
-
-def _operation(op: Operation) -> pb.Operation:
+def operation(op: Operation) -> pb.Operation:
     message = pb.Operation(
         id=op.id,
         kind=op.kind,
@@ -239,7 +232,7 @@ def _operation(op: Operation) -> pb.Operation:
     return message
 
 
-def varint(value: int) -> bytes:
+def _varint(value: int) -> bytes:
     """Protobuf's base-128 varint of a non-negative int."""
     out = bytearray()
     while value > 0x7F:
@@ -251,26 +244,37 @@ def varint(value: int) -> bytes:
 
 # Tags of the length-delimited fields spliced in below: (field number << 3) | 2.
 _EVENT_OPERATION_TAG = b"\x1a"  # OperationEvent.operation = 3
-EVENTS_TAG = b"\x0a"  # WatchOperationsResponse.events = 1
+_EVENTS_TAG = b"\x0a"  # WatchOperationsResponse.events = 1
 
 
-def event_bytes(watch_event: WatchEvent) -> bytes:
-    """The serialized pb.OperationEvent, cached with the operation it carries.
+def event_bytes(watch_event: WatchEvent, *, framed: bool = False) -> bytes:
+    """The serialized pb.OperationEvent, cached with the operation it carries;
+    `framed`, as a WatchOperationsResponse.events field (a response is just a
+    concatenation of those).
 
     Protobuf's wire format is a concatenation of fields, so the event is its
     small header followed by the operation's cached bytes as field 3: no copy
     or re-serialization of the operation per event, nor of an event per watcher.
     """
     if watch_event.operation is None:
-        return _event_head(watch_event)
+        event = _event_head(watch_event)
+        return _frame(event) if framed else event
     entry = _serialized(watch_event.operation)
-    key = (int(watch_event.type), watch_event.revision)
-    event = entry.get(key)
-    if event is None:
-        body = entry[None]
-        head = _event_head(watch_event)
-        event = entry[key] = b"".join((head, _EVENT_OPERATION_TAG, varint(len(body)), body))
-    return event
+    key = (int(watch_event.type), watch_event.revision, framed)
+    cached = entry.get(key)
+    if cached is None:
+        if framed:
+            cached = _frame(event_bytes(watch_event))
+        else:
+            body = entry[None]
+            head = _event_head(watch_event)
+            cached = b"".join((head, _EVENT_OPERATION_TAG, _varint(len(body)), body))
+        entry[key] = cached
+    return cached
+
+
+def _frame(event: bytes) -> bytes:
+    return b"".join((_EVENTS_TAG, _varint(len(event)), event))
 
 
 def _event_head(watch_event: WatchEvent) -> bytes:

@@ -273,20 +273,19 @@ def _check_revision(revision: int) -> None:
 
 def _messages(batch: list[WatchEvent]) -> list[bytes]:
     """Serialized WatchOperationsResponses of bounded count and size carrying
-    `batch`: each is its events, each one spliced in as field 1."""
+    `batch`: each is the concatenation of its framed events."""
     messages: list[bytes] = []
     parts: list[bytes] = []
-    size = count = 0
+    size = 0
     for watch_event in batch:
-        event = convert.event_bytes(watch_event)
-        if count and (
-            count >= _MAX_EVENTS_PER_MESSAGE or size + len(event) > _MAX_BYTES_PER_MESSAGE
+        event = convert.event_bytes(watch_event, framed=True)
+        if parts and (
+            len(parts) >= _MAX_EVENTS_PER_MESSAGE or size + len(event) > _MAX_BYTES_PER_MESSAGE
         ):
             messages.append(b"".join(parts))
-            parts, size, count = [], 0, 0
-        parts += (convert.EVENTS_TAG, convert.varint(len(event)), event)
+            parts, size = [], 0
+        parts.append(event)
         size += len(event)
-        count += 1
     if parts:
         messages.append(b"".join(parts))
     return messages

@@ -1,7 +1,7 @@
 """The operation model: immutable values that the store holds and the domain replaces.
 
 Values are frozen so a watcher or a response can hold one while producers move
-on; every change builds a new value with `dataclasses.replace`.
+on; every change builds a new value with `evolve`.
 """
 
 from __future__ import annotations

@@ -194,25 +194,18 @@ class WatchHub:
                 if not synced and last >= read_at:
                     batch.append(WatchEvent(EventType.SYNCED, last))
                     synced = True
-                if last < read_at:
-                    # The read stopped at CHANGES_PER_ROUND: send this slice (if any
-                    # of it matched) and read on without waiting for a round.
-                    if batch:
-                        yield batch
-                        sent_at = time.monotonic()
-                    continue
                 if batch:
                     yield batch
                     sent_at = time.monotonic()
-                    # At most one send per round of the pump: what changed during
-                    # this send waits for the next round and then goes in one batch.
-                    await self._wait(tick, last)
+                if last < read_at:
+                    # The read stopped at CHANGES_PER_ROUND: read on without waiting.
                     continue
-                deadline = sent_at + self.bookmark_interval
-                if time.monotonic() >= deadline:
+                if not batch and time.monotonic() >= sent_at + self.bookmark_interval:
                     yield [WatchEvent(EventType.BOOKMARK, last)]
                     sent_at = time.monotonic()
                     continue
+                # At most one send per round of the pump: what changes meanwhile
+                # waits for the next round and then goes in one batch.
                 await self._wait(tick, last)
         finally:
             self.open_watchers -= 1
