@@ -60,6 +60,16 @@ SPEC = StartSpec(kind="ingest", project="acme", total=10, labels={"team": "a"})
 # --- start ------------------------------------------------------------------------------
 
 
+async def test_operations_started_alike_share_one_spec(service: OperationService) -> None:
+    # A retained operation would otherwise carry its own copy (bench: retained memory).
+    a = await service.start(StartSpec(kind="ingest", labels={"team": "a", "env": "prod"}))
+    b = await service.start(StartSpec(kind="ingest", labels={"env": "prod", "team": "a"}))
+    other = await service.start(StartSpec(kind="ingest", labels={"team": "b", "env": "prod"}))
+    assert a.spec is b.spec
+    assert other.spec is not a.spec
+    assert other.labels == {"team": "b", "env": "prod"}
+
+
 async def test_start_creates_queued_operation(service: OperationService) -> None:
     op = await service.start(SPEC, operation_id="op-1")
     assert op.id == "op-1"

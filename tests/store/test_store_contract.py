@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -19,7 +19,13 @@ from headway_server.domain.errors import (
     NotFound,
     ResourceExhausted,
 )
-from headway_server.domain.model import Operation, OperationFilter, StartSpec, State
+from headway_server.domain.model import (
+    HeldOperation,
+    Operation,
+    OperationFilter,
+    StartSpec,
+    State,
+)
 from headway_server.store.base import OperationStore
 from headway_server.store.memory import MemoryStore
 
@@ -30,7 +36,19 @@ def memory_store(*, max_operations: int = 100_000, history_size: int = 10_000) -
     return MemoryStore(max_operations=max_operations, history_size=history_size)
 
 
-STORE_FACTORIES: dict[str, StoreFactory] = {"memory": memory_store}
+def memory_store_unpacked(
+    *, max_operations: int = 100_000, history_size: int = 10_000
+) -> OperationStore:
+    """The memory store holding finished operations as objects, as it did before packing."""
+    return MemoryStore(
+        max_operations=max_operations, history_size=history_size, pack_finished=False
+    )
+
+
+STORE_FACTORIES: dict[str, StoreFactory] = {
+    "memory": memory_store,
+    "memory-unpacked": memory_store_unpacked,
+}
 
 
 @pytest.fixture(params=sorted(STORE_FACTORIES))
@@ -56,7 +74,7 @@ async def bump(store: OperationStore, op_id: str, **changes: Any) -> Operation:
     )
 
 
-def ids(ops: list[Operation]) -> list[str]:
+def ids(ops: Sequence[HeldOperation]) -> list[str]:
     return [op.id for op in ops]
 
 
@@ -349,6 +367,70 @@ async def test_scan_returns_live_operations(store: OperationStore) -> None:
         await store.create(new_op(op_id))
     await store.delete("a")
     assert sorted(ids(await store.scan())) == ["b", "c"]
+
+
+# --- finished operations ----------------------------------------------------------------
+# A store may hold finished operations differently (the memory store packs them);
+# every read that returns an Operation returns it whole and equal.
+
+
+async def finish(store: OperationStore, op_id: str, **spec: Any) -> Operation:
+    await store.create(new_op(op_id, **spec))
+    return await bump(
+        store,
+        op_id,
+        state=State.SUCCEEDED,
+        percent=100.0,
+        message="done",
+        result={"files": 1000.0, "nested": ["a", 1.5, None]},
+        counters={"files": 1000},
+        finished_at=1795445899.25,
+        finished_by=("CompleteOperation", "req-1"),
+    )
+
+
+async def test_finished_operation_reads_back_whole_from_every_read(
+    store: OperationStore,
+) -> None:
+    done = await finish(store, "a", project="p", parent_id="parent")
+    assert await store.get("a") == done
+    assert (await store.list_page(OperationFilter(project="p"))).operations == [done]
+    snap = await store.snapshot(OperationFilter(project="p"))
+    assert [(c.revision, c.operation) for c in snap.changes] == [(done.revision, done)]
+    changes = await store.changes(0, limit=10)
+    assert [(c.revision, c.operation, c.deleted) for c in changes.changes] == [
+        (done.revision, done, False)
+    ]
+    filtered = await store.snapshot(OperationFilter(states=frozenset({State.RUNNING})))
+    assert filtered.changes == []
+    # Sweeps, counts and roll-ups read these fields of what scan/children return.
+    for held in (await store.scan(), await store.children("parent")):
+        assert [(h.id, h.spec, h.state, h.total, h.percent, h.finished_at) for h in held] == [
+            ("a", done.spec, State.SUCCEEDED, done.total, 100.0, 1795445899.25)
+        ]
+
+
+async def test_finished_operation_can_still_be_replaced(store: OperationStore) -> None:
+    done = await finish(store, "a")
+    counted = await bump(store, "a", children={"SUCCEEDED": 1})
+    assert counted.revision == done.revision + 1
+    assert await store.get("a") == counted
+    with pytest.raises(Conflict):
+        await store.replace(done, expected_revision=done.revision)
+
+
+async def test_tombstone_of_a_finished_operation_holds_its_last_state(
+    store: OperationStore,
+) -> None:
+    done = await finish(store, "a")
+    revision = await store.delete("a")
+    tomb = await store.tombstone("a")
+    assert tomb is not None
+    assert (tomb.revision, tomb.operation, tomb.deleted) == (revision, done, True)
+    changes = await store.changes(done.revision, limit=10)
+    assert [(c.revision, c.operation, c.deleted) for c in changes.changes] == [
+        (revision, done, True)
+    ]
 
 
 # --- wait_for_change --------------------------------------------------------------------

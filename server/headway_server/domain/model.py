@@ -204,6 +204,39 @@ class StartSpec:
     parent_id: str = ""
 
 
+class SharedSpecs:
+    """One StartSpec object for equal start parameters.
+
+    Operations of one pipeline start with the same kind, project, labels and
+    stages; sharing the value saves a few hundred bytes per held operation and
+    finished summary (bench: retained memory). Bounded: when full it starts over,
+    and later starts share again from there.
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._limit = limit
+        self._specs: dict[tuple[Any, ...], StartSpec] = {}
+
+    def share(self, spec: StartSpec) -> StartSpec:
+        key = (
+            spec.kind,
+            spec.project,
+            spec.dataset,
+            tuple(sorted(spec.labels.items())),
+            spec.total,
+            spec.unit,
+            spec.stages,
+            spec.heartbeat_timeout,
+            spec.parent_id,
+        )
+        shared = self._specs.get(key)
+        if shared is None:
+            if len(self._specs) >= self._limit:
+                self._specs.clear()
+            shared = self._specs[key] = spec
+        return shared
+
+
 @dataclass(frozen=True, slots=True)
 class Update:
     """One progress report; None means "not set, leave as is"."""
@@ -324,22 +357,57 @@ class OperationFilter:
     parent_id: str = ""
     active_only: bool = False
 
-    def matches_identity(self, op: Operation) -> bool:
-        """Matches on the fields fixed at start, which never change."""
+    def matches_spec(self, spec: StartSpec) -> bool:
+        """Matches on the start parameters, which never change."""
         return (
-            (not self.project or op.project == self.project)
-            and (not self.dataset or op.dataset == self.dataset)
-            and (not self.kind or op.kind == self.kind)
-            and (not self.parent_id or op.parent_id == self.parent_id)
-            and all(op.labels.get(k) == v for k, v in self.labels.items())
+            (not self.project or spec.project == self.project)
+            and (not self.dataset or spec.dataset == self.dataset)
+            and (not self.kind or spec.kind == self.kind)
+            and (not self.parent_id or spec.parent_id == self.parent_id)
+            and all(spec.labels.get(k) == v for k, v in self.labels.items())
         )
 
-    def matches(self, op: Operation) -> bool:
+    def matches(self, op: Operation | FinishedOperation) -> bool:
         return (
-            self.matches_identity(op)
+            self.matches_spec(op.spec)
             and (not self.states or op.state in self.states)
             and (not self.active_only or op.state.active)
         )
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedOperation:
+    """A finished operation as the memory store holds it: what filters, sweeps,
+    counts and roll-ups read, beside the rest packed into bytes
+    (store.packing; the store's `get` unpacks the whole Operation)."""
+
+    id: str
+    # Shared with every other held operation started with equal parameters.
+    spec: StartSpec
+    state: State
+    revision: int
+    created_revision: int
+    finished_at: float | None
+    total: int
+    percent: float
+    packed: bytes
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def parent_id(self) -> str:
+        return self.spec.parent_id
+
+    @property
+    def stalled(self) -> bool:
+        # finish() clears it, and only unstalled operations are packed.
+        return False
+
+
+# What sweeps, counts and roll-ups read: a running operation whole, a finished one as held.
+HeldOperation = Operation | FinishedOperation
 
 
 @dataclass(frozen=True, slots=True)

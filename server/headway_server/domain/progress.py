@@ -7,9 +7,18 @@ compare-and-set write as the change that caused them.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 from headway_server.domain import alerts, eta
-from headway_server.domain.model import AlertType, Estimate, Operation, State, amend, evolve
+from headway_server.domain.model import (
+    AlertType,
+    Estimate,
+    HeldOperation,
+    Operation,
+    State,
+    amend,
+    evolve,
+)
 
 # Children per parent and nesting depth; a roll-up reads every child of a
 # parent, so both bound the cost of one child's report.
@@ -63,7 +72,7 @@ def alert_types(op: Operation) -> set[AlertType]:
     return {a.type for a in op.alerts}
 
 
-def roll_up(parent: Operation, children: list[Operation], now: float) -> Operation | None:
+def roll_up(parent: Operation, children: Sequence[HeldOperation], now: float) -> Operation | None:
     """The parent with its children summary (and, without progress of its own, their
     percent and ETA), or None when nothing changed."""
     by_state = dict(sorted(Counter(child.state.name for child in children).items()))
@@ -80,7 +89,8 @@ def roll_up(parent: Operation, children: list[Operation], now: float) -> Operati
         if percent != parent.children_percent:
             changes["children_percent"] = percent
             changes["percent"] = percent
-        active = [c for c in children if c.state.active]
+        # Finished children are held as heads without an estimate; only running ones count.
+        active = [c for c in children if isinstance(c, Operation) and c.state.active]
         etas = [c.estimate for c in active if c.estimate.eta is not None]
         # Children run side by side: the parent ends when the last one does.
         if active and len(etas) == len(active):

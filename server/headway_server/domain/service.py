@@ -32,6 +32,7 @@ from headway_server.domain.model import (
     Operation,
     OperationError,
     OperationFilter,
+    SharedSpecs,
     StartSpec,
     State,
     TimelineEntry,
@@ -105,6 +106,7 @@ class OperationService:
         # Server-generated ids derived from a request_id must not be guessable
         # from it, so they are keyed with a per-process secret.
         self._id_key = secrets.token_bytes(32)
+        self._specs = SharedSpecs()
 
     def _generated_id(self, spec: StartSpec, request_id: str) -> str:
         if not request_id:
@@ -150,6 +152,7 @@ class OperationService:
         if new.state.terminal and (old is None or not old.state.terminal):
             self.aggregate.record_finished(new)
             self.observer.operation_finished(new)
+            await self.journal.seal(new.id)
         raised = progress.alert_types(new) - (progress.alert_types(old) if old else set())
         for alert_type in raised:
             self.observer.alert_raised(alert_type.name)
@@ -170,7 +173,7 @@ class OperationService:
     async def start(
         self, spec: StartSpec, *, operation_id: str = "", request_id: str = ""
     ) -> Operation:
-        spec = lifecycle.validate_start(spec, operation_id, request_id)
+        spec = self._specs.share(lifecycle.validate_start(spec, operation_id, request_id))
         operation_id = operation_id or self._generated_id(spec, request_id)
         existing = await self.store.get(operation_id)
         if existing is None:
@@ -280,7 +283,11 @@ class OperationService:
             log.info("cancel requested", extra={"operation_id": op.id, "state": op.state.name})
             # Cancelling a parent asks its running children (and theirs) to stop too.
             for child in await self.store.children(op.id):
-                if child.state.active and not child.cancel_requested:
+                if (
+                    isinstance(child, Operation)
+                    and child.state.active
+                    and not child.cancel_requested
+                ):
                     try:
                         await self.cancel(child.id, f"parent {op.id} cancelled: {reason}"[:4000])
                     except (NotFound, FailedPrecondition):
@@ -417,7 +424,7 @@ class OperationService:
                 stalled = lifecycle.mark_stalled(o, now)
                 return None if stalled is None else self._refresh(stalled, now)
 
-            if lifecycle.mark_stalled(op, now) is None:
+            if not isinstance(op, Operation) or lifecycle.mark_stalled(op, now) is None:
                 continue
             try:
                 new, did = await self._modify(op.id, lapse)

@@ -266,7 +266,7 @@ def _select(
     """The event this change makes on a stream watching `where`, if any."""
     op = change.operation
     held = op.id in known or (
-        resumed_at > 0 and op.created_revision <= resumed_at and where.matches_identity(op)
+        resumed_at > 0 and op.created_revision <= resumed_at and where.matches_spec(op.spec)
     )
     if change.deleted:
         known.discard(op.id)

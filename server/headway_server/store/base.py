@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from headway_server.domain.model import Change, Operation, OperationFilter
+from headway_server.domain.model import Change, HeldOperation, Operation, OperationFilter
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +96,12 @@ class OperationStore(Protocol):
         """Waits until the revision is above `after` and returns it (callers bound the wait)."""
         ...
 
-    async def children(self, parent_id: str) -> list[Operation]:
-        """The operations started with this parent_id, in creation order."""
+    async def children(self, parent_id: str) -> list[HeldOperation]:
+        """The operations started with this parent_id, in creation order (for
+        roll-ups: a finished one may come as its FinishedOperation head)."""
         ...
 
-    async def scan(self) -> list[Operation]:
-        """Every stored operation, for maintenance sweeps (leases, retention)."""
+    async def scan(self) -> list[HeldOperation]:
+        """Every stored operation, for sweeps (leases, retention) and counts; a
+        finished one may come as its FinishedOperation head."""
         ...

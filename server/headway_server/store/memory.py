@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from sortedcontainers import SortedDict
 
@@ -15,26 +16,64 @@ from headway_server.domain.errors import (
     NotFound,
     ResourceExhausted,
 )
-from headway_server.domain.model import Change, Operation, OperationFilter, evolve
+from headway_server.domain.model import (
+    Change,
+    FinishedOperation,
+    HeldOperation,
+    Operation,
+    OperationFilter,
+    evolve,
+)
 from headway_server.store.base import Changes, Page
+from headway_server.store.packing import Unpackable, pack_operation, unpack_operation
+
+# Finished operations kept unpacked after their last read or write: a finish is
+# read by every watcher of it right away, and each should get the same value
+# (the wire cache in convert.py is keyed by it) without unpacking it again.
+UNPACKED_CACHE_SIZE = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _Deleted:
+    """A tombstone of a finished operation, still packed."""
+
+    revision: int
+    held: FinishedOperation
+
+
+# What the change history holds at a revision.
+_Entry = Change | FinishedOperation | _Deleted
 
 
 class MemoryStore:
     """Holds operations in a dict and their latest changes ordered by revision.
 
+    Finished operations are held packed (store.packing) with the fields that
+    filters, sweeps and roll-ups read beside the bytes, and unpacked by the
+    reads that return whole operations.
+
     All methods run on one event loop and never await between reading and
     writing, so each call is atomic without a lock.
     """
 
-    def __init__(self, *, max_operations: int = 100_000, history_size: int = 10_000) -> None:
+    def __init__(
+        self,
+        *,
+        max_operations: int = 100_000,
+        history_size: int = 10_000,
+        pack_finished: bool = True,
+    ) -> None:
         self._max_operations = max_operations
         self._history_size = history_size
+        self._pack_finished = pack_finished
         self._revision = 0
-        self._operations: dict[str, Operation] = {}
-        # revision -> Change; each live operation appears once, at its latest
+        # Running operations whole; finished ones packed (store.packing).
+        self._operations: dict[str, HeldOperation] = {}
+        # revision -> _Entry; each live operation appears once, at its latest
         # revision, so "changes after N" is a range read that skips superseded
         # states by construction.
         self._log: SortedDict = SortedDict()
+        self._unpacked: OrderedDict[str, Operation] = OrderedDict()
         # Tombstones in deletion order (id -> revision), oldest dropped first.
         self._tombstones: OrderedDict[str, int] = OrderedDict()
         # Highest revision whose tombstone was dropped: resuming below it would miss a delete.
@@ -56,14 +95,65 @@ class MemoryStore:
         event, self._changed = self._changed, asyncio.Event()
         event.set()
 
-    def _record(self, operation: Operation, previous_revision: int | None) -> None:
+    def _hold(self, op: Operation) -> HeldOperation:
+        """What the store keeps of a value it stores: a finished one packed."""
+        if not (self._pack_finished and op.state.terminal) or op.stalled:
+            return op
+        try:
+            packed = pack_operation(op)
+        except Unpackable:
+            return op  # kept whole: correct, only larger
+        self._remember(op)
+        return FinishedOperation(
+            op.id,
+            op.spec,
+            op.state,
+            op.revision,
+            op.created_revision,
+            op.finished_at,
+            op.total,
+            op.percent,
+            packed,
+        )
+
+    def _remember(self, op: Operation) -> None:
+        self._unpacked[op.id] = op
+        self._unpacked.move_to_end(op.id)
+        if len(self._unpacked) > UNPACKED_CACHE_SIZE:
+            self._unpacked.popitem(last=False)
+
+    def _whole(self, held: HeldOperation) -> Operation:
+        if isinstance(held, Operation):
+            return held
+        cached = self._unpacked.get(held.id)
+        # Revisions are unique store-wide, so (id, revision) names one value.
+        if cached is not None and cached.revision == held.revision:
+            self._unpacked.move_to_end(held.id)
+            return cached
+        op = unpack_operation(held.id, held.spec, held.packed)
+        self._remember(op)
+        return op
+
+    def _change(self, entry: _Entry) -> Change:
+        if isinstance(entry, Change):
+            return entry
+        if isinstance(entry, FinishedOperation):
+            return Change(entry.revision, self._whole(entry))
+        return Change(entry.revision, self._whole(entry.held), deleted=True)
+
+    def _record(self, stored: Operation, previous_revision: int | None) -> None:
         if previous_revision is not None:
             del self._log[previous_revision]
-        self._log[operation.revision] = Change(operation.revision, operation)
+        held = self._hold(stored)
+        self._operations[stored.id] = held
+        self._log[stored.revision] = (
+            Change(stored.revision, stored) if isinstance(held, Operation) else held
+        )
         self._notify()
 
     async def get(self, operation_id: str) -> Operation | None:
-        return self._operations.get(operation_id)
+        held = self._operations.get(operation_id)
+        return None if held is None else self._whole(held)
 
     async def create(self, operation: Operation) -> Operation:
         if operation.id in self._operations:
@@ -74,7 +164,6 @@ class MemoryStore:
             )
         revision = self._next()
         stored = evolve(operation, revision=revision, created_revision=revision)
-        self._operations[stored.id] = stored
         # An id deleted earlier and created again is live, not a tombstone.
         old = self._tombstones.pop(stored.id, None)
         if old is not None:
@@ -91,7 +180,6 @@ class MemoryStore:
         if current.revision != expected_revision:
             raise Conflict(f"operation {operation.id!r} changed concurrently")
         stored = evolve(operation, revision=self._next())
-        self._operations[stored.id] = stored
         self._record(stored, current.revision)
         return stored
 
@@ -106,7 +194,11 @@ class MemoryStore:
             if not siblings:
                 del self._children[current.parent_id]
         del self._log[current.revision]
-        self._log[revision] = Change(revision, current, deleted=True)
+        self._log[revision] = (
+            Change(revision, current, deleted=True)
+            if isinstance(current, Operation)
+            else _Deleted(revision, current)
+        )
         self._tombstones[operation_id] = revision
         while len(self._tombstones) > self._history_size:
             _, dropped = self._tombstones.popitem(last=False)
@@ -122,19 +214,29 @@ class MemoryStore:
             for op in self._operations.values()
             if op.created_revision > after and where.matches(op)
         )
-        operations = list(itertools.islice(matching, limit + 1))
+        operations = [self._whole(op) for op in itertools.islice(matching, limit + 1)]
         more = len(operations) > limit
         del operations[limit:]
         next_after = operations[-1].created_revision if more else None
         return Page(operations, next_after, self._revision)
 
     async def snapshot(self, where: OperationFilter) -> Changes:
-        matching = [c for c in self._log.values() if not c.deleted and where.matches(c.operation)]
+        matching = [
+            self._change(entry)
+            for entry in self._log.values()
+            if (
+                where.matches(entry)
+                if isinstance(entry, FinishedOperation)
+                else isinstance(entry, Change)
+                and not entry.deleted
+                and where.matches(entry.operation)
+            )
+        ]
         return Changes(matching, self._revision)
 
     async def tombstone(self, operation_id: str) -> Change | None:
         revision = self._tombstones.get(operation_id)
-        return None if revision is None else self._log[revision]
+        return None if revision is None else self._change(self._log[revision])
 
     async def changes(self, after: int, *, limit: int) -> Changes:
         if after > self._revision or after < self._compacted:
@@ -148,16 +250,16 @@ class MemoryStore:
             upto = keys[-1] if keys else after
         else:
             upto = self._revision
-        return Changes([self._log[k] for k in keys], upto)
+        return Changes([self._change(self._log[k]) for k in keys], upto)
 
     async def wait_for_change(self, after: int) -> int:
         while self._revision <= after:
             await self._changed.wait()
         return self._revision
 
-    async def children(self, parent_id: str) -> list[Operation]:
+    async def children(self, parent_id: str) -> list[HeldOperation]:
         ids = self._children.get(parent_id, {})
         return [self._operations[i] for i in ids if i in self._operations]
 
-    async def scan(self) -> list[Operation]:
+    async def scan(self) -> list[HeldOperation]:
         return list(self._operations.values())

@@ -1,0 +1,75 @@
+"""What the memory store does beyond the store contract: finished operations packed,
+timelines sealed. The contract itself is tested in test_store_contract.py."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from headway_server.domain.model import (
+    FinishedOperation,
+    Operation,
+    StartSpec,
+    State,
+    TimelineEntry,
+    TimelineType,
+)
+from headway_server.store.journal import MemoryJournal
+from headway_server.store.memory import UNPACKED_CACHE_SIZE, MemoryStore
+
+
+async def finish(store: MemoryStore, op_id: str, **changes: Any) -> Operation:
+    created = await store.create(Operation(id=op_id, spec=StartSpec(kind="k")))
+    done = dataclasses.replace(
+        created, state=State.SUCCEEDED, finished_at=1795445899.0, result={"n": 1.0}, **changes
+    )
+    return await store.replace(done, expected_revision=created.revision)
+
+
+async def test_finished_operations_are_held_packed_and_running_ones_whole() -> None:
+    store = MemoryStore()
+    await store.create(Operation(id="running", spec=StartSpec(kind="k")))
+    await finish(store, "done")
+    held = {op.id: op for op in await store.scan()}
+    assert isinstance(held["running"], Operation)
+    assert isinstance(held["done"], FinishedOperation)
+
+
+async def test_reads_of_a_just_finished_operation_share_one_value() -> None:
+    # Watchers of a finish all read it; convert.py caches its wire bytes per value.
+    store = MemoryStore()
+    done = await finish(store, "a")
+    assert await store.get("a") is done
+    assert (await store.changes(0, limit=1)).changes[0].operation is done
+
+
+async def test_operations_out_of_the_unpacked_cache_unpack_equal() -> None:
+    store = MemoryStore()
+    first = await finish(store, "op-0")
+    for i in range(1, UNPACKED_CACHE_SIZE + 2):
+        await finish(store, f"op-{i}")
+    again = await store.get("op-0")
+    assert again == first
+    assert again is not first
+    assert await store.get("op-0") is again
+
+
+async def test_a_value_that_cannot_be_packed_is_held_whole() -> None:
+    store = MemoryStore()
+    odd = await finish(store, "a", details={"odd": object()})
+    assert [type(op) for op in await store.scan()] == [Operation]
+    assert await store.get("a") == odd
+
+
+async def test_a_sealed_timeline_reads_back_and_still_takes_entries() -> None:
+    journal = MemoryJournal(max_timeline=3)
+    entries = [TimelineEntry(TimelineType.STAGE_STARTED, float(i), i, f"s{i}") for i in range(4)]
+    await journal.append_timeline("a", entries)
+    await journal.seal("a")
+    assert await journal.timeline("a") == (entries[1:], 1)
+    ended = TimelineEntry(TimelineType.SUCCEEDED, 9.0, 9)
+    await journal.append_timeline("a", [ended])
+    assert await journal.timeline("a") == ([*entries[2:], ended], 2)
+    await journal.seal("a")
+    await journal.forget("a")
+    assert await journal.timeline("a") == ([], 0)
