@@ -205,36 +205,42 @@ class StartSpec:
 
 
 class SharedSpecs:
-    """One StartSpec object for equal start parameters.
+    """Start parameters with their parts shared between operations.
 
     Operations of one pipeline start with the same kind, project, labels and
-    stages; sharing the value saves a few hundred bytes per held operation and
-    finished summary (bench: retained memory). Bounded: when full it starts over,
-    and later starts share again from there.
+    stages, and often differ in total or parent: sharing the parts saves a few
+    hundred bytes per held operation and finished summary (bench: retained
+    memory). Bounded: a table that fills up starts over, and later starts share
+    again from there.
     """
 
     def __init__(self, limit: int = 10_000) -> None:
         self._limit = limit
-        self._specs: dict[tuple[Any, ...], StartSpec] = {}
+        self._labels: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
+        self._stages: dict[tuple[StageSpec, ...], tuple[StageSpec, ...]] = {}
+        self._strings: dict[str, str] = {}
+
+    def _shared(self, table: dict[Any, Any], key: Any, value: Any) -> Any:
+        found = table.get(key)
+        if found is None:
+            if len(table) >= self._limit:
+                table.clear()
+            found = table[key] = value
+        return found
 
     def share(self, spec: StartSpec) -> StartSpec:
-        key = (
-            spec.kind,
-            spec.project,
-            spec.dataset,
-            tuple(sorted(spec.labels.items())),
-            spec.total,
-            spec.unit,
-            spec.stages,
-            spec.heartbeat_timeout,
-            spec.parent_id,
+        strings = self._strings
+        return StartSpec(
+            kind=self._shared(strings, spec.kind, spec.kind),
+            project=self._shared(strings, spec.project, spec.project),
+            dataset=self._shared(strings, spec.dataset, spec.dataset),
+            labels=self._shared(self._labels, tuple(sorted(spec.labels.items())), spec.labels),
+            total=spec.total,
+            unit=self._shared(strings, spec.unit, spec.unit),
+            stages=self._shared(self._stages, spec.stages, spec.stages),
+            heartbeat_timeout=spec.heartbeat_timeout,
+            parent_id=spec.parent_id,
         )
-        shared = self._specs.get(key)
-        if shared is None:
-            if len(self._specs) >= self._limit:
-                self._specs.clear()
-            shared = self._specs[key] = spec
-        return shared
 
 
 @dataclass(frozen=True, slots=True)
