@@ -23,7 +23,7 @@ from headway_server.domain.model import (
     StartSpec,
     State,
 )
-from headway_server.metrics import Metrics
+from headway_server.metrics import MAX_UNKNOWN_METHOD_SERIES, OTHER_UNKNOWN_METHODS, Metrics
 from headway_server.server import create_server
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -303,6 +303,24 @@ async def test_other_services_and_unknown_methods_are_counted(
 
     counts = await rpc_counts(metrics_port)
     assert counts == {("Check", "OK"): 1, ("Nope", "UNIMPLEMENTED"): 1}
+
+
+async def test_unknown_method_names_make_a_bounded_number_of_series(
+    served: Served,
+) -> None:
+    # A client probing made-up names must not grow the metrics without end.
+    channel, _, metrics_port = served
+    for i in range(MAX_UNKNOWN_METHOD_SERIES + 5):
+        call = channel.unary_unary(
+            f"/headway.v1.ProgressTracker/Nope{i}",
+            request_serializer=bytes,
+            response_deserializer=bytes,
+        )(b"")
+        assert await code_of(call) == grpc.StatusCode.UNIMPLEMENTED
+    counts = await rpc_counts(metrics_port)
+    assert len(counts) == MAX_UNKNOWN_METHOD_SERIES + 1
+    assert counts[(OTHER_UNKNOWN_METHODS, "UNIMPLEMENTED")] == 5
+    assert counts[("Nope0", "UNIMPLEMENTED")] == 1
 
 
 async def test_a_stream_to_an_unknown_method_is_refused_before_any_request(

@@ -253,15 +253,29 @@ else:  # not subscriptable at run time
     _GenericHandler = grpc.GenericRpcHandler
 
 
+# Distinct unknown method names counted under their own name; later ones are
+# counted together under OTHER_UNKNOWN_METHODS.
+MAX_UNKNOWN_METHOD_SERIES = 32
+OTHER_UNKNOWN_METHODS = "(other unknown)"
+
+
 class _UnknownMethods(_GenericHandler):
     def __init__(self, record: Record) -> None:
         self._record = record
+        # Method names come from clients: each distinct one is a metric series
+        # for the life of the process, so only the first few get their own.
+        self._named: set[str] = set()
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any]:
         full_name = handler_call_details.method
         method = full_name.rpartition("/")[2]
+        if method not in self._named:
+            if len(self._named) < MAX_UNKNOWN_METHOD_SERIES:
+                self._named.add(method)
+            else:
+                method = OTHER_UNKNOWN_METHODS
         record = self._record
 
         async def refuse(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
