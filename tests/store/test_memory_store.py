@@ -8,6 +8,8 @@ from typing import Any
 
 from headway_server.domain.model import (
     FinishedOperation,
+    LogEntry,
+    LogLevel,
     Operation,
     StartSpec,
     State,
@@ -73,3 +75,28 @@ async def test_a_sealed_timeline_reads_back_and_still_takes_entries() -> None:
     await journal.seal("a")
     await journal.forget("a")
     assert await journal.timeline("a") == ([], 0)
+
+
+async def test_a_sealed_log_reads_back_and_numbering_goes_on_after_it() -> None:
+    journal = MemoryJournal(max_logs=3)
+    entries = [
+        LogEntry(LogLevel.ERROR, f"failed {i}", "index", f"f{i}", "E", True, {"n": float(i)})
+        for i in range(4)
+    ]
+    assert await journal.append_logs("a", entries) == 1
+    held, dropped = await journal.logs("a")
+    await journal.seal("a")
+    assert await journal.logs("a") == (held, dropped)
+    assert [e.index for e in held] == [2, 3, 4]
+    assert await journal.append_logs("a", [LogEntry(LogLevel.INFO, "late")]) == 2
+    after, _ = await journal.logs("a")
+    assert [(e.index, e.message) for e in after] == [(3, "failed 2"), (4, "failed 3"), (5, "late")]
+
+
+async def test_a_log_that_cannot_be_packed_stays_readable() -> None:
+    journal = MemoryJournal()
+    odd = LogEntry(LogLevel.INFO, "odd", details={"value": object()})
+    await journal.append_logs("a", [odd])
+    await journal.seal("a")
+    (entry,), dropped = await journal.logs("a")
+    assert (entry.message, entry.details, dropped) == ("odd", odd.details, 0)

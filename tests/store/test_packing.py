@@ -10,6 +10,8 @@ from headway_server.domain.model import (
     Alert,
     AlertType,
     Estimate,
+    LogEntry,
+    LogLevel,
     Operation,
     OperationError,
     Stage,
@@ -22,8 +24,10 @@ from headway_server.domain.model import (
 )
 from headway_server.store.packing import (
     Unpackable,
+    pack_logs,
     pack_operation,
     pack_timeline,
+    unpack_logs,
     unpack_operation,
     unpack_timeline,
 )
@@ -135,3 +139,15 @@ def test_timeline_round_trips_with_its_counts() -> None:
     unpacked, dropped, appended = unpack_timeline(pack_timeline(entries, 2, 5))
     assert (unpacked, dropped, appended) == (entries, 2, 5)
     assert unpacked[2].type is TimelineType.FAILED
+
+
+def test_logs_round_trip_with_their_counts() -> None:
+    entries = [
+        LogEntry(LogLevel.WARNING, "slow disk", "index", "src/a.py", "W_SLOW", True, None, 5.5, 7),
+        LogEntry(
+            LogLevel.ERROR, "bad file", "", "src/b.py", "E_PARSE", False, {"line": 3.0}, 6.0, 8
+        ),
+    ]
+    unpacked, dropped, appended = unpack_logs(pack_logs(entries, 6, 8))
+    assert (unpacked, dropped, appended) == (entries, 6, 8)
+    assert unpacked[1].level is LogLevel.ERROR

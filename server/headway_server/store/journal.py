@@ -7,12 +7,18 @@ replaced, and would make every revision of an operation as large as its log.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from headway_server.domain.model import LogEntry, TimelineEntry
-from headway_server.store.packing import pack_timeline, unpack_timeline
+from headway_server.store.packing import (
+    Unpackable,
+    pack_logs,
+    pack_timeline,
+    unpack_logs,
+    unpack_timeline,
+)
 
 MAX_LOG_ENTRIES = 1000
 MAX_TIMELINE_ENTRIES = 500
@@ -45,8 +51,8 @@ class Journal(Protocol):
     async def timeline(self, operation_id: str) -> tuple[list[TimelineEntry], int]: ...
 
     async def seal(self, operation_id: str) -> None:
-        """The operation ended: its timeline will rarely grow again, so it may be
-        held compactly (appending stays allowed)."""
+        """The operation ended: its log and timeline will rarely grow again, so
+        they may be held compactly (appending stays allowed)."""
         ...
 
     async def forget(self, operation_id: str) -> None:
@@ -54,65 +60,89 @@ class Journal(Protocol):
         ...
 
 
-class MemoryJournal:
-    def __init__(
-        self, *, max_logs: int = MAX_LOG_ENTRIES, max_timeline: int = MAX_TIMELINE_ENTRIES
-    ) -> None:
-        self._max_logs = max_logs
-        self._max_timeline = max_timeline
-        self._logs: dict[str, _Buffer] = {}
-        # A sealed timeline is held as bytes (store.packing) until appended to.
-        self._timelines: dict[str, _Buffer | bytes] = {}
+Pack = Callable[[list[Any], int, int], bytes]
+Unpack = Callable[[bytes], tuple[list[Any], int, int]]
 
-    @staticmethod
-    def _append(buffer: _Buffer, entries: Iterable[object], limit: int) -> None:
+
+class _Buffers:
+    """One kind of entry (logs or timelines) for every operation; an ended
+    operation's held as bytes (store.packing) until something is appended."""
+
+    def __init__(self, limit: int, pack: Pack, unpack: Unpack) -> None:
+        self._limit = limit
+        self._pack = pack
+        self._unpack = unpack
+        self._held: dict[str, _Buffer | bytes] = {}
+
+    def open(self, operation_id: str) -> _Buffer:
+        """The operation's buffer, to append to (created, or unpacked if sealed)."""
+        held = self._held.get(operation_id)
+        if held is None:
+            held = self._held[operation_id] = _Buffer()
+        elif isinstance(held, bytes):
+            entries, dropped, appended = self._unpack(held)
+            held = self._held[operation_id] = _Buffer(entries, dropped, appended)
+        return held
+
+    def append(self, buffer: _Buffer, entries: Iterable[object]) -> None:
         before = len(buffer.entries)
         buffer.entries.extend(entries)
         buffer.appended += len(buffer.entries) - before
-        excess = len(buffer.entries) - limit
+        excess = len(buffer.entries) - self._limit
         if excess > 0:
             del buffer.entries[:excess]
             buffer.dropped += excess
 
+    def read(self, operation_id: str) -> tuple[list[Any], int]:
+        held = self._held.get(operation_id) or _Buffer()
+        if isinstance(held, bytes):
+            entries, dropped, _ = self._unpack(held)
+            return entries, dropped
+        return list(held.entries), held.dropped
+
+    def seal(self, operation_id: str) -> None:
+        held = self._held.get(operation_id)
+        if isinstance(held, _Buffer):
+            try:
+                self._held[operation_id] = self._pack(held.entries, held.dropped, held.appended)
+            except Unpackable:
+                pass  # kept as objects: correct, only larger
+
+    def forget(self, operation_id: str) -> None:
+        self._held.pop(operation_id, None)
+
+
+class MemoryJournal:
+    def __init__(
+        self, *, max_logs: int = MAX_LOG_ENTRIES, max_timeline: int = MAX_TIMELINE_ENTRIES
+    ) -> None:
+        self._logs = _Buffers(max_logs, pack_logs, unpack_logs)
+        self._timelines = _Buffers(max_timeline, pack_timeline, unpack_timeline)
+
     async def append_logs(self, operation_id: str, entries: Iterable[LogEntry]) -> int:
-        buffer = self._logs.setdefault(operation_id, _Buffer())
+        buffer = self._logs.open(operation_id)
         numbered = [
             dataclasses.replace(e, index=buffer.appended + i + 1) for i, e in enumerate(entries)
         ]
-        self._append(buffer, numbered, self._max_logs)
+        self._logs.append(buffer, numbered)
         return buffer.dropped
 
     async def logs(self, operation_id: str) -> tuple[list[LogEntry], int]:
-        buffer = self._logs.get(operation_id, _Buffer())
-        return list(buffer.entries), buffer.dropped  # type: ignore[arg-type]
-
-    def _timeline(self, operation_id: str) -> _Buffer:
-        held = self._timelines.get(operation_id)
-        if held is None:
-            held = self._timelines[operation_id] = _Buffer()
-        elif isinstance(held, bytes):
-            entries, dropped, appended = unpack_timeline(held)
-            held = self._timelines[operation_id] = _Buffer(list(entries), dropped, appended)
-        return held
+        return self._logs.read(operation_id)
 
     async def append_timeline(self, operation_id: str, entries: Iterable[TimelineEntry]) -> None:
-        self._append(self._timeline(operation_id), entries, self._max_timeline)
+        self._timelines.append(self._timelines.open(operation_id), entries)
 
     async def timeline(self, operation_id: str) -> tuple[list[TimelineEntry], int]:
-        held = self._timelines.get(operation_id) or _Buffer()
-        if isinstance(held, bytes):
-            entries, dropped, _ = unpack_timeline(held)
-            return entries, dropped
-        return list(held.entries), held.dropped  # type: ignore[arg-type]
+        return self._timelines.read(operation_id)
 
     async def seal(self, operation_id: str) -> None:
-        # Retained finished operations are most of what a server holds, and a
-        # timeline as objects was ~0.6 KB of each (bench: retained memory).
-        held = self._timelines.get(operation_id)
-        if isinstance(held, _Buffer):
-            entries: list[TimelineEntry] = held.entries  # type: ignore[assignment]
-            self._timelines[operation_id] = pack_timeline(entries, held.dropped, held.appended)
+        # Retained finished operations are most of what a server holds; as
+        # objects a timeline was ~0.6 KB of each (bench: retained memory), and
+        # a log entry ~0.3 KB, up to MAX_LOG_ENTRIES of them.
+        self._logs.seal(operation_id)
+        self._timelines.seal(operation_id)
 
     async def forget(self, operation_id: str) -> None:
-        self._logs.pop(operation_id, None)
-        self._timelines.pop(operation_id, None)
+        self._logs.forget(operation_id)
+        self._timelines.forget(operation_id)

@@ -23,6 +23,8 @@ from headway_server.domain.model import (
     Alert,
     AlertType,
     Estimate,
+    LogEntry,
+    LogLevel,
     Operation,
     OperationError,
     Stage,
@@ -236,10 +238,18 @@ def unpack_operation(op_id: str, spec: StartSpec, data: bytes) -> Operation:
     return _operation(op_id, spec, marshal.loads(_inflate(data)))
 
 
+def _pack_rows(rows: tuple[Any, ...], dropped: int, appended: int) -> bytes:
+    try:
+        raw = marshal.dumps((dropped, appended, rows), _MARSHAL_VERSION)
+    except ValueError as exc:
+        raise Unpackable(str(exc)) from exc
+    return _deflate(raw)
+
+
 def pack_timeline(entries: list[TimelineEntry], dropped: int, appended: int) -> bytes:
     """A timeline and its counts (entries dropped, entries appended) as bytes."""
     rows = tuple((int(e.type), e.time, e.revision, e.stage, e.message) for e in entries)
-    return _deflate(marshal.dumps((dropped, appended, rows), _MARSHAL_VERSION))
+    return _pack_rows(rows, dropped, appended)
 
 
 def unpack_timeline(data: bytes) -> tuple[list[TimelineEntry], int, int]:
@@ -247,5 +257,37 @@ def unpack_timeline(data: bytes) -> tuple[list[TimelineEntry], int, int]:
     entries = [
         TimelineEntry(TimelineType(kind), at, revision, stage, message)
         for kind, at, revision, stage, message in rows
+    ]
+    return entries, dropped, appended
+
+
+def pack_logs(entries: list[LogEntry], dropped: int, appended: int) -> bytes:
+    """Log entries and their counts as bytes.
+
+    Raises:
+        Unpackable: an entry's details hold a value marshal cannot write.
+    """
+    rows = tuple(
+        (
+            int(e.level),
+            e.message,
+            e.stage,
+            e.item,
+            e.code,
+            e.recoverable,
+            e.details,
+            e.time,
+            e.index,
+        )
+        for e in entries
+    )
+    return _pack_rows(rows, dropped, appended)
+
+
+def unpack_logs(data: bytes) -> tuple[list[LogEntry], int, int]:
+    dropped, appended, rows = marshal.loads(_inflate(data))
+    entries = [
+        LogEntry(LogLevel(level), message, stage, item, code, recoverable, details, at, index)
+        for level, message, stage, item, code, recoverable, details, at, index in rows
     ]
     return entries, dropped, appended
