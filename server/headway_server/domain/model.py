@@ -388,7 +388,7 @@ class FinishedOperation:
     (store.packing; the store's `get` unpacks the whole Operation)."""
 
     id: str
-    # Shared with every other held operation started with equal parameters.
+    # Its parts shared with other operations started alike (SharedSpecs).
     spec: StartSpec
     state: State
     revision: int
