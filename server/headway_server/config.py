@@ -8,6 +8,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
+from headway_server.domain.watch import DEFAULT_YIELD_RATIO
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -43,7 +45,7 @@ class ServerConfig:
     eta_slip_seconds: float = 60.0
     # After a round of watch sends, time left to producers, relative to how
     # long the round took (see domain/watch.py); 0 = none, no batching pauses.
-    watch_yield_ratio: float = 1.0
+    watch_yield_ratio: float = DEFAULT_YIELD_RATIO
 
     def __post_init__(self) -> None:
         for name in (

@@ -12,7 +12,13 @@ from typing import Any, TypeVar
 import pytest
 from headway_server.domain.errors import NotFound
 from headway_server.domain.model import Operation, OperationFilter, StartSpec, State
-from headway_server.domain.watch import EventType, ShuttingDown, WatchEvent, WatchHub
+from headway_server.domain.watch import (
+    DEFAULT_YIELD_RATIO,
+    EventType,
+    ShuttingDown,
+    WatchEvent,
+    WatchHub,
+)
 from headway_server.store.memory import MemoryStore
 
 T = TypeVar("T")
@@ -168,7 +174,9 @@ async def test_light_load_delivers_every_state(
     assert received == list(range(2, 32))
 
 
-@pytest.mark.parametrize(("yield_ratio", "batched"), [(0.0, False), (1.0, True)])
+@pytest.mark.parametrize(
+    ("yield_ratio", "batched"), [(0.0, False), (DEFAULT_YIELD_RATIO, True), (1.0, True)]
+)
 async def test_busy_rounds_yield_to_producers_and_batch_their_changes(
     store: MemoryStore, streams: Any, yield_ratio: float, batched: bool
 ) -> None:
