@@ -204,6 +204,17 @@ class StartSpec:
     parent_id: str = ""
 
 
+def shared(table: dict[Any, Any], key: Any, value: Any, limit: int) -> Any:
+    """The value `table` holds for `key`, else `value`, now held for it: one object
+    for many equal ones. A table reaching `limit` starts over (bounded memory)."""
+    found = table.get(key)
+    if found is None:
+        if len(table) >= limit:
+            table.clear()
+        found = table[key] = value
+    return found
+
+
 class SharedSpecs:
     """Start parameters with their parts shared between operations.
 
@@ -221,12 +232,7 @@ class SharedSpecs:
         self._strings: dict[str, str] = {}
 
     def _shared(self, table: dict[Any, Any], key: Any, value: Any) -> Any:
-        found = table.get(key)
-        if found is None:
-            if len(table) >= self._limit:
-                table.clear()
-            found = table[key] = value
-        return found
+        return shared(table, key, value, self._limit)
 
     def share(self, spec: StartSpec) -> StartSpec:
         strings = self._strings

@@ -22,6 +22,7 @@ from headway_server.domain.model import (
     OperationFilter,
     StartSpec,
     State,
+    shared,
 )
 
 DEFAULT_MAX_SUMMARIES = 100_000
@@ -172,12 +173,12 @@ def _summarize(op: Operation, names: dict[tuple[str, ...], tuple[str, ...]]) -> 
         stage_names.append(stage.name)
         numbers += [max(0.0, seconds), _NO_RATE if rate is None else rate]
     key = tuple(stage_names)
-    shared = names.get(key)
-    if shared is None:
-        if len(names) >= _SHARED_NAMES:
-            names.clear()
-        shared = names[key] = key
-    return _Summary(op.spec, op.state, shared, struct.pack(f"<{len(numbers)}d", *numbers))
+    return _Summary(
+        op.spec,
+        op.state,
+        shared(names, key, key, _SHARED_NAMES),
+        struct.pack(f"<{len(numbers)}d", *numbers),
+    )
 
 
 class _KindAccumulator:

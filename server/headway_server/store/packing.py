@@ -215,6 +215,14 @@ def _deflate(raw: bytes) -> bytes:
     return compressor.compress(raw) + compressor.flush()
 
 
+def _pack(value: tuple[Any, ...]) -> bytes:
+    try:
+        raw = marshal.dumps(value, _MARSHAL_VERSION)
+    except ValueError as exc:
+        raise Unpackable(str(exc)) from exc
+    return _deflate(raw)
+
+
 def _inflate(data: bytes) -> bytes:
     return zlib.decompressobj(_WBITS, zdict=_DICTIONARY).decompress(data)
 
@@ -226,11 +234,7 @@ def pack_operation(op: Operation) -> bytes:
         Unpackable: a JSON field holds a value marshal cannot write (the
             service only stores plain JSON, so this is a defect elsewhere).
     """
-    try:
-        raw = marshal.dumps(_row(op), _MARSHAL_VERSION)
-    except ValueError as exc:
-        raise Unpackable(str(exc)) from exc
-    return _deflate(raw)
+    return _pack(_row(op))
 
 
 def unpack_operation(op_id: str, spec: StartSpec, data: bytes) -> Operation:
@@ -238,18 +242,10 @@ def unpack_operation(op_id: str, spec: StartSpec, data: bytes) -> Operation:
     return _operation(op_id, spec, marshal.loads(_inflate(data)))
 
 
-def _pack_rows(rows: tuple[Any, ...], dropped: int, appended: int) -> bytes:
-    try:
-        raw = marshal.dumps((dropped, appended, rows), _MARSHAL_VERSION)
-    except ValueError as exc:
-        raise Unpackable(str(exc)) from exc
-    return _deflate(raw)
-
-
 def pack_timeline(entries: list[TimelineEntry], dropped: int, appended: int) -> bytes:
     """A timeline and its counts (entries dropped, entries appended) as bytes."""
     rows = tuple((int(e.type), e.time, e.revision, e.stage, e.message) for e in entries)
-    return _pack_rows(rows, dropped, appended)
+    return _pack((dropped, appended, rows))
 
 
 def unpack_timeline(data: bytes) -> tuple[list[TimelineEntry], int, int]:
@@ -281,7 +277,7 @@ def pack_logs(entries: list[LogEntry], dropped: int, appended: int) -> bytes:
         )
         for e in entries
     )
-    return _pack_rows(rows, dropped, appended)
+    return _pack((dropped, appended, rows))
 
 
 def unpack_logs(data: bytes) -> tuple[list[LogEntry], int, int]:
