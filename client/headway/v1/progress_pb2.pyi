@@ -27,6 +27,48 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class BatchUpdateOperationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpdateOperationRequest]: ...
+    def __init__(
+        self,
+        *,
+        updates: _abc.Iterable[Global___UpdateOperationRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["updates", b"updates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchUpdateOperationsRequest: _TypeAlias = BatchUpdateOperationsRequest  # noqa: Y015
+
+@_typing.final
+class BatchUpdateOperationsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReportProgressResponse]:
+        """One per report, in the order of the request's `updates`."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ReportProgressResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchUpdateOperationsResponse: _TypeAlias = BatchUpdateOperationsResponse  # noqa: Y015
+
+@_typing.final
 class ReportProgressResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -999,18 +1041,30 @@ class WatchOperationRequest(_message.Message):
 
     OPERATION_ID_FIELD_NUMBER: _builtins.int
     FROM_REVISION_FIELD_NUMBER: _builtins.int
+    MIN_INTERVAL_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
     from_revision: _builtins.int
     """0 = start with a SNAPSHOT; N = resume after revision N."""
+    @_builtins.property
+    def min_interval(self) -> _duration_pb2.Duration:
+        """Pacing: the server sends this stream at most one change message per
+        interval, carrying the latest state of what changed meanwhile, so a watcher
+        that reads slowly stays fresh instead of falling behind a backlog buffered
+        by its grpc library. Unset = the server's --watch-min-interval (0.1 s by
+        default); an explicit 0 = every state as soon as it is stored. The snapshot,
+        SYNCED and RESET are never delayed. At most 60 s.
+        """
+
     def __init__(
         self,
         *,
         operation_id: _builtins.str = ...,
         from_revision: _builtins.int = ...,
+        min_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["min_interval", b"min_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_revision", b"from_revision", "operation_id", b"operation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_revision", b"from_revision", "min_interval", b"min_interval", "operation_id", b"operation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1022,18 +1076,24 @@ class WatchOperationsRequest(_message.Message):
 
     FILTER_FIELD_NUMBER: _builtins.int
     FROM_REVISION_FIELD_NUMBER: _builtins.int
+    MIN_INTERVAL_FIELD_NUMBER: _builtins.int
     from_revision: _builtins.int
     @_builtins.property
     def filter(self) -> Global___OperationFilter: ...
+    @_builtins.property
+    def min_interval(self) -> _duration_pb2.Duration:
+        """As WatchOperationRequest.min_interval."""
+
     def __init__(
         self,
         *,
         filter: Global___OperationFilter | None = ...,
         from_revision: _builtins.int = ...,
+        min_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "min_interval", b"min_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "from_revision", b"from_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "from_revision", b"from_revision", "min_interval", b"min_interval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -112,6 +112,11 @@ class ProgressTrackerStub:
                 request_serializer=headway_dot_v1_dot_progress__pb2.UpdateOperationRequest.SerializeToString,
                 response_deserializer=headway_dot_v1_dot_progress__pb2.ReportProgressResponse.FromString,
                 _registered_method=True)
+        self.BatchUpdateOperations = channel.unary_unary(
+                '/headway.v1.ProgressTracker/BatchUpdateOperations',
+                request_serializer=headway_dot_v1_dot_progress__pb2.BatchUpdateOperationsRequest.SerializeToString,
+                response_deserializer=headway_dot_v1_dot_progress__pb2.BatchUpdateOperationsResponse.FromString,
+                _registered_method=True)
 
 
 class ProgressTrackerServicer:
@@ -235,6 +240,20 @@ class ProgressTrackerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchUpdateOperations(self, request, context):
+        """For producers that report on many operations at once (a batch upload, a
+        crawler with many pages in flight, an indexer with a child per shard):
+        each report is validated and applied exactly as UpdateOperation, in the
+        order given, and acknowledged on its own in `results` (same order); a
+        rejected report never affects the others. At most 1000 reports per call;
+        the call itself fails only when the batch as a whole is invalid (too many
+        reports: INVALID_ARGUMENT on `updates`). Safe to retry whole: reports keep
+        their sequence, so those already applied are acknowledged applied=false.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProgressTrackerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -312,6 +331,11 @@ def add_ProgressTrackerServicer_to_server(servicer, server):
                     servicer.ReportProgress,
                     request_deserializer=headway_dot_v1_dot_progress__pb2.UpdateOperationRequest.FromString,
                     response_serializer=headway_dot_v1_dot_progress__pb2.ReportProgressResponse.SerializeToString,
+            ),
+            'BatchUpdateOperations': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchUpdateOperations,
+                    request_deserializer=headway_dot_v1_dot_progress__pb2.BatchUpdateOperationsRequest.FromString,
+                    response_serializer=headway_dot_v1_dot_progress__pb2.BatchUpdateOperationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -721,6 +745,33 @@ class ProgressTracker:
             '/headway.v1.ProgressTracker/ReportProgress',
             headway_dot_v1_dot_progress__pb2.UpdateOperationRequest.SerializeToString,
             headway_dot_v1_dot_progress__pb2.ReportProgressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchUpdateOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headway.v1.ProgressTracker/BatchUpdateOperations',
+            headway_dot_v1_dot_progress__pb2.BatchUpdateOperationsRequest.SerializeToString,
+            headway_dot_v1_dot_progress__pb2.BatchUpdateOperationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -90,6 +90,16 @@ class ProgressTrackerStub:
     the stream ends OK when the client closes it, and with UNAVAILABLE (and
     headway-resume-revision) when the server shuts down.
     """
+    BatchUpdateOperations: _grpc.UnaryUnaryMultiCallable[_progress_pb2.BatchUpdateOperationsRequest, _progress_pb2.BatchUpdateOperationsResponse]
+    """For producers that report on many operations at once (a batch upload, a
+    crawler with many pages in flight, an indexer with a child per shard):
+    each report is validated and applied exactly as UpdateOperation, in the
+    order given, and acknowledged on its own in `results` (same order); a
+    rejected report never affects the others. At most 1000 reports per call;
+    the call itself fails only when the batch as a whole is invalid (too many
+    reports: INVALID_ARGUMENT on `updates`). Safe to retry whole: reports keep
+    their sequence, so those already applied are acknowledged applied=false.
+    """
 
 @_typing.type_check_only
 class ProgressTrackerAsyncStub(ProgressTrackerStub):
@@ -147,6 +157,16 @@ class ProgressTrackerAsyncStub(ProgressTrackerStub):
     A rejected report is acknowledged with its error and the stream goes on;
     the stream ends OK when the client closes it, and with UNAVAILABLE (and
     headway-resume-revision) when the server shuts down.
+    """
+    BatchUpdateOperations: _aio.UnaryUnaryMultiCallable[_progress_pb2.BatchUpdateOperationsRequest, _progress_pb2.BatchUpdateOperationsResponse]  # type: ignore[assignment]
+    """For producers that report on many operations at once (a batch upload, a
+    crawler with many pages in flight, an indexer with a child per shard):
+    each report is validated and applied exactly as UpdateOperation, in the
+    order given, and acknowledged on its own in `results` (same order); a
+    rejected report never affects the others. At most 1000 reports per call;
+    the call itself fails only when the batch as a whole is invalid (too many
+    reports: INVALID_ARGUMENT on `updates`). Safe to retry whole: reports keep
+    their sequence, so those already applied are acknowledged applied=false.
     """
 
 class ProgressTrackerServicer(metaclass=_abc_1.ABCMeta):
@@ -292,6 +312,22 @@ class ProgressTrackerServicer(metaclass=_abc_1.ABCMeta):
         A rejected report is acknowledged with its error and the stream goes on;
         the stream ends OK when the client closes it, and with UNAVAILABLE (and
         headway-resume-revision) when the server shuts down.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchUpdateOperations(
+        self,
+        request: _progress_pb2.BatchUpdateOperationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_progress_pb2.BatchUpdateOperationsResponse, _abc.Awaitable[_progress_pb2.BatchUpdateOperationsResponse]]:
+        """For producers that report on many operations at once (a batch upload, a
+        crawler with many pages in flight, an indexer with a child per shard):
+        each report is validated and applied exactly as UpdateOperation, in the
+        order given, and acknowledged on its own in `results` (same order); a
+        rejected report never affects the others. At most 1000 reports per call;
+        the call itself fails only when the batch as a whole is invalid (too many
+        reports: INVALID_ARGUMENT on `updates`). Safe to retry whole: reports keep
+        their sequence, so those already applied are acknowledged applied=false.
         """
 
 def add_ProgressTrackerServicer_to_server(servicer: ProgressTrackerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
