@@ -83,10 +83,15 @@ def watch_one(stub: Stub, operation_id: str, from_revision: int = 0) -> Any:
     return stub.WatchOperation(request, timeout=30)
 
 
-def watch_all(stub: Stub, from_revision: int = 0, **filter_fields: Any) -> Any:
+def watch_all(
+    stub: Stub, from_revision: int = 0, *, every_state: bool = False, **filter_fields: Any
+) -> Any:
+    """WatchOperations with the server's pacing, or (every_state) asking for none."""
     request = pb.WatchOperationsRequest(
         filter=pb.OperationFilter(**filter_fields), from_revision=from_revision
     )
+    if every_state:
+        request.min_interval.SetInParent()  # an explicit 0
     return stub.WatchOperations(request, timeout=30)
 
 
@@ -374,7 +379,10 @@ def test_watch_operations_states_filter_leaving_and_returning(
 ) -> None:
     project = wc.unique("p")
     op = start(grpc_stub, project)
-    recorder = record(watch_all(grpc_stub, project=project, states=[pb.Operation.RUNNING]))
+    # Every state: this is about the filter, not pacing.
+    recorder = record(
+        watch_all(grpc_stub, project=project, states=[pb.Operation.RUNNING], every_state=True)
+    )
     events = synced(recorder)
     assert ids_of(events) == []
 

@@ -42,6 +42,8 @@ class Follower:
     stall: float = 0.0  # stop reading this long once, after a few messages
     reconnect: tuple[int, int] | None = None  # cancel after this many messages (range)
     start_after: float = 0.0
+    # Pacing asked for: None = the server's default; 0 = every state.
+    min_interval: float | None = None
     events: list[wc.Event] = dataclasses.field(default_factory=list)
     resumes: list[int] = dataclasses.field(default_factory=list)
     messages: int = 0
@@ -66,6 +68,8 @@ def follow(follower: Follower, address: str, project: str, ids: list[str], deadl
                 request = pb.WatchOperationsRequest(
                     filter=pb.OperationFilter(project=project), from_revision=from_revision
                 )
+                if follower.min_interval is not None:
+                    request.min_interval.FromNanoseconds(int(follower.min_interval * 1e9))
                 call = stub.WatchOperations(request, timeout=remaining)
                 follower.resumes.append(from_revision)
                 budget = rng.randint(*follower.reconnect) if follower.reconnect else -1
@@ -108,8 +112,11 @@ def test_concurrent_producers_and_watchers(server_factory: Any, record: Callable
         Follower("prompt-late", start_after=0.3),
         Follower("slow", pause=0.005),
         Follower("stalling", stall=1.5, start_after=0.2),
-        Follower("reconnect-a", reconnect=(1, 6)),
-        Follower("reconnect-b", reconnect=(2, 12), pause=0.01, start_after=0.1),
+        Follower("unpaced", min_interval=0),
+        # Unpaced, so that they get enough messages to reconnect many times.
+        Follower("reconnect-a", reconnect=(1, 6), min_interval=0),
+        Follower("reconnect-b", reconnect=(2, 12), pause=0.01, start_after=0.1, min_interval=0),
+        Follower("reconnect-paced", reconnect=(1, 3), min_interval=0.05),
     ]
     threads = [
         threading.Thread(target=follow, args=(f, server.address, project, ids, deadline))

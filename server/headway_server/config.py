@@ -8,7 +8,11 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
-from headway_server.domain.watch import DEFAULT_YIELD_RATIO
+from headway_server.domain.watch import (
+    DEFAULT_MIN_INTERVAL,
+    DEFAULT_YIELD_RATIO,
+    MAX_MIN_INTERVAL,
+)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -46,6 +50,8 @@ class ServerConfig:
     # After a round of watch sends, time left to producers, relative to how
     # long the round took (see domain/watch.py); 0 = none, no batching pauses.
     watch_yield_ratio: float = DEFAULT_YIELD_RATIO
+    # Pacing of watch streams that do not ask for their own (see domain/watch.py).
+    watch_min_interval: float = DEFAULT_MIN_INTERVAL
 
     def __post_init__(self) -> None:
         for name in (
@@ -54,11 +60,14 @@ class ServerConfig:
             "shutdown_grace",
             "sweep_interval",
             "watch_yield_ratio",
+            "watch_min_interval",
         ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must not be negative")
         if self.bookmark_interval == 0 or self.sweep_interval == 0:
             raise ValueError("bookmark_interval and sweep_interval must be above zero")
+        if self.watch_min_interval > MAX_MIN_INTERVAL:
+            raise ValueError(f"watch_min_interval must be at most {MAX_MIN_INTERVAL:g}s")
         for name in ("max_operations", "history_size", "max_pending_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -79,6 +88,7 @@ _FLAGS: dict[str, Callable[[str], object]] = {
     "error-rate-threshold": float,
     "eta-slip": parse_duration,
     "watch-yield-ratio": float,
+    "watch-min-interval": parse_duration,
 }
 _FIELD = {"history": "history_size", "eta-slip": "eta_slip_seconds"}
 _HELP = {
@@ -96,6 +106,8 @@ _HELP = {
     "eta-slip": "ETA_SLIPPING alert when the estimated end moves later by more than this",
     "watch-yield-ratio": "after each round of watch sends, pause for producers this many "
     "times the round's length (at most 100ms); watchers then get batched changes",
+    "watch-min-interval": "pacing of watch streams that ask for none: at most one change "
+    "message per interval, with the latest state of what changed (0 = every state)",
 }
 
 

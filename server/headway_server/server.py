@@ -13,7 +13,6 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from headway.v1 import progress_pb2 as pb
 
 from headway_server import handlers
 from headway_server.config import ServerConfig
@@ -25,8 +24,6 @@ from headway_server.servicer import ProgressTrackerServicer
 from headway_server.store import MemoryStore, OperationStore
 
 log = logging.getLogger("headway.server")
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProgressTracker"].full_name
 
 
 class HeadwayServer:
@@ -51,11 +48,10 @@ class HeadwayServer:
         self._sweeper: asyncio.Task[None] | None = None
         self.metrics = metrics
         self.metrics_port = 0
-        self._stopped = asyncio.Event()
 
     async def start(self) -> None:
         await self.grpc_server.start()
-        for name in ("", SERVICE_NAME):
+        for name in ("", handlers.SERVICE.full_name):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="headway-sweeper")
         if self.config.metrics_listen:
@@ -95,11 +91,7 @@ class HeadwayServer:
                 await self._sweeper
         await self.grpc_server.stop(grace)
         self.metrics.close()
-        self._stopped.set()
         log.info("stopped")
-
-    async def wait_for_termination(self) -> None:
-        await self._stopped.wait()
 
 
 def create_server(
@@ -130,6 +122,7 @@ def create_server(
         chosen,
         bookmark_interval=config.bookmark_interval,
         yield_ratio=config.watch_yield_ratio,
+        min_interval=config.watch_min_interval,
     )
     grpc_server = grpc.aio.server(
         options=[
@@ -150,7 +143,7 @@ def create_server(
     )
     reflection.enable_server_reflection(
         (
-            SERVICE_NAME,
+            handlers.SERVICE.full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

@@ -17,7 +17,7 @@ from headway_server.domain import errors
 from headway_server.domain.model import LogLevel
 from headway_server.domain.service import OperationService
 from headway_server.domain.validation import check_id
-from headway_server.domain.watch import ShuttingDown, WatchEvent, WatchHub
+from headway_server.domain.watch import MAX_MIN_INTERVAL, ShuttingDown, WatchEvent, WatchHub
 
 log = logging.getLogger("headway.servicer")
 
@@ -26,7 +26,11 @@ RESUME_REVISION_KEY = "headway-resume-revision"
 _MAX_EVENTS_PER_MESSAGE = 500
 _MAX_BYTES_PER_MESSAGE = 1 << 20
 
-# The one table from domain errors to status codes.
+# Reports per BatchUpdateOperations call: bounds the work and the response of one call.
+MAX_BATCH_UPDATES = 1000
+
+# The one table from domain errors to status codes, looked up along the error's
+# class hierarchy (status_of), so a subclass maps as its nearest listed base.
 STATUS_BY_ERROR: dict[type[errors.HeadwayError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -35,7 +39,19 @@ STATUS_BY_ERROR: dict[type[errors.HeadwayError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Conflict: grpc.StatusCode.ABORTED,
     errors.HistoryCompacted: grpc.StatusCode.OUT_OF_RANGE,
+    # A domain error with no more specific entry: a server defect, not the caller's.
+    errors.HeadwayError: grpc.StatusCode.INTERNAL,
 }
+
+
+def status_of(exc: errors.HeadwayError) -> grpc.StatusCode:
+    """The status for a domain error: its own class's entry or its nearest base's."""
+    for cls in type(exc).__mro__:
+        code = STATUS_BY_ERROR.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL  # unreachable: HeadwayError is in the table
+
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -43,7 +59,7 @@ Response = TypeVar("Response")
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
     if isinstance(exc, errors.HeadwayError):
-        code = STATUS_BY_ERROR[type(exc)]
+        code = status_of(exc)
         log.info("rejected", extra={"method": method, "code": code.name, "detail": str(exc)})
         await context.abort(code, str(exc))
     log.exception("unexpected error", extra={"method": method})
@@ -105,23 +121,42 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
         # report goes through the same validation and idempotency as UpdateOperation.
         last_revision = 0
         async for request in request_iterator:
-            ack = pb.ReportProgressResponse(
-                sequence=request.sequence, operation_id=request.operation_id
-            )
             try:
-                ack.result.CopyFrom(await self._update(request))
-                last_revision = ack.result.revision
-            except errors.HeadwayError as exc:
                 # A rejected report does not end the stream: the producer may
                 # report on other operations through it.
-                code = STATUS_BY_ERROR[type(exc)]
-                ack.error_code = code.value[0]
-                ack.error_message = str(exc)
+                ack = await self._acknowledge(request)
             except Exception as exc:
                 await _abort(context, exc, "ReportProgress")
+            last_revision = max(last_revision, ack.result.revision)
             yield ack
             if self.hub.stopping:
                 await _end_for_shutdown(context, ShuttingDown(last_revision))
+
+    async def _acknowledge(self, request: pb.UpdateOperationRequest) -> pb.ReportProgressResponse:
+        """Applies one report; a domain error becomes the ack's status, not an exception."""
+        ack = pb.ReportProgressResponse(
+            sequence=request.sequence, operation_id=request.operation_id
+        )
+        try:
+            ack.result.CopyFrom(await self._update(request))
+        except errors.HeadwayError as exc:
+            ack.error_code = status_of(exc).value[0]
+            ack.error_message = str(exc)
+        return ack
+
+    @unary
+    async def BatchUpdateOperations(
+        self, request: pb.BatchUpdateOperationsRequest, context: Any
+    ) -> pb.BatchUpdateOperationsResponse:
+        if len(request.updates) > MAX_BATCH_UPDATES:
+            raise errors.InvalidArgument(
+                "updates",
+                f"at most {MAX_BATCH_UPDATES} reports per call (got {len(request.updates)})",
+            )
+        # In order, each on its own: one rejected report never affects the others.
+        return pb.BatchUpdateOperationsResponse(
+            results=[await self._acknowledge(update) for update in request.updates]
+        )
 
     @unary
     async def CompleteOperation(
@@ -243,7 +278,7 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
             check_id("operation_id", request.operation_id)
             _check_revision(request.from_revision)
             async for event in self.hub.watch_operation(
-                request.operation_id, request.from_revision
+                request.operation_id, request.from_revision, min_interval=_min_interval(request)
             ):
                 yield convert.event_bytes(event)
         except ShuttingDown as exc:
@@ -257,7 +292,9 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
         try:
             where = convert.operation_filter(request.filter)
             _check_revision(request.from_revision)
-            async for batch in self.hub.watch_operations(where, request.from_revision):
+            async for batch in self.hub.watch_operations(
+                where, request.from_revision, min_interval=_min_interval(request)
+            ):
                 for message in _messages(batch):
                     yield message
         except ShuttingDown as exc:
@@ -269,6 +306,21 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
 def _check_revision(revision: int) -> None:
     if revision < 0:
         raise errors.InvalidArgument("from_revision", f"must not be negative (got {revision})")
+
+
+def _min_interval(request: pb.WatchOperationRequest | pb.WatchOperationsRequest) -> float | None:
+    """The pacing a watch asked for; None (unset) means the server's default."""
+    if not request.HasField("min_interval"):
+        return None
+    value = request.min_interval
+    if value.seconds < 0 or value.nanos < 0 or value.nanos >= 1_000_000_000:
+        raise errors.InvalidArgument("min_interval", "must be a valid, non-negative duration")
+    seconds = value.seconds + value.nanos / 1e9
+    if seconds > MAX_MIN_INTERVAL:
+        raise errors.InvalidArgument(
+            "min_interval", f"at most {MAX_MIN_INTERVAL:g}s (got {seconds:g}s)"
+        )
+    return seconds
 
 
 def _messages(batch: list[WatchEvent]) -> list[bytes]:

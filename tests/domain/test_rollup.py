@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 from headway_server.domain import eta, lifecycle, progress
-from headway_server.domain.model import Estimate, Operation, StartSpec, State, Update
+from headway_server.domain.model import Estimate, Operation, StartSpec, State, Update, evolve
 
 
 def child(op_id: str, total: int, completed: int, eta: float | None) -> Operation:
@@ -51,12 +51,14 @@ def test_an_eta_beyond_ten_years_is_reported_unknown():
     from headway_server.domain import alerts
 
     op = lifecycle.new_operation("slow", StartSpec(total=10**12), 0.0)
-    op = progress.observe_report(lifecycle.apply_update(op, Update(sequence=1), 1.0), 1.0)
+
+    def observe(op: Operation, t: float) -> Operation:
+        return evolve(op, eta_state=progress.observed_eta(op, t))
+
+    op = observe(lifecycle.apply_update(op, Update(sequence=1), 1.0), 1.0)
     for i in range(2, 12):
         t = float(i * 10)
-        op = progress.observe_report(
-            lifecycle.apply_update(op, Update(sequence=i, completed=i), t), t
-        )
+        op = observe(lifecycle.apply_update(op, Update(sequence=i, completed=i), t), t)
     raw = eta.estimate(op.eta_state, op, 120.0)
     assert raw.eta is not None and raw.eta > progress.MAX_ETA  # what the clamp is for
     refreshed = progress.refresh(op, 120.0, alerts.AlertThresholds())

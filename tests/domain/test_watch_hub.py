@@ -34,7 +34,8 @@ def store() -> MemoryStore:
 
 @pytest.fixture
 async def hub(store: MemoryStore) -> AsyncIterator[WatchHub]:
-    hub = WatchHub(store, bookmark_interval=BOOKMARK)
+    # Unpaced: these tests are about rounds and batching; pacing has its own.
+    hub = WatchHub(store, bookmark_interval=BOOKMARK, min_interval=0)
     yield hub
     hub.stop()
 
@@ -183,7 +184,7 @@ async def test_busy_rounds_yield_to_producers_and_batch_their_changes(
     """Rounds of slow sends (a blocking 2 ms each, as thousands of grpc writes
     would be) leave producers time; each watcher then gets many operations per
     batch. The control without the pause shows the test can fail."""
-    hub = WatchHub(store, bookmark_interval=10.0, yield_ratio=yield_ratio)
+    hub = WatchHub(store, bookmark_interval=10.0, yield_ratio=yield_ratio, min_interval=0)
     ops = [f"op{i}" for i in range(40)]
     for op_id in ops:
         await create(store, op_id)
@@ -455,3 +456,52 @@ async def test_change_made_while_a_watcher_sends_reaches_it_promptly(
     revision = received.revision if single else received[0].revision
     assert revision == 3
     hub.stop()
+
+
+# --- pacing -----------------------------------------------------------------------------
+
+
+async def test_paced_stream_sends_the_latest_states_together_after_the_interval(
+    store: MemoryStore, streams: Any
+) -> None:
+    hub = WatchHub(store, bookmark_interval=30.0, min_interval=0.3)
+    try:
+        await create(store, "a")  # 1
+        await create(store, "b")  # 2
+        stream = watch(hub, streams)
+        assert kinds(await nxt(stream))[-1] == (EventType.SNAPSHOT, 2, "b")
+        assert kinds(await nxt(stream)) == [(EventType.SYNCED, 2, "")]
+        began = time.monotonic()
+        for i in range(5):
+            await change(store, "a", message=str(i))  # 3, 5, ..., 11
+            await change(store, "b", message=str(i))  # 4, 6, ..., 12
+        batch = await nxt(stream)
+        # Not before the interval, and then one message with each operation's latest state.
+        assert time.monotonic() - began >= 0.25
+        assert kinds(batch) == [(EventType.CHANGED, 11, "a"), (EventType.CHANGED, 12, "b")]
+        # The hub's default applies to streams that ask for none; 0 is "every state".
+        assert hub.pacing(None) == 0.3 and hub.pacing(0.0) == 0.0
+    finally:
+        hub.stop()
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["watch_operation", "watch_operations"])
+async def test_shutdown_ends_a_stream_waiting_out_its_interval(
+    store: MemoryStore, streams: Any, single: bool
+) -> None:
+    hub = WatchHub(store, bookmark_interval=30.0, min_interval=50.0)
+    await create(store, "a")
+    if single:
+        stream: AsyncIterator[Any] = watch_one(hub, streams, "a")
+        await nxt(stream)  # SNAPSHOT
+    else:
+        stream = watch(hub, streams)
+        await nxt(stream)  # SNAPSHOT
+        await nxt(stream)  # SYNCED
+    await change(store, "a", message="x")  # the stream now waits for its interval
+    pending = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.05)
+    assert not pending.done()
+    hub.stop()
+    with pytest.raises(ShuttingDown):
+        await asyncio.wait_for(pending, TIMEOUT)

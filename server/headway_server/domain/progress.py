@@ -34,11 +34,6 @@ def observed_eta(op: Operation, now: float) -> eta.EtaState:
     return eta.observe(state, op, now)
 
 
-def observe_report(op: Operation, now: float) -> Operation:
-    """Feeds an applied report to the ETA estimator."""
-    return evolve(op, eta_state=observed_eta(op, now))
-
-
 def refresh(
     op: Operation,
     now: float,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,6 +32,16 @@ CHANGES_PER_ROUND = 1000
 DEFAULT_YIELD_RATIO = 0.5
 MAX_PAUSE = 0.1
 MIN_PAUSE = 0.001
+# Pacing: a watcher gets at most one change message per interval (tqdm's
+# `mininterval` is 0.1 s too): fresh at the pace people read a dashboard, and a
+# watcher that reads slowly is never more than about a message behind, because
+# what changes meanwhile goes out in its next message as the latest state of
+# each operation. Without it, grpc's client library accepts megabytes on a slow
+# reader's behalf and the server never sees it as behind.
+DEFAULT_MIN_INTERVAL = 0.1
+MAX_MIN_INTERVAL = 60.0
+# Watchers due within the same few milliseconds share one timer.
+_PACING_SLOT = 0.005
 
 
 class EventType(enum.IntEnum):
@@ -69,9 +80,15 @@ class WatchHub:
         bookmark_interval: float,
         yield_ratio: float = DEFAULT_YIELD_RATIO,
         max_pause: float = MAX_PAUSE,
+        min_interval: float = DEFAULT_MIN_INTERVAL,
     ) -> None:
         self.store = store
         self.bookmark_interval = bookmark_interval
+        # The pacing of streams that do not ask for their own.
+        self.min_interval = min_interval
+        # Pacing timers by slot (loop time // _PACING_SLOT): one call_at per
+        # slot however many watchers are due in it.
+        self._timers: dict[int, asyncio.Event] = {}
         self.open_watchers = 0
         self._stopping = False
         # One task waits on the store for every watcher and wakes them all by
@@ -97,6 +114,9 @@ class WatchHub:
         """Ends every watch stream with ShuttingDown at its next wait."""
         self._stopping = True
         self._tick.set()
+        for due in self._timers.values():
+            due.set()
+        self._timers.clear()
         if self._pump is not None:
             self._pump.cancel()
 
@@ -147,15 +167,45 @@ class WatchHub:
         if self._stopping:
             raise ShuttingDown(resume_at)
 
+    def pacing(self, requested: float | None) -> float:
+        """The interval a stream is paced by: its own request, or the server's."""
+        return self.min_interval if requested is None else requested
+
+    async def _pace(self, until: float, resume_at: int) -> None:
+        """Waits until loop time `until` (or shutdown: ShuttingDown(resume_at))."""
+        loop = asyncio.get_running_loop()
+        if loop.time() >= until:
+            return
+        slot = math.ceil(until / _PACING_SLOT)
+        due = self._timers.get(slot)
+        if due is None:
+            due = self._timers[slot] = asyncio.Event()
+            loop.call_at(slot * _PACING_SLOT, self._fire, slot)
+        await due.wait()
+        if self._stopping:
+            raise ShuttingDown(resume_at)
+
+    def _fire(self, slot: int) -> None:
+        due = self._timers.pop(slot, None)
+        if due is not None:
+            due.set()
+
     async def _snapshot(self, where: OperationFilter) -> tuple[list[WatchEvent], int, set[str]]:
         snap = await self.store.snapshot(where)
         events = [WatchEvent(EventType.SNAPSHOT, c.revision, c.operation) for c in snap.changes]
         return events, snap.revision, {c.operation.id for c in snap.changes}
 
     async def watch_operations(
-        self, where: OperationFilter, from_revision: int
+        self, where: OperationFilter, from_revision: int, *, min_interval: float | None = None
     ) -> AsyncIterator[list[WatchEvent]]:
-        """Yields batches of events for every operation matching `where`."""
+        """Yields batches of events for every operation matching `where`.
+
+        Changes go out at most once per `min_interval` (None: the hub's
+        default), each batch with the latest state of everything changed since
+        the one before; the snapshot, SYNCED, RESET and bookmarks are not delayed.
+        """
+        interval = self.pacing(min_interval)
+        loop = asyncio.get_running_loop()
         # Counted here, not in a wrapper generator: a layer per message costs.
         self.open_watchers += 1
         try:
@@ -180,7 +230,11 @@ class WatchHub:
                 yield [WatchEvent(EventType.SYNCED, last)]
             synced = from_revision == 0
             sent_at = time.monotonic()
+            # Loop time before which this stream sends no further changes; the
+            # catch-up of a resume is part of getting in sync, as a snapshot is.
+            paced_until = loop.time() + interval if synced else 0.0
             while True:
+                await self._pace(paced_until, last)
                 tick = self._round()
                 read_at = self.store.revision
                 try:
@@ -199,8 +253,11 @@ class WatchHub:
                     batch.append(WatchEvent(EventType.SYNCED, last))
                     synced = True
                 if batch:
+                    before = loop.time()
                     yield batch
                     sent_at = time.monotonic()
+                    if synced and last >= read_at:
+                        paced_until = _next_send(before, loop.time(), interval)
                 if last < read_at:
                     # The read stopped at CHANGES_PER_ROUND: read on without waiting.
                     continue
@@ -210,14 +267,23 @@ class WatchHub:
                     continue
                 # At most one send per round of the pump: what changes meanwhile
                 # waits for the next round and then goes in one batch.
+                # ...and at most one per interval (at the top of the loop):
+                # changes made meanwhile go out together, each operation's
+                # latest state once.
                 await self._wait(tick, last)
         finally:
             self.open_watchers -= 1
 
     async def watch_operation(
-        self, operation_id: str, from_revision: int
+        self, operation_id: str, from_revision: int, *, min_interval: float | None = None
     ) -> AsyncIterator[WatchEvent]:
-        """Yields the events of one operation; ends after its terminal state or deletion."""
+        """Yields the events of one operation; ends after its terminal state or deletion.
+
+        Changes are paced as in watch_operations: at most one per `min_interval`,
+        always the latest state.
+        """
+        interval = self.pacing(min_interval)
+        loop = asyncio.get_running_loop()
         # Counted here, not in a wrapper generator: a layer per message costs.
         self.open_watchers += 1
         try:
@@ -239,6 +305,7 @@ class WatchHub:
                 yield WatchEvent(kind, op.revision, op)
                 last = op.revision
             sent_at = time.monotonic()
+            paced_until = loop.time() + interval
             while not op.state.terminal:
                 deadline = sent_at + self.bookmark_interval
                 if time.monotonic() >= deadline:
@@ -248,6 +315,7 @@ class WatchHub:
                     continue
                 # Returns at once if the pump has had a round since the last read.
                 await self._wait(tick, last)
+                await self._pace(paced_until, last)
                 tick = self._round()
                 current = await self.store.get(operation_id)
                 if current is None:
@@ -257,11 +325,26 @@ class WatchHub:
                     return
                 op = current
                 if op.revision > last:
+                    before = loop.time()
                     yield WatchEvent(EventType.CHANGED, op.revision, op)
                     last = op.revision
                     sent_at = time.monotonic()
+                    paced_until = _next_send(before, loop.time(), interval)
         finally:
             self.open_watchers -= 1
+
+
+def _next_send(before: float, after: float, interval: float) -> float:
+    """When a paced stream may send again, given how long its last send took.
+
+    A send that took long waited on flow control: the reader is behind by a
+    full transport window, so it gets as long again to drain it before the
+    next message (then the latest state of everything changed meanwhile). A
+    stream that asked for every state (interval 0) gets exactly that.
+    """
+    if interval <= 0:
+        return 0.0
+    return after + max(interval, after - before)
 
 
 def _select(
