@@ -253,11 +253,12 @@ class WatchHub:
                     batch.append(WatchEvent(EventType.SYNCED, last))
                     synced = True
                 if batch:
-                    before = loop.time()
                     yield batch
                     sent_at = time.monotonic()
                     if synced and last >= read_at:
-                        paced_until = _next_send(before, loop.time(), interval)
+                        # From when grpc took the message: a send that waited on
+                        # flow control does not eat into the reader's interval.
+                        paced_until = loop.time() + interval
                 if last < read_at:
                     # The read stopped at CHANGES_PER_ROUND: read on without waiting.
                     continue
@@ -325,26 +326,12 @@ class WatchHub:
                     return
                 op = current
                 if op.revision > last:
-                    before = loop.time()
                     yield WatchEvent(EventType.CHANGED, op.revision, op)
                     last = op.revision
                     sent_at = time.monotonic()
-                    paced_until = _next_send(before, loop.time(), interval)
+                    paced_until = loop.time() + interval
         finally:
             self.open_watchers -= 1
-
-
-def _next_send(before: float, after: float, interval: float) -> float:
-    """When a paced stream may send again, given how long its last send took.
-
-    A send that took long waited on flow control: the reader is behind by a
-    full transport window, so it gets as long again to drain it before the
-    next message (then the latest state of everything changed meanwhile). A
-    stream that asked for every state (interval 0) gets exactly that.
-    """
-    if interval <= 0:
-        return 0.0
-    return after + max(interval, after - before)
 
 
 def _select(
