@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -505,3 +506,85 @@ async def test_shutdown_ends_a_stream_waiting_out_its_interval(
     hub.stop()
     with pytest.raises(ShuttingDown):
         await asyncio.wait_for(pending, TIMEOUT)
+
+
+# --- routing: a change wakes only the watchers it concerns -------------------------------
+
+
+async def test_changes_wake_only_the_watchers_whose_filter_can_match(
+    store: MemoryStore, streams: Any
+) -> None:
+    hub = WatchHub(store, bookmark_interval=30.0, min_interval=0)
+    try:
+        await create(store, "parent", project="p")
+        await create(store, "hot", project="p", parent_id="parent", labels={"team": "a"})
+        await create(store, "cold", project="q", labels={"team": "b"})
+        concerned = {
+            "project p": watch(hub, streams, OperationFilter(project="p")),
+            "children of parent": watch(hub, streams, OperationFilter(parent_id="parent")),
+            "team a (labels only)": watch(hub, streams, OperationFilter(labels={"team": "a"})),
+            "everything": watch(hub, streams),
+        }
+        unconcerned = [
+            *(watch(hub, streams, OperationFilter(project=f"other-{i}")) for i in range(50)),
+            watch(hub, streams, OperationFilter(labels={"team": "b"})),
+            watch(hub, streams, OperationFilter(project="p", kind="elsewhere")),
+            watch(hub, streams, OperationFilter(parent_id="someone-else")),
+        ]
+        for stream in [*concerned.values(), *unconcerned]:
+            while (await nxt(stream))[-1].type is not EventType.SYNCED:
+                pass
+        cold_watcher = watch_one(hub, streams, "cold")
+        await nxt(cold_watcher)  # SNAPSHOT
+        assert hub.wakeups() == 0
+
+        for i in range(20):
+            await change(store, "hot", message=str(i))
+            await asyncio.sleep(0.002)  # a producer's report every few milliseconds
+        hot = (await store.get("hot")).revision  # type: ignore[union-attr]
+        for name, stream in concerned.items():
+            batch = await next_non_bookmark(stream)
+            while batch[-1].revision < hot:
+                batch = await next_non_bookmark(stream)
+            assert batch[-1].operation is not None and batch[-1].operation.id == "hot", name
+        # Each concerned watcher was woken at most once per change; nobody else ever.
+        assert 4 <= hub.wakeups() <= 4 * 20
+        by_stream = hub.wakeups()
+        await change(store, "cold", message="x")
+        assert kinds([await next_event(cold_watcher)]) == [(EventType.CHANGED, hot + 1, "cold")]
+        # "cold" concerns only its own watcher and "everything".
+        await asyncio.sleep(0.05)
+        assert hub.wakeups() <= by_stream + 2
+    finally:
+        hub.stop()
+
+
+async def test_a_quiet_watcher_gets_its_bookmarks_while_other_projects_are_busy(
+    store: MemoryStore, streams: Any
+) -> None:
+    hub = WatchHub(store, bookmark_interval=0.1, min_interval=0)
+    try:
+        await create(store, "busy", project="p")
+        quiet = watch(hub, streams, OperationFilter(project="q"))
+        assert kinds(await nxt(quiet)) == [(EventType.SYNCED, 1, "")]
+        began = time.monotonic()
+        bookmarks: list[tuple[float, int]] = []
+
+        async def read() -> None:
+            async for batch in quiet:
+                assert [e.type for e in batch] == [EventType.BOOKMARK], batch
+                bookmarks.append((time.monotonic() - began, batch[0].revision))
+
+        reader = asyncio.create_task(read())
+        while time.monotonic() - began < 0.45:
+            await change(store, "busy", message=str(time.monotonic()))
+            await asyncio.sleep(0.003)
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        assert len(bookmarks) >= 3, bookmarks
+        # On time (every 0.1 s, not the pump's rounds), caught up, never woken by "busy".
+        assert [r for _, r in bookmarks] == sorted(r for _, r in bookmarks)
+        assert hub.wakeups() == 0
+    finally:
+        hub.stop()

@@ -1,19 +1,27 @@
 """Watch streams as state sync: snapshot, SYNCED, then the latest state of what changed.
 
-A watcher keeps no queue. It remembers the revision it has sent up to and asks
-the store for what changed after it; the store keeps only each operation's
-latest change, so a slow watcher skips superseded states and its memory is
-bounded by the number of operations, never by the update rate.
+A watcher keeps no queue of events: it holds the latest change of each
+operation it has not sent yet (a dict by operation id), so a slow watcher skips
+superseded states and its memory is bounded by the number of operations, never
+by the update rate.
+
+One pump per hub reads the store's change log once per round and routes each
+change only to the watchers whose filter can match it, through indexes by
+operation id, project and parent (the rest, filters on kind, labels or states
+only, sit in one bucket checked per change), as Kubernetes' watch cache does
+with its indexed triggers: a change costs in proportion to the watchers it
+concerns, and a watcher nothing touched costs nothing per round. Bookmarks
+and pacing run on shared timers, not on the pump's rounds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
+import itertools
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from headway_server.domain.errors import HistoryCompacted, NotFound
@@ -41,7 +49,7 @@ MIN_PAUSE = 0.001
 DEFAULT_MIN_INTERVAL = 0.1
 MAX_MIN_INTERVAL = 60.0
 # Watchers due within the same few milliseconds share one timer.
-_PACING_SLOT = 0.005
+_TIMER_SLOT = 0.005
 
 
 class EventType(enum.IntEnum):
@@ -70,6 +78,26 @@ class ShuttingDown(Exception):
         self.revision = revision
 
 
+class _Watcher:
+    """One open stream, as the pump sees it: what it watches, what is pending."""
+
+    __slots__ = ("alarms", "key", "pending", "reset", "wake", "wakeups", "where")
+
+    def __init__(self, where: OperationFilter | None, key: tuple[str, str]) -> None:
+        # None for a single-operation watch (key names the operation).
+        self.where = where
+        self.key = key
+        # The latest change of each operation routed here and not yet sent.
+        self.pending: dict[str, Change] = {}
+        self.wake = asyncio.Event()
+        # Timer slots armed for this watcher (see WatchHub._alarm).
+        self.alarms: set[int] = set()
+        # Times the pump woke it with a change (timers not counted).
+        self.wakeups = 0
+        # The pump lost the change history: the stream must start over.
+        self.reset = False
+
+
 class WatchHub:
     """Runs watch streams against a store; one per server."""
 
@@ -86,23 +114,24 @@ class WatchHub:
         self.bookmark_interval = bookmark_interval
         # The pacing of streams that do not ask for their own.
         self.min_interval = min_interval
-        # Pacing timers by slot (loop time // _PACING_SLOT): one call_at per
-        # slot however many watchers are due in it.
-        self._timers: dict[int, asyncio.Event] = {}
         self.open_watchers = 0
+        # Every change up to this revision has been routed to the watchers.
+        self.dispatched = 0
+        # Watchers by what their filter pins down: ("operation", id),
+        # ("project", name), ("parent", id); the rest under ("", "").
+        self._index: dict[tuple[str, str], set[_Watcher]] = {}
+        # Timer slots (loop time / _TIMER_SLOT, rounded up) -> watchers to wake:
+        # one call_at per slot however many watchers are due in it.
+        self._slots: dict[int, list[_Watcher]] = {}
         self._stopping = False
-        # One task waits on the store for every watcher and wakes them all by
-        # setting (and replacing) one event: a per-watcher wait task, timer and
-        # cancel on every change cost ~18 % of fan-out time.
-        self._tick = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
-        # After each round of wake-ups the pump leaves the event loop to
+        # After each round of routing the pump leaves the event loop to
         # producers for `yield_ratio` times as long as the round took (at most
-        # `max_pause`). A round of a few watchers takes microseconds, so they
-        # see every state; a round of thousands takes tens of milliseconds, and
-        # then watchers are behind by design: their next round carries every
-        # operation changed meanwhile in one message, and producers keep their
-        # share of the CPU instead of waiting behind every watcher's send.
+        # `max_pause`). A round that wakes a few watchers takes microseconds, so
+        # they see every state; one that wakes thousands takes tens of
+        # milliseconds, and then watchers are behind by design: their next
+        # message carries every operation changed meanwhile, and producers keep
+        # their share of the CPU instead of waiting behind every watcher's send.
         self.yield_ratio = yield_ratio
         self.max_pause = max_pause
 
@@ -113,24 +142,64 @@ class WatchHub:
     def stop(self) -> None:
         """Ends every watch stream with ShuttingDown at its next wait."""
         self._stopping = True
-        self._tick.set()
-        for due in self._timers.values():
-            due.set()
-        self._timers.clear()
+        for watchers in self._index.values():
+            for watcher in watchers:
+                watcher.wake.set()
+        self._slots.clear()
         if self._pump is not None:
             self._pump.cancel()
 
-    async def _pump_changes(self, seen: int) -> None:
+    def pacing(self, requested: float | None) -> float:
+        """The interval a stream is paced by: its own request, or the server's."""
+        return self.min_interval if requested is None else requested
+
+    # --- routing ------------------------------------------------------------------------
+
+    def _add(self, where: OperationFilter | None, operation_id: str = "") -> _Watcher:
+        """Registers a watcher: every change after `dispatched` is routed to it."""
+        if where is None:
+            key = ("operation", operation_id)
+        elif where.project:
+            key = ("project", where.project)
+        elif where.parent_id:
+            key = ("parent", where.parent_id)
+        else:
+            key = ("", "")
+        watcher = _Watcher(where, key)
+        self._index.setdefault(key, set()).add(watcher)
+        if self._pump is None:
+            # From the revision read now, not whenever the task first runs: a
+            # change in between would otherwise reach nobody.
+            self.dispatched = self.store.revision
+            self._pump = asyncio.create_task(self._pump_changes(), name="headway-watch-pump")
+        return watcher
+
+    def _remove(self, watcher: _Watcher) -> None:
+        watchers = self._index.get(watcher.key)
+        if watchers is not None:
+            watchers.discard(watcher)
+            if not watchers:
+                del self._index[watcher.key]
+
+    async def _pump_changes(self) -> None:
         while not self._stopping:
-            # A quiet store still gets a round every half bookmark interval, so
-            # that watchers can send their bookmarks without a timer each.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.bookmark_interval / 2):
-                    await self.store.wait_for_change(seen)
-            seen = self.store.revision
-            tick, self._tick = self._tick, asyncio.Event()
+            if self.store.revision <= self.dispatched:
+                await self.store.wait_for_change(self.dispatched)
             started = time.perf_counter()
-            tick.set()
+            try:
+                changes = await self.store.changes(self.dispatched, limit=CHANGES_PER_ROUND)
+            except HistoryCompacted:
+                # More deletions in one round than the store keeps tombstones
+                # for: nobody can be told what they missed, so all start over.
+                self.dispatched = self.store.revision
+                for watchers in self._index.values():
+                    for watcher in watchers:
+                        watcher.reset = True
+                        watcher.wake.set()
+                continue
+            for change in changes.changes:
+                self._route(change)
+            self.dispatched = changes.revision
             # The watchers just woken were scheduled first: this resumes after
             # each has built and handed its message to grpc.
             await asyncio.sleep(0)
@@ -138,62 +207,69 @@ class WatchHub:
             if pause >= MIN_PAUSE:
                 await asyncio.sleep(pause)
 
-    def _round(self) -> asyncio.Event:
-        """The tick to wait on for changes after a read of the store made now.
+    def _route(self, change: Change) -> None:
+        op = change.operation
+        spec = op.spec
+        index = self._index
+        concerned: Iterable[_Watcher] = itertools.chain(
+            index.get(("operation", op.id), ()),
+            index.get(("project", spec.project), ()) if spec.project else (),
+            index.get(("parent", spec.parent_id), ()) if spec.parent_id else (),
+            index.get(("", ""), ()),
+        )
+        for watcher in concerned:
+            # Spec fields never change: an operation whose spec does not match
+            # can never match, so the watcher need not hear of it.
+            if watcher.where is not None and not watcher.where.matches_spec(spec):
+                continue
+            watcher.pending[op.id] = change
+            if not watcher.wake.is_set():
+                watcher.wakeups += 1
+                watcher.wake.set()
 
-        The pump sets the current tick at its next round once the store's
-        revision has moved past the one it last saw, so every change after the
-        read sets this tick (or it has been set already): no wake-up is lost.
-        """
-        if self._pump is None:
-            # Started from the revision read now, not whenever the task first
-            # runs: a change in between would otherwise wake nobody.
-            self._pump = asyncio.create_task(
-                self._pump_changes(self.store.revision), name="headway-watch-pump"
-            )
-        return self._tick
+    def wakeups(self) -> int:
+        """Times the pump has woken the open watchers with a change (for tests)."""
+        return sum(w.wakeups for watchers in self._index.values() for w in watchers)
 
-    async def _wait(self, tick: asyncio.Event, resume_at: int) -> None:
-        """Waits for `tick` (or shutdown: ShuttingDown(resume_at)).
+    # --- waiting ------------------------------------------------------------------------
 
-        No timer per wait: the pump has a round at least every half bookmark
-        interval, after which the watcher checks its own bookmark deadline. A
-        timer created and cancelled per watcher per round cost ~10 % of fan-out.
-        """
-        if self._stopping:
-            raise ShuttingDown(resume_at)
-        if not tick.is_set():
-            await tick.wait()
-        if self._stopping:
-            raise ShuttingDown(resume_at)
-
-    def pacing(self, requested: float | None) -> float:
-        """The interval a stream is paced by: its own request, or the server's."""
-        return self.min_interval if requested is None else requested
-
-    async def _pace(self, until: float, resume_at: int) -> None:
-        """Waits until loop time `until` (or shutdown: ShuttingDown(resume_at))."""
-        loop = asyncio.get_running_loop()
-        if loop.time() >= until:
-            return
-        slot = math.ceil(until / _PACING_SLOT)
-        due = self._timers.get(slot)
+    def _alarm(self, watcher: _Watcher, at: float) -> None:
+        """Wakes `watcher` at loop time `at` (rounded up to the timer slot)."""
+        slot = math.ceil(at / _TIMER_SLOT)
+        if any(armed <= slot for armed in watcher.alarms):
+            return  # an alarm no later is armed; the watcher re-arms when it rings
+        watcher.alarms.add(slot)
+        due = self._slots.get(slot)
         if due is None:
-            due = self._timers[slot] = asyncio.Event()
-            loop.call_at(slot * _PACING_SLOT, self._fire, slot)
-        await due.wait()
+            due = self._slots[slot] = []
+            asyncio.get_running_loop().call_at(slot * _TIMER_SLOT, self._ring, slot)
+        due.append(watcher)
+
+    def _ring(self, slot: int) -> None:
+        for watcher in self._slots.pop(slot, ()):
+            watcher.alarms.discard(slot)
+            watcher.wake.set()
+
+    async def _sleep(self, watcher: _Watcher, until: float, resume_at: int) -> None:
+        """Waits for a change routed to `watcher` or loop time `until` (or
+        shutdown: ShuttingDown(resume_at))."""
         if self._stopping:
             raise ShuttingDown(resume_at)
-
-    def _fire(self, slot: int) -> None:
-        due = self._timers.pop(slot, None)
-        if due is not None:
-            due.set()
+        if not watcher.wake.is_set():
+            self._alarm(watcher, until)
+            await watcher.wake.wait()
+        # Cleared before the caller looks at what is pending: a change routed
+        # after this sets it again, so none is missed.
+        watcher.wake.clear()
+        if self._stopping:
+            raise ShuttingDown(resume_at)
 
     async def _snapshot(self, where: OperationFilter) -> tuple[list[WatchEvent], int, set[str]]:
         snap = await self.store.snapshot(where)
         events = [WatchEvent(EventType.SNAPSHOT, c.revision, c.operation) for c in snap.changes]
         return events, snap.revision, {c.operation.id for c in snap.changes}
+
+    # --- streams ------------------------------------------------------------------------
 
     async def watch_operations(
         self, where: OperationFilter, from_revision: int, *, min_interval: float | None = None
@@ -202,10 +278,13 @@ class WatchHub:
 
         Changes go out at most once per `min_interval` (None: the hub's
         default), each batch with the latest state of everything changed since
-        the one before; the snapshot, SYNCED, RESET and bookmarks are not delayed.
+        the one before; the snapshot, SYNCED, RESET, bookmarks and a resume's
+        catch-up are not delayed.
         """
         interval = self.pacing(min_interval)
         loop = asyncio.get_running_loop()
+        # Registered before the first read, so that whatever that read misses is routed.
+        watcher = self._add(where)
         # Counted here, not in a wrapper generator: a layer per message costs.
         self.open_watchers += 1
         try:
@@ -217,62 +296,78 @@ class WatchHub:
             # identity and existed at from_revision; we cannot know which.
             resumed_at = from_revision
             last = from_revision
+            restart = False
             if from_revision > 0:
-                try:
-                    await self.store.changes(from_revision, limit=0)
-                except HistoryCompacted:
-                    yield [WatchEvent(EventType.RESET, self.store.revision)]
-                    from_revision = resumed_at = 0
-            if from_revision == 0:
+                # The catch-up, read from the store in pages up to where the
+                # store was when it began; later changes are routed here.
+                read_at = self.store.revision
+                while True:
+                    try:
+                        changes = await self.store.changes(last, limit=CHANGES_PER_ROUND)
+                    except HistoryCompacted:
+                        restart = True
+                        break
+                    batch = [
+                        e for c in changes.changes if (e := _select(c, where, known, resumed_at))
+                    ]
+                    last = changes.revision
+                    if last >= read_at:
+                        yield [*batch, WatchEvent(EventType.SYNCED, last)]
+                        break
+                    if batch:
+                        yield batch
+            if restart:
+                yield [WatchEvent(EventType.RESET, self.store.revision)]
+            if from_revision == 0 or restart:
                 events, last, known = await self._snapshot(where)
+                resumed_at = 0
                 if events:
                     yield events
                 yield [WatchEvent(EventType.SYNCED, last)]
-            synced = from_revision == 0
-            sent_at = time.monotonic()
-            # Loop time before which this stream sends no further changes; the
-            # catch-up of a resume is part of getting in sync, as a snapshot is.
-            paced_until = loop.time() + interval if synced else 0.0
+            sent_at = paced_until = loop.time()
+            paced_until += interval
             while True:
-                await self._pace(paced_until, last)
-                tick = self._round()
-                read_at = self.store.revision
-                try:
-                    changes = await self.store.changes(last, limit=CHANGES_PER_ROUND)
-                except HistoryCompacted:
-                    # Fell behind the tombstone window while catching up.
+                if watcher.reset:
+                    watcher.reset = False
+                    watcher.pending.clear()
                     events, last, known = await self._snapshot(where)
                     resumed_at = 0
-                    synced_event = WatchEvent(EventType.SYNCED, last)
-                    yield [WatchEvent(EventType.RESET, last), *events, synced_event]
-                    sent_at = time.monotonic()
+                    synced = WatchEvent(EventType.SYNCED, last)
+                    yield [WatchEvent(EventType.RESET, last), *events, synced]
+                    sent_at = loop.time()
+                    paced_until = sent_at + interval
                     continue
-                batch = [e for c in changes.changes if (e := _select(c, where, known, resumed_at))]
-                last = changes.revision
-                if not synced and last >= read_at:
-                    batch.append(WatchEvent(EventType.SYNCED, last))
-                    synced = True
-                if batch:
-                    yield batch
-                    sent_at = time.monotonic()
-                    if synced and last >= read_at:
+                now = loop.time()
+                if watcher.pending and now >= paced_until:
+                    pending, watcher.pending = watcher.pending, {}
+                    # Everything routed up to here is in `pending` (or did not
+                    # concern this stream).
+                    caught_up = self.dispatched
+                    fresh = sorted(
+                        (c for c in pending.values() if c.revision > last),
+                        key=_by_revision,
+                    )
+                    batch = [e for c in fresh if (e := _select(c, where, known, resumed_at))]
+                    last = max(last, caught_up)
+                    if batch:
+                        yield batch
                         # From when grpc took the message: a send that waited on
                         # flow control does not eat into the reader's interval.
-                        paced_until = loop.time() + interval
-                if last < read_at:
-                    # The read stopped at CHANGES_PER_ROUND: read on without waiting.
+                        sent_at = loop.time()
+                        paced_until = sent_at + interval
                     continue
-                if not batch and time.monotonic() >= sent_at + self.bookmark_interval:
+                if now >= sent_at + self.bookmark_interval:
+                    if not watcher.pending:
+                        last = max(last, self.dispatched)
                     yield [WatchEvent(EventType.BOOKMARK, last)]
-                    sent_at = time.monotonic()
+                    sent_at = loop.time()
                     continue
-                # At most one send per round of the pump: what changes meanwhile
-                # waits for the next round and then goes in one batch.
-                # ...and at most one per interval (at the top of the loop):
-                # changes made meanwhile go out together, each operation's
-                # latest state once.
-                await self._wait(tick, last)
+                wake_at = sent_at + self.bookmark_interval
+                if watcher.pending:
+                    wake_at = min(wake_at, paced_until)
+                await self._sleep(watcher, wake_at, last)
         finally:
+            self._remove(watcher)
             self.open_watchers -= 1
 
     async def watch_operation(
@@ -285,10 +380,10 @@ class WatchHub:
         """
         interval = self.pacing(min_interval)
         loop = asyncio.get_running_loop()
+        watcher = self._add(None, operation_id)
         # Counted here, not in a wrapper generator: a layer per message costs.
         self.open_watchers += 1
         try:
-            tick = self._round()
             op = await self.store.get(operation_id)
             if from_revision > self.store.revision:
                 # The client's revision is from before a restart of this store.
@@ -305,33 +400,50 @@ class WatchHub:
                 kind = EventType.SNAPSHOT if from_revision == 0 else EventType.CHANGED
                 yield WatchEvent(kind, op.revision, op)
                 last = op.revision
-            sent_at = time.monotonic()
-            paced_until = loop.time() + interval
+            sent_at = loop.time()
+            paced_until = sent_at + interval
             while not op.state.terminal:
-                deadline = sent_at + self.bookmark_interval
-                if time.monotonic() >= deadline:
-                    # Straight after a read: nothing for this stream up to here.
-                    yield WatchEvent(EventType.BOOKMARK, max(last, self.store.revision))
-                    sent_at = time.monotonic()
-                    continue
-                # Returns at once if the pump has had a round since the last read.
-                await self._wait(tick, last)
-                await self._pace(paced_until, last)
-                tick = self._round()
-                current = await self.store.get(operation_id)
-                if current is None:
-                    tomb = await self.store.tombstone(operation_id)
-                    revision = tomb.revision if tomb else self.store.revision
-                    yield WatchEvent(EventType.DELETED, revision, op)
-                    return
-                op = current
-                if op.revision > last:
+                if watcher.reset:
+                    # The pump lost history: read the operation itself.
+                    watcher.reset = False
+                    current = await self.store.get(operation_id)
+                    tomb = None if current else await self.store.tombstone(operation_id)
+                    watcher.pending[operation_id] = (
+                        Change(current.revision, current)
+                        if current
+                        else Change(tomb.revision if tomb else self.store.revision, op, True)
+                    )
+                now = loop.time()
+                change = watcher.pending.get(operation_id)
+                if change is not None and now >= paced_until:
+                    del watcher.pending[operation_id]
+                    if change.revision <= last:
+                        continue
+                    if change.deleted:
+                        yield WatchEvent(EventType.DELETED, change.revision, op)
+                        return
+                    op = change.operation
                     yield WatchEvent(EventType.CHANGED, op.revision, op)
                     last = op.revision
-                    sent_at = time.monotonic()
-                    paced_until = loop.time() + interval
+                    sent_at = loop.time()
+                    paced_until = sent_at + interval
+                    continue
+                if now >= sent_at + self.bookmark_interval:
+                    mark = last if change is not None else max(last, self.dispatched)
+                    yield WatchEvent(EventType.BOOKMARK, mark)
+                    sent_at = loop.time()
+                    continue
+                wake_at = sent_at + self.bookmark_interval
+                if change is not None:
+                    wake_at = min(wake_at, paced_until)
+                await self._sleep(watcher, wake_at, last)
         finally:
+            self._remove(watcher)
             self.open_watchers -= 1
+
+
+def _by_revision(change: Change) -> int:
+    return change.revision
 
 
 def _select(
