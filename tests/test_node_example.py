@@ -2,7 +2,8 @@
 
 README: "Producers (workers in any language) ... through the generated stubs of
 protos/headway/v1/progress.proto" and "Orchestrators probe it with the standard
-grpc.health.v1.Health service". A Node producer and watcher built with @grpc/grpc-js
+grpc.health.v1.Health service". A Node producer, a batched producer (BatchUpdateOperations)
+and a watcher built with @grpc/grpc-js
 and @grpc/proto-loader from the project's own protos must interoperate with it.
 
 Needs `node` and `npm`; the module is skipped without them. Dependencies are installed
@@ -20,10 +21,12 @@ import shutil
 import subprocess
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
+import grpc
 import pytest
 from headway.v1 import progress_pb2 as pb
 from headway.v1 import progress_pb2_grpc as pb_grpc
@@ -397,3 +400,93 @@ def test_producer_stops_when_cancelled_while_queued(
     assert steps == [
         {"step": "cancelled", "id": op_id, "state": "CANCELLED", "revision": cancelled.revision}
     ]
+
+
+# --- The batched producer -------------------------------------------------------------------
+
+
+class CountReportCalls(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Counts the report calls the server receives, by method name."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        self.calls[details.method.rsplit("/", 1)[-1]] += 1
+        return await continuation(details)
+
+
+def list_project(stub: Stub, project: str) -> list[pb.Operation]:
+    request = pb.ListOperationsRequest(filter=pb.OperationFilter(project=project), page_size=1000)
+    operations: list[pb.Operation] = []
+    while True:
+        page = stub.ListOperations(request, timeout=5)
+        operations.extend(page.operations)
+        if not page.next_page_token:
+            return operations
+        request.page_token = page.next_page_token
+
+
+def test_batch_producer_reports_on_many_operations_per_call(
+    node: Callable[..., NodeProcess], server_factory: Callable[..., Any]
+) -> None:
+    counter = CountReportCalls()
+    server = server_factory(interceptors=[counter])
+    count, rounds, project = 1200, 3, uid("node-batch")
+    producer = node(
+        "batch_producer.js",
+        server.address,
+        project,
+        "--count",
+        str(count),
+        "--rounds",
+        str(rounds),
+        "--interval-ms",
+        "0",
+        "--include-unknown",
+    )
+    code, steps = producer.finish()
+    assert code == 0, producer.stderr
+    assert [step["step"] for step in steps] == ["started"] + ["batch"] * rounds + [
+        "retried",
+        "completed",
+    ]
+    started, batches, retried, completed = steps[0], steps[1:-2], steps[-2], steps[-1]
+    assert (started["project"], started["count"], len(set(started["ids"]))) == (
+        project,
+        count,
+        count,
+    )
+    # Over 1000 reports: two calls a round. The unknown operation's report is
+    # rejected on its own; every other report of the round is applied.
+    assert [b["calls"] for b in batches] == [2] * rounds
+    assert [b["reports"] for b in batches] == [count + 1] + [count] * (rounds - 1)
+    assert [b["applied"] for b in batches] == [count] * rounds
+    assert [[r["code"] for r in b["rejected"]] for b in batches] == [["NOT_FOUND"]] + [[]] * (
+        rounds - 1
+    )
+    assert batches[-1]["percent"] == 100
+    assert (retried["reports"], retried["applied"], retried["rejected"]) == (count, 0, [])
+    assert completed == {
+        "step": "completed",
+        "count": count,
+        "states": {"SUCCEEDED": count},
+        "calls": 2 * (rounds + 1),
+    }
+
+    # The server saw batch calls only, and holds every operation's exact state.
+    assert counter.calls["BatchUpdateOperations"] == 2 * (rounds + 1)
+    assert counter.calls["UpdateOperation"] == counter.calls["ReportProgress"] == 0
+    with grpc.insecure_channel(server.address) as channel:
+        stored = list_project(Stub(channel), project)
+    assert {op.id for op in stored} == set(started["ids"])
+    for op in stored:
+        assert (op.state, op.completed, op.total, op.percent) == (
+            State.SUCCEEDED,
+            rounds,
+            rounds,
+            100,
+        )
+        assert dict(op.counters) == {"files": rounds}  # the retried round added nothing
+        assert op.last_sequence == rounds
+        assert op.labels["client"] == "node"

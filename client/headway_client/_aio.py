@@ -24,18 +24,30 @@ from headway.v1 import progress_pb2_grpc as pb_grpc
 
 from headway_client import _common
 from headway_client._errors import (
-    STATUS_BY_NUMBER,
     FailedPrecondition,
-    OperationCancelled,
+    HeadwayError,
     Unavailable,
     error_for,
     from_rpc_error,
     status_of,
 )
-from headway_client._reports import PendingReports
+from headway_client._producer import (
+    MAX_BATCH_REPORTS,
+    Batch,
+    HandleState,
+    ProducerHandle,
+    ReportScheduler,
+    Result,
+    Route,
+    acked,
+    batch_results,
+    ending_for,
+    rejected,
+)
 from headway_client._retry import RECONNECT, REPORT_RETRY, RetryPolicy, acall_with_retry, retryable
 
 T = TypeVar("T")
+_JOIN_TIMEOUT = 5.0  # seconds close() waits for the sender task
 
 
 class AsyncHeadwayClient:
@@ -60,9 +72,14 @@ class AsyncHeadwayClient:
             else grpc.aio.insecure_channel(target)
         )
         self.stub: Any = pb_grpc.ProgressTrackerStub(self._channel)
+        # One sender for every handle this client starts: it batches their reports.
+        self._reports = AsyncReportSender(self)
 
     async def close(self) -> None:
+        """Closes the channel; reports not sent yet fail their handles."""
+        self._reports.close()
         await self._channel.close(None)
+        await self._reports.join()
 
     async def __aenter__(self) -> AsyncHeadwayClient:
         return self
@@ -259,14 +276,13 @@ class AsyncReportStream:
 
     def __init__(self, client: AsyncHeadwayClient) -> None:
         self.client = client
-        self.unary = False
         self._call: Any = None
 
-    async def send(self, request: pb.UpdateOperationRequest) -> pb.UpdateOperationResponse:
-        if self.unary:
-            return await self.client.report(request)
+    async def send(self, request: pb.UpdateOperationRequest) -> pb.ReportProgressResponse:
         delays = REPORT_RETRY.delays()
+        stillborn = 0  # calls that ended before their first report could be written
         while True:
+            fresh = self._call is None
             try:
                 if self._call is None:
                     self._call = self.client.stub.ReportProgress(metadata=self.client.metadata)
@@ -276,21 +292,28 @@ class AsyncReportStream:
                     raise EOFError("the report stream ended")
             except (grpc.RpcError, EOFError) as exc:
                 await self.close()
-                status = status_of(exc) if isinstance(exc, grpc.RpcError) else None
-                if status == grpc.StatusCode.UNIMPLEMENTED:
-                    self.unary = True
-                    return await self.client.report(request)
+                code = status_of(exc) if isinstance(exc, grpc.RpcError) else None
+                if fresh and code == grpc.StatusCode.INTERNAL:
+                    # A write racing the server's immediate end of the call (as
+                    # UNIMPLEMENTED is sent) fails with INTERNAL "Internal error
+                    # from Core", and grpc.aio then reports INTERNAL as the call's
+                    # status, losing the server's. Twice in a row: treat the stream
+                    # as unusable, so the sender falls back to unary calls (which
+                    # report any real error plainly).
+                    stillborn += 1
+                    if stillborn < 2:
+                        continue
+                    raise error_for(
+                        grpc.StatusCode.UNIMPLEMENTED, "ReportProgress calls end before a report"
+                    ) from exc
                 delay = next(delays, None)
-                if delay is None or (status is not None and not retryable(exc)):
-                    if isinstance(exc, grpc.RpcError):
-                        raise from_rpc_error(exc) from exc
+                if isinstance(exc, grpc.RpcError) and (delay is None or not retryable(exc)):
+                    raise from_rpc_error(exc) from exc
+                if delay is None:
                     raise Unavailable(str(exc)) from None
                 await asyncio.sleep(delay)
                 continue
-            if ack.error_code:
-                code = STATUS_BY_NUMBER.get(ack.error_code, grpc.StatusCode.UNKNOWN)
-                raise error_for(code, ack.error_message)
-            result: pb.UpdateOperationResponse = ack.result
+            result: pb.ReportProgressResponse = ack
             return result
 
     async def close(self) -> None:
@@ -301,8 +324,144 @@ class AsyncReportStream:
             call.cancel()
 
 
-class AsyncOperationHandle:
-    """A producer's handle for asyncio code; reports are coalesced by a background task."""
+class AsyncReportSender:
+    """The one task that sends the reports of all of a client's handles; see
+    _sync.ReportSender. Everything runs on the client's event loop, so there is
+    no lock: the handles set an Event to wake the task, and wait for the next
+    settled round on another."""
+
+    def __init__(self, client: AsyncHeadwayClient) -> None:
+        self.client = client
+        self.core = ReportScheduler()
+        self.lock = contextlib.nullcontext()
+        self._wake = asyncio.Event()
+        self._settled = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # until they have closed their stream
+
+    def register(self, state: HandleState) -> None:
+        self.core.register(state)
+        if self._task is None:
+            task = asyncio.get_running_loop().create_task(
+                self._run(AsyncReportStream(self.client)), name=f"headway-reports-{id(self):x}"
+            )
+            self._task = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _next_round(self) -> None:
+        """Returns once the sender has settled another round (or has stopped)."""
+        await self._settled.wait()
+
+    async def flush(self, state: HandleState) -> None:
+        while not state.idle:
+            state.begin_flush()  # sent at once, not at the end of its interval
+            self.wake()
+            await self._next_round()
+        state.raise_error()
+
+    async def finish(self, state: HandleState, *, raise_errors: bool) -> None:
+        state.begin_finish()
+        self.wake()
+        while not state.idle:
+            await self._next_round()
+        self.core.unregister(state)
+        self.wake()  # the task ends when this was the last handle
+        if raise_errors:
+            state.raise_error()
+
+    def close(self) -> None:
+        """Stops sending: reports not sent yet fail their handles. Then close the
+        channel and await join()."""
+        self.core.shutdown(FailedPrecondition("the client was closed"))
+        self.wake()
+
+    async def join(self) -> None:
+        tasks = set(self._tasks)
+        if tasks:
+            # A round in its retry backoff ends once it finds the channel closed.
+            _, late = await asyncio.wait(tasks, timeout=_JOIN_TIMEOUT)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+
+    def _signal_round(self) -> None:
+        settled, self._settled = self._settled, asyncio.Event()
+        settled.set()
+
+    async def _run(self, stream: AsyncReportStream) -> None:
+        try:
+            while True:
+                step = self.core.next_step(time.monotonic())
+                if step.stop:
+                    self._task = None
+                    return
+                if step.batch is None:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(step.wait):
+                            await self._wake.wait()
+                    continue
+                results = await self._deliver(step.batch, stream)
+                self.core.settle(step.batch, results)
+                self._signal_round()
+        finally:
+            if self._task is asyncio.current_task():
+                self._task = None
+            self._signal_round()  # no waiter is left behind if the task ends early
+            await stream.close()
+
+    async def _deliver(self, batch: Batch, stream: AsyncReportStream) -> list[Result]:
+        """Sends one round; see _sync.ReportSender._deliver."""
+        requests = batch.requests
+        results: list[Result] = []
+        try:
+            for request in requests[: len(batch.direct)]:
+                results.append(await self._unary(request))
+            while len(results) < len(requests):
+                route, rest = self.core.route, requests[len(results) :]
+                try:
+                    if route is Route.BATCH:
+                        results.extend(await self._batch(rest[:MAX_BATCH_REPORTS]))
+                    elif route is Route.STREAM:
+                        results.append(await stream.send(rest[0]))
+                    else:
+                        results.append(await self._unary(rest[0]))
+                except HeadwayError as exc:
+                    if not self.core.fall_back(exc):
+                        raise
+        except Exception as exc:  # the call failed for good: so did every report not acked
+            results.extend([exc] * (len(requests) - len(results)))
+        return results
+
+    async def _batch(
+        self, requests: list[pb.UpdateOperationRequest]
+    ) -> list[pb.ReportProgressResponse]:
+        # Safe to retry whole: reports keep their sequence (see _sync.ReportSender._batch).
+        request = pb.BatchUpdateOperationsRequest(updates=requests)
+        client = self.client
+        response: pb.BatchUpdateOperationsResponse = await client._call(
+            client.stub.BatchUpdateOperations, request, retry=REPORT_RETRY
+        )
+        return batch_results(requests, response)
+
+    async def _unary(self, request: pb.UpdateOperationRequest) -> pb.ReportProgressResponse:
+        try:
+            return acked(request, await self.client.report(request))
+        except HeadwayError as exc:
+            ack = rejected(request, exc)
+            if ack is None:
+                raise
+            return ack
+
+
+class AsyncOperationHandle(ProducerHandle):
+    """A producer's handle for asyncio code; reports are coalesced and sent by the
+    client's background task. Reporting is the same as OperationHandle's."""
 
     def __init__(
         self,
@@ -314,121 +473,33 @@ class AsyncOperationHandle:
         streaming: bool = True,
     ) -> None:
         self.client = client
-        self._stream = AsyncReportStream(client)
-        self._stream.unary = not streaming
-        self.id = operation.id
-        self.operation = operation
-        self.min_interval = min_interval
-        self.raise_on_cancel = raise_on_cancel
-        self.cancel_requested = operation.cancel_requested
-        self.revision = operation.revision
-        self.percent = operation.percent
-        self.rpcs = 0
-        self._completed = operation.completed
-        self._stage = operation.stage
-        self._stage_completed = 0
-        self._pending = PendingReports(self.id, first_sequence=operation.last_sequence + 1)
-        self._error: BaseException | None = None
-        self._closed = False
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._sender = asyncio.create_task(self._send_forever(), name=f"headway-{self.id}")
-
-    def _check(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        if self._closed:
-            raise FailedPrecondition(f"operation {self.id} was already completed or failed here")
-        if self.raise_on_cancel and self.cancel_requested:
-            raise OperationCancelled(f"cancellation of operation {self.id} was requested")
-
-    def _report(self, **fields: Any) -> None:
-        self._check()
-        self._pending.add(**fields)
-        self._idle.clear()
-        self._wake.set()
-
-    def advance(self, n: int = 1) -> None:
-        """Adds n to completed (and to the current stage's); never waits."""
-        self._completed += n
-        if self._stage:
-            self._stage_completed += n
-            self._report(completed=self._completed, stage_completed=self._stage_completed)
-        else:
-            self._report(completed=self._completed)
-
-    def update(self, *, stage: str | None = None, **fields: Any) -> None:
-        """Reports absolute values and counter deltas, like OperationHandle.update."""
-        if fields.get("completed") is not None:
-            self._completed = fields["completed"]
-        if stage is not None and stage != self._stage:
-            self._stage, self._stage_completed = stage, 0
-        if fields.get("stage_completed") is not None:
-            self._stage_completed = fields["stage_completed"]
-        self._report(stage=stage, **fields)
-
-    def stage(self, name: str, *, total: int | None = None, message: str | None = None) -> None:
-        self.update(stage=name, stage_total=total, stage_completed=0, message=message)
-
-    async def _send_forever(self) -> None:
-        last_sent = 0.0
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            wait = last_sent + self.min_interval - time.monotonic()
-            if wait > 0 and not self._closed:
-                # Coalesce until the interval has passed (or a flush/close wakes us).
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
-            requests = self._pending.take()
-            try:
-                for request in requests:
-                    response = await self._stream.send(request)
-                    self.rpcs += 1
-                    self.revision = max(self.revision, response.revision)
-                    self.percent = response.percent
-                    self.cancel_requested = response.cancel_requested
-            except Exception as exc:  # delivered to the producer's next call
-                self._error = exc
-            last_sent = time.monotonic()
-            if self._pending:
-                self._wake.set()
-            else:
-                self._idle.set()
-                if self._closed:
-                    await self._stream.close()
-                    return
+        self._reports = client._reports
+        super().__init__(
+            client._reports,
+            operation,
+            min_interval=min_interval,
+            raise_on_cancel=raise_on_cancel,
+            streaming=streaming,
+        )
 
     async def flush(self) -> None:
-        """Waits until every report so far has been sent."""
-        self._wake.set()
-        while not self._idle.is_set():
-            await self._idle.wait()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        """Waits until every report so far has been sent; raises a send error if one failed.
 
-    async def _finish_reports(self, *, raise_errors: bool = True) -> None:
-        if self._closed:
-            raise FailedPrecondition(f"operation {self.id} was already completed or failed")
-        self._closed = True
-        self._wake.set()  # the sender sends what is pending, then returns
-        await self._sender
-        if self._error is not None and raise_errors:
-            error, self._error = self._error, None
-            raise error
+        Bound it with `asyncio.timeout` if need be.
+        """
+        await self._reports.flush(self._state)
 
     async def complete(
         self, *, result: Mapping[str, Any] | None = None, message: str = ""
     ) -> pb.Operation:
-        await self._finish_reports()
+        """Sends what is pending, then completes the operation (safe to retry)."""
+        await self._reports.finish(self._state, raise_errors=True)
         self.operation = await self.client.complete(self.id, result=result, message=message)
         return self.operation
 
     async def fail(self, error: pb.OperationError | BaseException | str) -> pb.Operation:
-        await self._finish_reports(raise_errors=False)
+        """Sends what is pending, then fails the operation; CANCELLED acknowledges a cancel."""
+        await self._reports.finish(self._state, raise_errors=False)
         self.operation = await self.client.fail(self.id, error)
         return self.operation
 
@@ -441,11 +512,10 @@ class AsyncOperationHandle:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._closed:
+        if self._state.closed:
             return
-        if exc is None:
+        ending = ending_for(exc)
+        if ending is None:
             await self.complete()
-        elif isinstance(exc, OperationCancelled):
-            await self.fail(pb.OperationError(code="CANCELLED", message=str(exc)))
         else:
-            await self.fail(exc)
+            await self.fail(ending)

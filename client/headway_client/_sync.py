@@ -15,15 +15,24 @@ from headway.v1 import progress_pb2_grpc as pb_grpc
 
 from headway_client import _common
 from headway_client._errors import (
-    STATUS_BY_NUMBER,
     FailedPrecondition,
-    OperationCancelled,
+    HeadwayError,
     Unavailable,
-    error_for,
     from_rpc_error,
-    status_of,
 )
-from headway_client._reports import PendingReports
+from headway_client._producer import (
+    MAX_BATCH_REPORTS,
+    Batch,
+    HandleState,
+    ProducerHandle,
+    ReportScheduler,
+    Result,
+    Route,
+    acked,
+    batch_results,
+    ending_for,
+    rejected,
+)
 from headway_client._retry import RECONNECT, REPORT_RETRY, RetryPolicy, call_with_retry, retryable
 
 T = TypeVar("T")
@@ -60,9 +69,14 @@ class HeadwayClient:
             else grpc.insecure_channel(target)
         )
         self.stub = pb_grpc.ProgressTrackerStub(self._channel)
+        # One sender for every handle this client starts: it batches their reports.
+        self._reports = ReportSender(self)
 
     def close(self) -> None:
+        """Closes the channel; reports not sent yet fail their handles."""
+        self._reports.close()
         self._channel.close()
+        self._reports.join()
 
     def __enter__(self) -> HeadwayClient:
         return self
@@ -303,14 +317,13 @@ class HeadwayClient:
 class ReportStream:
     """Reports over one ReportProgress stream, acknowledged in order.
 
-    Falls back to unary UpdateOperation for good when the server does not
-    implement the stream. A broken stream is reopened and the unacknowledged
-    report resent: it keeps its sequence, so the server applies it once.
+    A broken stream is reopened and the unacknowledged report resent: it keeps
+    its sequence, so the server applies it once. UNIMPLEMENTED is raised (as a
+    HeadwayError) for the sender to fall back to unary calls.
     """
 
     def __init__(self, client: HeadwayClient) -> None:
         self.client = client
-        self.unary = False
         self._requests: queue.Queue[pb.UpdateOperationRequest | None] | None = None
         self._acks: Any = None
 
@@ -324,9 +337,7 @@ class ReportStream:
         self._acks = self.client.stub.ReportProgress(feed(), metadata=self.client.metadata)
         self._requests = requests
 
-    def send(self, request: pb.UpdateOperationRequest) -> pb.UpdateOperationResponse:
-        if self.unary:
-            return self.client.report(request)
+    def send(self, request: pb.UpdateOperationRequest) -> pb.ReportProgressResponse:
         delays = REPORT_RETRY.delays()
         while True:
             try:
@@ -337,21 +348,14 @@ class ReportStream:
                 ack: pb.ReportProgressResponse = next(self._acks)
             except (grpc.RpcError, StopIteration) as exc:
                 self.close()
-                status = status_of(exc) if isinstance(exc, grpc.RpcError) else None
-                if status == grpc.StatusCode.UNIMPLEMENTED:
-                    self.unary = True
-                    return self.client.report(request)
                 delay = next(delays, None)
-                if delay is None or (status is not None and not retryable(exc)):
-                    if isinstance(exc, grpc.RpcError):
-                        raise from_rpc_error(exc) from exc
+                if isinstance(exc, grpc.RpcError) and (delay is None or not retryable(exc)):
+                    raise from_rpc_error(exc) from exc
+                if delay is None:
                     raise Unavailable("the report stream ended") from None
                 time.sleep(delay)
                 continue
-            if ack.error_code:
-                code = STATUS_BY_NUMBER.get(ack.error_code, grpc.StatusCode.UNKNOWN)
-                raise error_for(code, ack.error_message)
-            return ack.result
+            return ack
 
     def close(self) -> None:
         if self._requests is not None:
@@ -360,7 +364,130 @@ class ReportStream:
         self._requests, self._acks = None, None
 
 
-class OperationHandle:
+class ReportSender:
+    """The one background thread that sends the reports of all of a client's handles.
+
+    The decisions (what is due, routes, acks) are in _producer; this class only
+    waits, on one Condition shared by the thread and every handle. The thread
+    starts with the first handle and ends when none is left.
+    """
+
+    def __init__(self, client: HeadwayClient) -> None:
+        self.client = client
+        self.core = ReportScheduler()
+        self.lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def register(self, state: HandleState) -> None:
+        with self.lock:
+            self.core.register(state)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, args=(ReportStream(self.client),), daemon=True
+                )
+                self._thread.name = f"headway-reports-{id(self):x}"
+                self._thread.start()
+
+    def wake(self) -> None:
+        self.lock.notify_all()
+
+    def flush(self, state: HandleState, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            while not state.idle:
+                state.begin_flush()  # sent at once, not at the end of its interval
+                self.lock.notify_all()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"reports of operation {state.id} not sent in time")
+                self.lock.wait(remaining)
+            state.raise_error()
+
+    def finish(self, state: HandleState, *, raise_errors: bool) -> None:
+        with self.lock:
+            state.begin_finish()
+            self.lock.notify_all()
+            while not state.idle:
+                self.lock.wait()
+            self.core.unregister(state)
+            self.lock.notify_all()  # the thread ends when this was the last handle
+            if raise_errors:
+                state.raise_error()
+
+    def close(self) -> None:
+        """Stops sending: reports not sent yet fail their handles. Call before closing
+        the channel, then join()."""
+        with self.lock:
+            self.core.shutdown(FailedPrecondition("the client was closed"))
+            self.lock.notify_all()
+
+    def join(self, timeout: float = 5.0) -> None:
+        with self.lock:
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _run(self, stream: ReportStream) -> None:
+        try:
+            while True:
+                with self.lock:
+                    step = self.core.next_step(time.monotonic())
+                    while step.batch is None:
+                        if step.stop:
+                            self._thread = None
+                            return
+                        self.lock.wait(step.wait)
+                        step = self.core.next_step(time.monotonic())
+                    batch = step.batch
+                results = self._deliver(batch, stream)
+                with self.lock:
+                    self.core.settle(batch, results)
+                    self.lock.notify_all()
+        finally:
+            stream.close()
+
+    def _deliver(self, batch: Batch, stream: ReportStream) -> list[Result]:
+        """Sends one round; each report's ack, or the error of the call that carried it."""
+        requests = batch.requests
+        results: list[Result] = []
+        try:
+            for request in requests[: len(batch.direct)]:
+                results.append(self._unary(request))
+            while len(results) < len(requests):
+                route, rest = self.core.route, requests[len(results) :]
+                try:
+                    if route is Route.BATCH:
+                        results.extend(self._batch(rest[:MAX_BATCH_REPORTS]))
+                    elif route is Route.STREAM:
+                        results.append(stream.send(rest[0]))
+                    else:
+                        results.append(self._unary(rest[0]))
+                except HeadwayError as exc:
+                    if not self.core.fall_back(exc):
+                        raise
+        except Exception as exc:  # the call failed for good: so did every report not acked
+            results.extend([exc] * (len(requests) - len(results)))
+        return results
+
+    def _batch(self, requests: list[pb.UpdateOperationRequest]) -> list[pb.ReportProgressResponse]:
+        # Safe to retry whole: reports keep their sequence, so those the server
+        # already applied come back applied=false and add nothing.
+        request = pb.BatchUpdateOperationsRequest(updates=requests)
+        client = self.client
+        response = client._call(client.stub.BatchUpdateOperations, request, retry=REPORT_RETRY)
+        return batch_results(requests, response)
+
+    def _unary(self, request: pb.UpdateOperationRequest) -> pb.ReportProgressResponse:
+        try:
+            return acked(request, self.client.report(request))
+        except HeadwayError as exc:
+            ack = rejected(request, exc)
+            if ack is None:
+                raise
+            return ack
+
+
+class OperationHandle(ProducerHandle):
     """A producer's handle on one operation; reports are coalesced and sent in the background.
 
     Use as a context manager: it completes on normal exit, and on an exception
@@ -377,166 +504,22 @@ class OperationHandle:
         streaming: bool = True,
     ) -> None:
         self.client = client
-        # Reports go over one ReportProgress stream unless asked otherwise.
-        self._stream = ReportStream(client)
-        self._stream.unary = not streaming
-        self.id = operation.id
-        self.operation = operation
-        self.min_interval = min_interval
-        self.raise_on_cancel = raise_on_cancel
-        self.cancel_requested = operation.cancel_requested
-        self.revision = operation.revision
-        self.percent = operation.percent
-        self.rpcs = 0  # UpdateOperation calls sent, for the curious and the tests
-        self._completed = operation.completed
-        self._stage_completed = 0
-        self._stage = operation.stage
-        self._pending = PendingReports(self.id, first_sequence=operation.last_sequence + 1)
-        self._error: BaseException | None = None
-        self._in_flight = False
-        self._closed = False
-        self._lock = threading.Condition()
-        self._sender = threading.Thread(
-            target=self._send_forever, name=f"headway-report-{self.id}", daemon=True
+        self._reports = client._reports
+        super().__init__(
+            client._reports,
+            operation,
+            min_interval=min_interval,
+            raise_on_cancel=raise_on_cancel,
+            streaming=streaming,
         )
-        self._sender.start()
-
-    # Reporting (never blocks on the network)
-
-    def _report(self, **fields: Any) -> None:
-        with self._lock:
-            self._check()
-            self._pending.add(**fields)
-            self._lock.notify_all()
-
-    def _check(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        if self._closed:
-            raise FailedPrecondition(f"operation {self.id} was already completed or failed here")
-        if self.raise_on_cancel and self.cancel_requested:
-            raise OperationCancelled(f"cancellation of operation {self.id} was requested")
-
-    def advance(self, n: int = 1, **fields: Any) -> None:
-        """Adds n to completed (and to the current stage's completed when it has a stage)."""
-        with self._lock:
-            self._completed += n
-            stage = {}
-            if self._stage:
-                self._stage_completed += n
-                stage = {"stage_completed": self._stage_completed}
-        self._report(completed=self._completed, **stage, **fields)
-
-    def update(
-        self,
-        *,
-        completed: int | None = None,
-        total: int | None = None,
-        stage: str | None = None,
-        stage_completed: int | None = None,
-        stage_total: int | None = None,
-        percent: float | None = None,
-        message: str | None = None,
-        details: Mapping[str, Any] | None = None,
-        counters: Mapping[str, int] | None = None,
-        checkpoint: str | None = None,
-        paused: bool | None = None,
-        pause_reason: str | None = None,
-    ) -> None:
-        """Reports absolute values (only those given) and counter deltas."""
-        with self._lock:
-            if completed is not None:
-                self._completed = completed
-            if stage is not None and stage != self._stage:
-                self._stage, self._stage_completed = stage, 0
-            if stage_completed is not None:
-                self._stage_completed = stage_completed
-        self._report(
-            completed=completed,
-            total=total,
-            stage=stage,
-            stage_completed=stage_completed,
-            stage_total=stage_total,
-            percent=percent,
-            message=message,
-            details=details,
-            counters=counters,
-            checkpoint=checkpoint,
-            paused=paused,
-            pause_reason=pause_reason,
-        )
-
-    def stage(self, name: str, *, total: int | None = None, message: str | None = None) -> None:
-        """Enters a stage (from the plan, if there is one), optionally with its own total."""
-        self.update(stage=name, stage_total=total, stage_completed=0, message=message)
-
-    def pause(self, reason: str = "") -> None:
-        self.update(paused=True, pause_reason=reason)
-
-    def resume(self) -> None:
-        self.update(paused=False)
-
-    # Background sending
-
-    def _send_forever(self) -> None:
-        last_sent = 0.0
-        while True:
-            with self._lock:
-                while not self._pending and not self._closed:
-                    self._lock.wait()
-                if not self._pending and self._closed:
-                    return
-                wait = last_sent + self.min_interval - time.monotonic()
-                if wait > 0 and not self._closed:
-                    # Coalesce: let reports pile up until the interval has passed.
-                    self._lock.wait(wait)
-                    continue
-                requests = self._pending.take()
-                self._in_flight = True
-            try:
-                for request in requests:
-                    self._send(request)
-            except BaseException as exc:  # delivered to the producer's next call
-                with self._lock:
-                    self._error = exc
-            finally:
-                with self._lock:
-                    self._in_flight = False
-                    self._lock.notify_all()
-                last_sent = time.monotonic()
-
-    def _send(self, request: pb.UpdateOperationRequest) -> None:
-        # A retried report keeps its sequence, so the server applies it once.
-        response = self._stream.send(request)
-        with self._lock:
-            self.rpcs += 1
-            self.revision = max(self.revision, response.revision)
-            self.percent = response.percent
-            self.cancel_requested = response.cancel_requested
 
     def flush(self, timeout: float | None = None) -> None:
-        """Waits until every report so far has been sent; raises a send error if one failed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            # Wake the sender now instead of at the end of its interval.
-            self._lock.notify_all()
-            while self._pending or self._in_flight:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"reports of operation {self.id} not sent in time")
-                self._lock.wait(0.05 if remaining is None else min(0.05, remaining))
-                self._lock.notify_all()
-            if self._error is not None:
-                error, self._error = self._error, None
-                raise error
+        """Waits until every report so far has been sent; raises a send error if one failed.
 
-    def _close_sender(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._lock.notify_all()
-        self._sender.join()
-        self._stream.close()
+        Raises:
+            TimeoutError: not all sent within `timeout` seconds.
+        """
+        self._reports.flush(self._state, timeout)
 
     # Ending
 
@@ -544,24 +527,15 @@ class OperationHandle:
         self, *, result: Mapping[str, Any] | None = None, message: str = ""
     ) -> pb.Operation:
         """Sends what is pending, then completes the operation (safe to retry)."""
-        self._finish_reports()
+        self._reports.finish(self._state, raise_errors=True)
         self.operation = self.client.complete(self.id, result=result, message=message)
         return self.operation
 
     def fail(self, error: pb.OperationError | BaseException | str) -> pb.Operation:
         """Sends what is pending, then fails the operation; CANCELLED acknowledges a cancel."""
-        self._finish_reports(raise_errors=False)
+        self._reports.finish(self._state, raise_errors=False)
         self.operation = self.client.fail(self.id, error)
         return self.operation
-
-    def _finish_reports(self, *, raise_errors: bool = True) -> None:
-        with self._lock:
-            if self._closed:
-                raise FailedPrecondition(f"operation {self.id} was already completed or failed")
-        self._close_sender()
-        if self._error is not None and raise_errors:
-            error, self._error = self._error, None
-            raise error
 
     def __enter__(self) -> OperationHandle:
         return self
@@ -572,11 +546,10 @@ class OperationHandle:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._closed:
+        if self._state.closed:
             return
-        if exc is None:
+        ending = ending_for(exc)
+        if ending is None:
             self.complete()
-        elif isinstance(exc, OperationCancelled):
-            self.fail(pb.OperationError(code="CANCELLED", message=str(exc)))
         else:
-            self.fail(exc)
+            self.fail(ending)

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -79,9 +78,17 @@ def test_list_json_filters_by_project_and_activity(target):
 def test_watch_exits_when_the_operation_ends_with_its_outcome(target, ending, status):
     with HeadwayClient(target) as client:
         op = client.start_operation(kind="cli", project="cli-watch", total=10, unit="files")
-
-        def finish() -> None:
-            time.sleep(0.5)
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "headway_client.cli", "watch", op.id],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HEADWAY_TARGET": target},
+        )
+        try:
+            # Produce only once the watch shows the snapshot (the command's
+            # start-up time varies), so it follows the rest live.
+            first = first_line(watcher, timeout=30)
             client.report(pb.UpdateOperationRequest(operation_id=op.id, sequence=1, completed=5))
             if ending == "complete":
                 client.complete(op.id)
@@ -90,16 +97,27 @@ def test_watch_exits_when_the_operation_ends_with_its_outcome(target, ending, st
             else:
                 client.cancel(op.id, "stop")
                 client.fail(op.id, pb.OperationError(code="CANCELLED"))
-
-        producer = threading.Thread(target=finish)
-        producer.start()
-        watched = headway(target, "watch", op.id)
-        producer.join()
-    assert watched.returncode == status, watched.stderr
-    lines = watched.stdout.strip().splitlines()
+            rest, stderr = watcher.communicate(timeout=30)
+        finally:
+            watcher.kill()
+            watcher.communicate()
+    assert watcher.returncode == status, stderr
+    lines = [first, *rest.strip().splitlines()]
     assert lines[0].startswith(f"{op.id} QUEUED")
     assert any("5/10 files" in line for line in lines)
     assert pb.Operation.State.Name(client_state(target, op.id)) in lines[-1]
+
+
+def first_line(process: subprocess.Popen[str], timeout: float) -> str:
+    """The process's first stdout line, read in a thread so the wait is bounded."""
+    lines: list[str] = []
+    stdout = process.stdout
+    assert stdout is not None
+    reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert lines and lines[0], f"no output from the command within {timeout} s"
+    return lines[0].rstrip("\n")
 
 
 def client_state(target: str, op_id: str) -> pb.Operation.State.ValueType:

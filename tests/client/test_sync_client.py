@@ -233,11 +233,14 @@ def test_watch_operations_follows_a_project(client):
     first = next(stream)
     assert first.type == pb.OperationEvent.SYNCED
     op = client.start(kind="k", project="follow", min_interval=0)
-    op.complete()
     states = []
     for event in stream:
         if event.operation.id == op.id:
             states.append(event.operation.state)
+            # Watches are paced: a state superseded within one interval may be
+            # skipped, so complete only once the QUEUED one has been seen.
+            if event.operation.state == pb.Operation.QUEUED:
+                op.complete()
         if pb.Operation.SUCCEEDED in states:
             break
     stream.close()
