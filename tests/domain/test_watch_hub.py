@@ -473,10 +473,14 @@ async def test_paced_stream_sends_the_latest_states_together_after_the_interval(
         assert kinds(await nxt(stream))[-1] == (EventType.SNAPSHOT, 2, "b")
         assert kinds(await nxt(stream)) == [(EventType.SYNCED, 2, "")]
         began = time.monotonic()
+        receiving = asyncio.ensure_future(nxt(stream))
         for i in range(5):
             await change(store, "a", message=str(i))  # 3, 5, ..., 11
             await change(store, "b", message=str(i))  # 4, 6, ..., 12
-        batch = await nxt(stream)
+            await asyncio.sleep(0.02)  # the pump routes each; the watcher waits
+        batch = await receiving
+        # Woken by the first change only: later ones joined what was pending.
+        assert hub.wakeups() == 1
         # Not before the interval, and then one message with each operation's latest state.
         assert time.monotonic() - began >= 0.25
         assert kinds(batch) == [(EventType.CHANGED, 11, "a"), (EventType.CHANGED, 12, "b")]

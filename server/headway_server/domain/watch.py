@@ -81,7 +81,7 @@ class ShuttingDown(Exception):
 class _Watcher:
     """One open stream, as the pump sees it: what it watches, what is pending."""
 
-    __slots__ = ("alarms", "key", "pending", "reset", "wake", "wakeups", "where")
+    __slots__ = ("alarms", "key", "pending", "reset", "snoozing", "wake", "wakeups", "where")
 
     def __init__(self, where: OperationFilter | None, key: tuple[str, str]) -> None:
         # None for a single-operation watch (key names the operation).
@@ -96,6 +96,9 @@ class _Watcher:
         self.wakeups = 0
         # The pump lost the change history: the stream must start over.
         self.reset = False
+        # Waiting out its pacing interval with changes pending: its alarm wakes
+        # it, so changes routed meanwhile only join what is pending.
+        self.snoozing = False
 
 
 class WatchHub:
@@ -223,7 +226,7 @@ class WatchHub:
             if watcher.where is not None and not watcher.where.matches_spec(spec):
                 continue
             watcher.pending[op.id] = change
-            if not watcher.wake.is_set():
+            if not watcher.snoozing and not watcher.wake.is_set():
                 watcher.wakeups += 1
                 watcher.wake.set()
 
@@ -257,7 +260,13 @@ class WatchHub:
             raise ShuttingDown(resume_at)
         if not watcher.wake.is_set():
             self._alarm(watcher, until)
-            await watcher.wake.wait()
+            # Changes are pending and only the interval holds them back: what
+            # the pump routes meanwhile need not wake this watcher early.
+            watcher.snoozing = bool(watcher.pending)
+            try:
+                await watcher.wake.wait()
+            finally:
+                watcher.snoozing = False
         # Cleared before the caller looks at what is pending: a change routed
         # after this sets it again, so none is missed.
         watcher.wake.clear()
