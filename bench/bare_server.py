@@ -6,6 +6,8 @@ same server options, messages of the same size, and nothing else.
 - `Echo` (unary): answers every request with a serialized UpdateOperationResponse
   (the size of what UpdateOperation returns).
 - `EchoStream` (bidirectional): the same answer for every request on a stream.
+- `EchoBatch` (unary): parses a BatchUpdateOperationsRequest (as Headway must) and
+  answers one typical ReportProgressResponse per report in it.
 - `Subscribe` (server stream): sends the request's bytes back first (when not
   empty, so a client knows it is admitted), then every published message.
 - `Publish` (unary): hands the request's bytes, unparsed, to every subscriber.
@@ -36,6 +38,23 @@ ECHO_RESPONSE = pb.UpdateOperationResponse(
 ).SerializeToString()
 
 
+# One typical BatchUpdateOperations ack (an operation id of the benchmark's length).
+BATCH_ACK = pb.ReportProgressResponse(
+    sequence=123_456,
+    result=pb.UpdateOperationResponse.FromString(ECHO_RESPONSE),
+    operation_id="batch-123",
+)
+
+
+def batch_echo_response(count: int, cache: dict[int, bytes]) -> bytes:
+    """A BatchUpdateOperationsResponse of `count` acks, built once per count."""
+    response = cache.get(count)
+    if response is None:
+        response = pb.BatchUpdateOperationsResponse(results=[BATCH_ACK] * count).SerializeToString()
+        cache[count] = response
+    return response
+
+
 class FanOut:
     """Every subscriber's queue; Publish puts each message into all of them."""
 
@@ -58,6 +77,12 @@ def handlers(fan_out: FanOut) -> grpc.GenericRpcHandler[Any, Any]:
         async for _ in requests:
             yield ECHO_RESPONSE
 
+    batch_responses: dict[int, bytes] = {}
+
+    async def echo_batch(request: bytes, context: Any) -> bytes:
+        count = len(pb.BatchUpdateOperationsRequest.FromString(request).updates)
+        return batch_echo_response(count, batch_responses)
+
     async def publish(request: bytes, context: Any) -> bytes:
         fan_out.publish(request)
         return b""
@@ -79,6 +104,7 @@ def handlers(fan_out: FanOut) -> grpc.GenericRpcHandler[Any, Any]:
         {
             "Echo": grpc.unary_unary_rpc_method_handler(echo),
             "EchoStream": grpc.stream_stream_rpc_method_handler(echo_stream),
+            "EchoBatch": grpc.unary_unary_rpc_method_handler(echo_batch),
             "Publish": grpc.unary_unary_rpc_method_handler(publish),
             "Subscribe": grpc.unary_stream_rpc_method_handler(subscribe),
         },

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = {
     "ingest",
     "streamed_reports",
+    "batched",
     "fanout",
     "slow_consumers",
     "memory",
@@ -54,10 +55,23 @@ def test_quick_suite_writes_json_and_a_markdown_table(tmp_path: Path) -> None:
     for run in ingest.values():
         assert run["headway"]["calls"] > 0 and run["bare"]["calls"] > 0
         assert run["ratio"] > 0
+    batched = sections["batched"]
+    assert set(batched["batches"]) == {"1", "10", "100", "1000"}
+    for run in (batched["unary"], *(b["headway"] for b in batched["batches"].values())):
+        assert run["reports"] > 0 and run["server_cpu_us_per_item"] > 0
+    # Every ack was checked: none rejected, none a duplicate, no call failed.
+    assert batched["reports_checked"] > 0
+    assert batched["rejected"] == batched["not_applied"] == batched["failed_calls"] == 0
+    assert set(batched["bare_batch_echo"]) == {"100", "1000"}
     fanout = sections["fanout"]
-    for key in ("operation", "project", "bare"):
+    for key in ("operation", "project", "bare", "operation_paced", "project_paced"):
         assert set(fanout[key]) == {"saturated", "half_rate"}
         assert fanout[key]["saturated"]["states_delivered_per_s"] > 0
+        assert fanout[key]["saturated"]["producer_reports_per_s"] > 0
+    for key in ("operation_paced", "project_paced"):
+        for run in fanout[key].values():
+            assert run["view_samples"] > 0
+    assert set(fanout["paced_cpu_ratio"]) == {"operation", "project"}
     assert sections["admission"]["headway"]["streams"] > 0
     memory = sections["memory"]
     assert memory["idle_watchers"]["headway"]["watchers"] > 0
@@ -69,6 +83,13 @@ def test_quick_suite_writes_json_and_a_markdown_table(tmp_path: Path) -> None:
     assert rows and all(
         set(row) == {"figure", "headway", "bare", "ratio", "goal", "met"} for row in rows
     )
+    figures = [row["figure"] for row in rows]
+    for size in ("1", "10", "100", "1000"):
+        assert any(
+            f.startswith(f"BatchUpdateOperations reports/s, batches of {size} ") for f in figures
+        )
+    assert sum("default pacing" in f for f in figures) >= 8 + 3  # fan-out and slow consumers
+    assert any("rejected / not applied" in f for f in figures)
     markdown = (tmp_path / "results.md").read_text()
     assert "| figure | Headway | bare | ratio | goal | met? |" in markdown
     assert "| --- | --- | --- | --- | --- | --- |" in markdown
