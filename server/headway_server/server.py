@@ -130,6 +130,10 @@ def create_server(
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.server.max_pending_requests", config.max_pending_requests),
             ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", int(config.keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout * 1000)),
+            # Idle watch streams send no data between bookmarks: keep pinging.
+            ("grpc.http2.max_pings_without_data", 0),
         ],
         maximum_concurrent_rpcs=None,
         interceptors=interceptors or None,
