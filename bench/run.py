@@ -38,6 +38,16 @@ Sections (see `issues show 5`):
    CANCELLED, time until all are SYNCED (the bare server's time for reference).
 8. scaling: ingest at 1, 10, 100, 1,000 operations and fan-out (pacing off) at
    1, 10, 100, 1,000 watchers, each against the bare server.
+9. unrelated_watchers (the scaling curve's other axis, issue 15): one producer
+   reporting into one operation at 100 reports/s (unary UpdateOperation, paced
+   by the wall clock) while 10, 1,000 and 10,000 WatchOperations watchers each
+   watch a project of their own that nothing reports into: server CPU per
+   report (goal: 10,000 watchers at most 1.2x the CPU per report with 10) and
+   the producer's achieved rate (goal: at least 0.95x), beside the bare unary
+   echo's CPU per call at the same rate. The 10-watcher run is repeated last
+   and the others compared with the mean of both (drift between runs on a
+   shared machine is of the goal's size). The server's CPU with the watchers
+   open and no reports (their bookmarks) is measured over as long a window.
 
 The machine's cores are shared: the load generator competes with the server
 for CPU, so every run records both processes' CPU use (100 % = one core).
@@ -93,6 +103,7 @@ SECTIONS = (
     "memory",
     "admission",
     "scaling",
+    "unrelated_watchers",
 )
 NOT_IMPLEMENTED = "not implemented"
 CHANNEL_OPTIONS = [
@@ -127,6 +138,8 @@ UNARY_IN_FLIGHT = 64
 # A watch's min_interval for "pacing off": explicitly 0 (every state). Its
 # presence matters: unset means the server's default pacing (--watch-min-interval).
 UNPACED = duration_pb2.Duration()
+# The producer's rate beside watchers of other projects (issue 15's table).
+UNRELATED_RATE = 100.0
 
 
 @dataclass(frozen=True)
@@ -143,6 +156,14 @@ class Sizes:
     admission_channels: int
     scaling_points: tuple[int, ...]
     scaling_duration: float
+    # Watchers of other projects beside one paced producer; the first is the
+    # reference the others are compared with.
+    unrelated_watchers: tuple[int, ...]
+    unrelated_channels: int
+    # Measured seconds per run, and as long again with no reports. At the
+    # server's default bookmark interval (10 s) a full window holds one
+    # bookmark per watcher whenever it starts.
+    unrelated_duration: float
     batch_operations: int
     batch_duration: float  # measured seconds per batched/unary run
     section_timeout: float
@@ -166,6 +187,9 @@ QUICK = Sizes(
     admission_channels=4,
     scaling_points=(1, 10),
     scaling_duration=0.5,
+    unrelated_watchers=(10, 200),
+    unrelated_channels=4,
+    unrelated_duration=0.5,
     batch_operations=1000,
     batch_duration=0.8,
     section_timeout=40.0,
@@ -184,6 +208,10 @@ FULL = Sizes(
     admission_channels=16,
     scaling_points=(1, 10, 100, 1000),
     scaling_duration=2.0,
+    unrelated_watchers=(10, 1000, 10_000),
+    # 400 streams per connection, as an HTTP/2 client would spread them.
+    unrelated_channels=25,
+    unrelated_duration=10.0,
     batch_operations=1000,
     batch_duration=3.0,
     section_timeout=240.0,
@@ -1674,6 +1702,208 @@ async def section_admission(sizes: Sizes, log_dir: Path) -> Json:
 
 
 # --------------------------------------------------------------------------
+# 9. Watchers of other projects
+
+
+async def run_paced_reports(
+    call: Callable[[pb.UpdateOperationRequest], Awaitable[Any]],
+    op_id: str,
+    *,
+    rate: float,
+    duration: float,
+    warmup: float,
+    server: ServerProcess,
+) -> Json:
+    """One producer of one operation, one report at a time, on a wall-clock
+    schedule: report i is due at start + i/rate. A report that falls due while
+    the one before is unanswered goes out as soon as that is answered, none is
+    dropped, so the achieved rate falls short of `rate` only when the server
+    answers slower than 1/rate on average."""
+    reports = 0
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    measuring = False
+    stop = False
+    behind = 0.0
+
+    async def producer() -> None:
+        nonlocal reports, behind
+        start = time.perf_counter()
+        for sequence in itertools.count(1):
+            if stop:
+                return
+            delay = start + (sequence - 1) / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if measuring:
+                behind = max(behind, -delay)
+            started = time.perf_counter()
+            try:
+                await call(report(op_id, sequence, sequence))
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] += 1
+                continue
+            if measuring:
+                reports += 1
+                latencies.append(time.perf_counter() - started)
+
+    task = asyncio.create_task(producer())
+    try:
+        await asyncio.sleep(warmup)
+        meter = CpuMeter(server)
+        measuring = True
+        await asyncio.sleep(duration)
+        measuring = False
+        cpu = meter.result(reports)
+    finally:
+        stop = True
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+    return {
+        "target_rate": rate,
+        "reports": reports,
+        "reports_per_s": round(reports / duration, 1),
+        # The latest a report went out after it was due, within the window.
+        "max_behind_ms": ms(behind),
+        "p50_ms": ms(percentile(latencies, 50)),
+        "p99_ms": ms(percentile(latencies, 99)),
+        "errors": dict(errors),
+        **cpu,
+    }
+
+
+def other_project_watch(stubs: Sequence[Any], prefix: str, events: Counter[str]) -> OpenStream:
+    """Watcher i watches project `prefix`-i (default pacing), which nothing
+    reports into; every event it gets is counted by type into `events`."""
+
+    async def open_stream(i: int) -> AsyncGenerator[list[int], None]:
+        request = pb.WatchOperationsRequest(filter=pb.OperationFilter(project=f"{prefix}-{i}"))
+        call = stubs[i % len(stubs)].WatchOperations(request)
+        try:
+            async for response in call:
+                for event in response.events:
+                    events[pb.OperationEvent.Type.Name(event.type)] += 1
+                yield []
+        finally:
+            call.cancel()
+
+    return open_stream
+
+
+async def drain(stream: AsyncGenerator[list[int], None]) -> None:
+    async for _ in stream:
+        pass
+
+
+async def section_unrelated(sizes: Sizes, log_dir: Path) -> Json:
+    window, warmup = sizes.unrelated_duration, sizes.warmup
+    reference, *others = sizes.unrelated_watchers
+
+    async def measure(s: Servers, stubs: Sequence[Any], n: int, key: str, *, idle: bool) -> Json:
+        """N watchers of other projects open: the server's CPU over a window with no
+        reports (when `idle`), then the paced producer's run."""
+        (op_id,) = await start_ops(s.stub, f"unrelated-{key}", 1, "bench-unrelated-producer")
+        events: Counter[str] = Counter()
+        open_stream = other_project_watch(stubs, f"bench-other-{key}", events)
+        started = time.perf_counter()
+        streams = await open_synced(open_stream, range(n))
+        synced_s = time.perf_counter() - started
+        failed = [rpc_code(x) for x in streams if isinstance(x, BaseException)]
+        drains = [
+            asyncio.create_task(drain(x)) for x in streams if not isinstance(x, BaseException)
+        ]
+        out: Json = {"watchers": n, "seconds_to_all_synced": round(synced_s, 3)}
+        try:
+            if failed:
+                raise RuntimeError(f"{len(failed)} of {n} watchers failed: {Counter(failed)}")
+            await asyncio.sleep(min(0.5, window / 2))  # what opening them left to do
+            if idle:
+                meter = CpuMeter(s.headway)
+                await asyncio.sleep(window)
+                out["idle"] = meter.result()
+            out["headway"] = await run_paced_reports(
+                s.stub.UpdateOperation,
+                op_id,
+                rate=UNRELATED_RATE,
+                duration=window,
+                warmup=warmup,
+                server=s.headway,
+            )
+        finally:
+            for task in drains:
+                task.cancel()
+            await asyncio.gather(*drains, return_exceptions=True)
+            await close_streams(streams)
+        # Only SYNCED and BOOKMARK are expected: nothing they watch changes.
+        out["events"] = dict(events)
+        return out
+
+    def above_idle(run: Json, idle: Json) -> float | None:
+        """CPU µs per report beyond what the watchers cost with no reports
+        (their bookmarks and timers)."""
+        h = run["headway"]
+        if not h["reports"]:
+            return None
+        used = float(h["server_cpu_s"]) - float(idle["server_cpu_s"])
+        return round(1e6 * used / int(h["reports"]), 1)
+
+    runs: Json = {}
+    async with Servers(log_dir) as s:
+        stubs = [
+            pb_grpc.ProgressTrackerStub(c) for c in s.channels(s.headway, sizes.unrelated_channels)
+        ]
+        bare = await run_paced_reports(
+            s.echo, "bare", rate=UNRELATED_RATE, duration=window, warmup=warmup, server=s.bare
+        )
+        for n in sizes.unrelated_watchers:
+            runs[str(n)] = await measure(s, stubs, n, str(n), idle=True)
+        # The reference once more at the end: a shared machine drifts by more
+        # than the goal's 20 % between runs a minute apart, so the others are
+        # compared with the mean of the reference runs around them.
+        again = await measure(s, stubs, reference, f"{reference}-again", idle=False)
+    first = runs[str(reference)]
+    first["headway_again"] = again["headway"]
+    first["events_again"] = again["events"]
+    for run in runs.values():
+        run["server_cpu_us_per_report_above_idle"] = above_idle(run, run["idle"])
+    again_above = above_idle(again, first["idle"])
+
+    def mean(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round((a + b) / 2, 1)
+
+    base = {
+        "server_cpu_us_per_report": mean(
+            first["headway"].get("server_cpu_us_per_item"),
+            again["headway"].get("server_cpu_us_per_item"),
+        ),
+        "server_cpu_us_per_report_above_idle": mean(
+            first["server_cpu_us_per_report_above_idle"], again_above
+        ),
+        "reports_per_s": mean(first["headway"]["reports_per_s"], again["headway"]["reports_per_s"]),
+    }
+    for run in runs.values():
+        h = run["headway"]
+        run["cpu_ratio"] = ratio(h.get("server_cpu_us_per_item"), base["server_cpu_us_per_report"])
+        run["cpu_ratio_above_idle"] = ratio(
+            run["server_cpu_us_per_report_above_idle"], base["server_cpu_us_per_report_above_idle"]
+        )
+        run["rate_ratio"] = ratio(h["reports_per_s"], base["reports_per_s"])
+        run["cpu_vs_bare"] = ratio(
+            h.get("server_cpu_us_per_item"), bare.get("server_cpu_us_per_item")
+        )
+    return {
+        "rate": UNRELATED_RATE,
+        "channels": sizes.unrelated_channels,
+        "window_s": window,
+        "reference_watchers": reference,
+        # The mean of the reference's first and last runs; the ratios are against it.
+        "reference": base,
+        "compared": others,
+        "bare_echo": bare,
+        "runs": runs,
+    }
+
+
+# --------------------------------------------------------------------------
 # Report
 
 
@@ -1765,6 +1995,72 @@ def paced_rows(sec: Json, row: Callable[..., None]) -> None:
             "—",
             "—",
         )
+
+
+def unrelated_rows(sec: Json, row: Callable[..., None]) -> None:
+    """One producer at a fixed rate beside watchers of other projects; ratios
+    against the fewest watchers (the mean of that run first and last), the bare
+    echo at the same rate beside."""
+    runs, bare, ref = sec["runs"], sec["bare_echo"], sec["reference"]
+    base, rate = sec["reference_watchers"], fmt(sec["rate"])
+    for n, run in runs.items():
+        h = run["headway"]
+        reference = int(n) == base
+        figure = fmt(h.get("server_cpu_us_per_item"))
+        if reference:
+            again = run["headway_again"].get("server_cpu_us_per_item")
+            figure = f"{fmt(ref['server_cpu_us_per_report'])} (first {figure}, last {fmt(again)})"
+        row(
+            f"Scaling: server CPU µs per report, 1 producer at {rate}/s (unary UpdateOperation) "
+            f"beside {int(n):,} WatchOperations watchers of other projects "
+            f"(bare: unary echo at {rate} calls/s); ratio vs {base:,} watchers",
+            figure,
+            fmt(bare.get("server_cpu_us_per_item")),
+            "1.00x" if reference else fmt_ratio(run["cpu_ratio"]),
+            "—" if reference else "≤ 1.2x",
+            "—" if reference else met(at_most(run["cpu_ratio"], 1.2)),
+        )
+    sizes = " / ".join(f"{int(n):,}" for n in runs)
+    others = [run for n, run in runs.items() if int(n) != base]
+    rates_met = [at_least(run["rate_ratio"], 0.95) for run in others]
+    row(
+        f"Scaling: reports/s 1 producer paced at {rate}/s got in, beside {sizes} watchers "
+        f"of other projects (bare: unary echo calls/s); ratio vs {base:,} watchers",
+        " / ".join(fmt(run["headway"]["reports_per_s"]) for run in runs.values()),
+        fmt(bare["reports_per_s"]),
+        " / ".join(fmt_ratio(run["rate_ratio"]) for run in others),
+        "≥ 0.95x",
+        met(None if None in rates_met else all(rates_met)),
+    )
+    row(
+        f"Scaling: server CPU with {sizes} watchers of other projects and no reports "
+        "(% of a core) / CPU µs per report above that; ratio vs "
+        f"{base:,} watchers (above idle)",
+        " / ".join(f"{fmt(run['idle']['server_cpu_pct'])} %" for run in runs.values())
+        + "; "
+        + " / ".join(
+            fmt(ref["server_cpu_us_per_report_above_idle"])
+            if int(n) == base
+            else fmt(run["server_cpu_us_per_report_above_idle"])
+            for n, run in runs.items()
+        ),
+        "—",
+        " / ".join(fmt_ratio(run["cpu_ratio_above_idle"]) for run in others),
+        "—",
+        "—",
+    )
+    changed = sum(run["events"].get("CHANGED", 0) for run in runs.values())
+    changed += runs[str(base)]["events_again"].get("CHANGED", 0)
+    bookmarks = " / ".join(fmt(run["events"].get("BOOKMARK", 0)) for run in runs.values())
+    row(
+        f"Scaling: changes the watchers of other projects received, and bookmarks ({sizes} "
+        "watchers; nothing they watch changes)",
+        f"{fmt(changed)} changes; {bookmarks} bookmarks",
+        "—",
+        "—",
+        "0 changes",
+        met(changed == 0),
+    )
 
 
 def table_rows(sections: Json) -> list[Json]:
@@ -2037,6 +2333,9 @@ def table_rows(sections: Json) -> list[Json]:
                 "—",
                 "—",
             )
+    sec = sections.get("unrelated_watchers", {"status": "not run"})
+    if not failed("Watchers of other projects", sec):
+        unrelated_rows(sec, row)
     return rows
 
 
@@ -2165,6 +2464,7 @@ async def run_all(sizes: Sizes, only: set[str], log_dir: Path) -> Json:
     await run("memory", lambda: section_memory(sizes, log_dir))
     await run("admission", lambda: section_admission(sizes, log_dir))
     await run("scaling", lambda: section_scaling(sizes, log_dir))
+    await run("unrelated_watchers", lambda: section_unrelated(sizes, log_dir))
     return sections
 
 

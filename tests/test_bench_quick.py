@@ -23,6 +23,7 @@ SECTIONS = {
     "memory",
     "admission",
     "scaling",
+    "unrelated_watchers",
 }
 # A section either ran or found the RPC it measures not implemented yet.
 DONE = {"ok", "not implemented"}
@@ -78,6 +79,14 @@ def test_quick_suite_writes_json_and_a_markdown_table(tmp_path: Path) -> None:
     assert memory["retained_operations"]["operations"] > 0
     scaling = sections["scaling"]
     assert set(scaling["ingest"]) == set(scaling["fanout"]) == {"1", "10"}
+    unrelated = sections["unrelated_watchers"]
+    assert set(unrelated["runs"]) == {"10", "200"}
+    assert unrelated["bare_echo"]["reports"] > 0
+    for run in unrelated["runs"].values():
+        assert run["headway"]["reports"] > 0 and run["headway"]["server_cpu_us_per_item"] > 0
+        # Every watcher was admitted and synced; none heard of the producer's operation.
+        assert run["events"]["SYNCED"] == run["watchers"]
+        assert run["events"].get("CHANGED", 0) == 0
 
     rows = results["table"]
     assert rows and all(
@@ -90,6 +99,11 @@ def test_quick_suite_writes_json_and_a_markdown_table(tmp_path: Path) -> None:
         )
     assert sum("default pacing" in f for f in figures) >= 8 + 3  # fan-out and slow consumers
     assert any("rejected / not applied" in f for f in figures)
+    for size in ("10", "200"):
+        assert any(
+            "CPU µs per report" in f and f" {size} WatchOperations watchers" in f for f in figures
+        )
+    assert any(f.startswith("Scaling: reports/s 1 producer paced at") for f in figures)
     markdown = (tmp_path / "results.md").read_text()
     assert "| figure | Headway | bare | ratio | goal | met? |" in markdown
     assert "| --- | --- | --- | --- | --- | --- |" in markdown
