@@ -18,8 +18,10 @@ import os
 import queue
 import re
 import shutil
+import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -490,3 +492,92 @@ def test_batch_producer_reports_on_many_operations_per_call(
         assert dict(op.counters) == {"files": rounds}  # the retried round added nothing
         assert op.last_sequence == rounds
         assert op.labels["client"] == "node"
+
+
+# --- Best effort: the job never depends on the tracker -------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def warnings_of(process: NodeProcess) -> list[str]:
+    return [json.loads(line)["warning"] for line in process.stderr.splitlines() if line]
+
+
+def test_tracked_job_runs_to_its_end_without_a_server(node: Callable[..., NodeProcess]) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    job = node(
+        "tracked_job.js", address, "--items", "10", "--interval-ms", "10",
+        "--finish-timeout-ms", "500",
+    )  # fmt: skip
+    code, records = job.finish()
+    assert code == 0, job.stderr
+    op_id = records[0]["id"]
+    assert records == [
+        {"step": "started", "id": op_id},
+        {"step": "done", "id": op_id, "items": 10, "tracked": False, "state": None},
+    ]
+    warnings = warnings_of(job)
+    assert sum("cannot reach" in w for w in warnings) == 1, warnings  # one per outage
+    assert time.monotonic() - started < LINE_TIMEOUT
+
+
+def test_tracked_job_registers_late_and_again_after_a_restart(
+    node: Callable[..., NodeProcess], server_factory: Callable[..., Any]
+) -> None:
+    """Down at start, then up (the operation appears late), then restarted empty (it is
+    registered again under the same id): it ends SUCCEEDED with exact counters."""
+    port = free_port()
+    project = uid("tracked")
+    job = node(
+        "tracked_job.js", f"127.0.0.1:{port}", project, "--items", "60",
+        "--interval-ms", "40", "--finish-timeout-ms", "15000",
+    )  # fmt: skip
+    op_id = job.line()["id"]
+    time.sleep(0.3)
+    first = server_factory(listen=f"127.0.0.1:{port}")
+    with grpc.insecure_channel(first.address) as channel:
+        stub = Stub(channel)
+        deadline = time.monotonic() + 10
+        while not list_project(stub, project):  # registered late
+            assert time.monotonic() < deadline, job.stderr
+            time.sleep(0.05)
+    first.shutdown(0.0)  # the process stays; its memory store is gone with the server
+    time.sleep(0.3)
+    second = server_factory(listen=f"127.0.0.1:{port}")  # an empty store
+    code, records = job.finish()
+    assert code == 0, job.stderr
+    assert records == [
+        {"step": "done", "id": op_id, "items": 60, "tracked": True, "state": "SUCCEEDED"}
+    ]
+    with grpc.insecure_channel(second.address) as channel:
+        [stored] = list_project(Stub(channel), project)
+    assert (stored.id, stored.state, stored.completed) == (op_id, State.SUCCEEDED, 60)
+    assert dict(stored.counters) == {"items": 60}  # every item counted once
+    warnings = warnings_of(job)
+    assert any("registering it again" in w for w in warnings), warnings
+
+
+def test_tracked_job_leaves_a_deleted_operation_deleted(
+    node: Callable[..., NodeProcess], grpc_addr: str, grpc_stub: Stub
+) -> None:
+    project = uid("deleted")
+    job = node(
+        "tracked_job.js", grpc_addr, project, "--items", "40", "--interval-ms", "25",
+        "--finish-timeout-ms", "2000",
+    )  # fmt: skip
+    op_id = job.line()["id"]
+    deadline = time.monotonic() + 10
+    while not list_project(grpc_stub, project):
+        assert time.monotonic() < deadline, job.stderr
+        time.sleep(0.05)
+    grpc_stub.DeleteOperation(pb.DeleteOperationRequest(operation_id=op_id), timeout=5)
+    code, records = job.finish()
+    assert code == 0, job.stderr
+    assert records == [{"step": "done", "id": op_id, "items": 40, "tracked": False, "state": None}]
+    assert list_project(grpc_stub, project) == []  # not brought back
+    assert any("deleted on the server" in w for w in warnings_of(job))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import (
     AsyncIterable,
@@ -32,26 +33,37 @@ from headway_client._errors import (
     status_of,
 )
 from headway_client._producer import (
-    MAX_BATCH_REPORTS,
-    Batch,
+    FINISH_TIMEOUT,
+    Call,
+    CallKind,
+    Ending,
     HandleState,
     ProducerHandle,
     ReportScheduler,
-    Result,
+    Round,
     Route,
+    StartPlan,
     acked,
     batch_results,
     ending_for,
-    rejected,
 )
-from headway_client._retry import RECONNECT, REPORT_RETRY, RetryPolicy, acall_with_retry, retryable
+from headway_client._retry import (
+    ONCE,
+    RECONNECT,
+    REPORT_RETRY,
+    RetryPolicy,
+    acall_with_retry,
+    retryable,
+)
 
 T = TypeVar("T")
+log = logging.getLogger("headway_client")
 _JOIN_TIMEOUT = 5.0  # seconds close() waits for the sender task
 
 
 class AsyncHeadwayClient:
-    """An asyncio connection to a Headway server; same options as HeadwayClient."""
+    """An asyncio connection to a Headway server; same options (and the same
+    best-effort policy for producer handles) as HeadwayClient."""
 
     def __init__(
         self,
@@ -61,23 +73,29 @@ class AsyncHeadwayClient:
         timeout: float = 10.0,
         metadata: Sequence[tuple[str, str]] = (),
         retry: RetryPolicy | None = None,
+        strict: bool = False,
+        finish_timeout: float = FINISH_TIMEOUT,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.metadata = tuple(metadata)
         self.retry = retry or RetryPolicy()
+        self.strict = strict
+        self.finish_timeout = finish_timeout
+        options = _common.channel_options(self.retry)
         self._channel = (
-            grpc.aio.secure_channel(target, credentials)
+            grpc.aio.secure_channel(target, credentials, options)
             if credentials is not None
-            else grpc.aio.insecure_channel(target)
+            else grpc.aio.insecure_channel(target, options)
         )
         self.stub: Any = pb_grpc.ProgressTrackerStub(self._channel)
         # One sender for every handle this client starts: it batches their reports.
         self._reports = AsyncReportSender(self)
 
     async def close(self) -> None:
-        """Closes the channel; reports not sent yet fail their handles."""
-        self._reports.close()
+        """Closes the channel; reports not sent yet fail their handles (endings get
+        up to finish_timeout while the server answers, as HeadwayClient.close)."""
+        await self._reports.close()
         await self._channel.close(None)
         await self._reports.join()
 
@@ -87,11 +105,23 @@ class AsyncHeadwayClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    @property
+    def connected(self) -> bool:
+        """False while the background sender finds the server unreachable or too slow."""
+        return self._reports.core.connected
+
     async def _call(
-        self, method: Callable[..., Awaitable[T]], request: Any, *, retry: RetryPolicy | None = None
+        self,
+        method: Callable[..., Awaitable[T]],
+        request: Any,
+        *,
+        retry: RetryPolicy | None = None,
+        deadline: float | None = None,
     ) -> T:
+        deadline = self.timeout if deadline is None else deadline
+
         def once() -> Awaitable[T]:
-            return method(request, timeout=self.timeout, metadata=self.metadata)
+            return method(request, timeout=deadline, metadata=self.metadata)
 
         try:
             return await acall_with_retry(once, retry or self.retry)
@@ -115,6 +145,7 @@ class AsyncHeadwayClient:
         min_interval: float = 0.1,
         raise_on_cancel: bool = False,
         streaming: bool = True,
+        strict: bool | None = None,
     ) -> AsyncOperationHandle:
         """Starts an operation; see HeadwayClient.start."""
         request = _common.start_request(
@@ -130,13 +161,33 @@ class AsyncHeadwayClient:
             operation_id=operation_id,
             request_id=request_id or _common.new_request_id(),
         )
-        operation = await self._call(self.stub.StartOperation, request)
+        plan = StartPlan.of(
+            self._reports.core,
+            request,
+            strict=self.strict if strict is None else strict,
+            caller_request_id=bool(request_id),
+        )
+        if plan.try_now:
+            try:
+                if plan.strict:
+                    plan.operation = await self._call(self.stub.StartOperation, request)
+                else:
+                    wait = min(self.timeout, self.finish_timeout)
+                    plan.operation = await self._call(
+                        self.stub.StartOperation, request, retry=ONCE, deadline=wait
+                    )
+            except HeadwayError as exc:
+                plan.failed(exc)
         return AsyncOperationHandle(
             self,
-            operation,
+            plan.result(),
+            request,
             min_interval=min_interval,
             raise_on_cancel=raise_on_cancel,
             streaming=streaming,
+            strict=plan.strict,
+            online=plan.online,
+            start_error=plan.error,
         )
 
     async def track(
@@ -279,7 +330,6 @@ class AsyncReportStream:
         self._call: Any = None
 
     async def send(self, request: pb.UpdateOperationRequest) -> pb.ReportProgressResponse:
-        delays = REPORT_RETRY.delays()
         stillborn = 0  # calls that ended before their first report could be written
         while True:
             fresh = self._call is None
@@ -287,11 +337,16 @@ class AsyncReportStream:
                 if self._call is None:
                     self._call = self.client.stub.ReportProgress(metadata=self.client.metadata)
                 await self._call.write(request)
-                ack = await self._call.read()
+                async with asyncio.timeout(self.client.timeout):
+                    ack = await self._call.read()
                 if ack is grpc.aio.EOF:  # type: ignore[attr-defined]
                     raise EOFError("the report stream ended")
-            except (grpc.RpcError, EOFError) as exc:
+            except (grpc.RpcError, EOFError, TimeoutError) as exc:
                 await self.close()
+                if isinstance(exc, TimeoutError):
+                    raise error_for(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, "no ack on the report stream"
+                    ) from None
                 code = status_of(exc) if isinstance(exc, grpc.RpcError) else None
                 if fresh and code == grpc.StatusCode.INTERNAL:
                     # A write racing the server's immediate end of the call (as
@@ -306,13 +361,11 @@ class AsyncReportStream:
                     raise error_for(
                         grpc.StatusCode.UNIMPLEMENTED, "ReportProgress calls end before a report"
                     ) from exc
-                delay = next(delays, None)
-                if isinstance(exc, grpc.RpcError) and (delay is None or not retryable(exc)):
+                if not fresh:
+                    continue  # a stream the server ended earlier (e.g. on restart): reopen once
+                if isinstance(exc, grpc.RpcError):
                     raise from_rpc_error(exc) from exc
-                if delay is None:
-                    raise Unavailable(str(exc)) from None
-                await asyncio.sleep(delay)
-                continue
+                raise Unavailable(str(exc)) from None
             result: pb.ReportProgressResponse = ack
             return result
 
@@ -325,22 +378,24 @@ class AsyncReportStream:
 
 
 class AsyncReportSender:
-    """The one task that sends the reports of all of a client's handles; see
+    """The one task that makes the calls of all of a client's handles; see
     _sync.ReportSender. Everything runs on the client's event loop, so there is
     no lock: the handles set an Event to wake the task, and wait for the next
     settled round on another."""
 
     def __init__(self, client: AsyncHeadwayClient) -> None:
         self.client = client
-        self.core = ReportScheduler()
+        self.core = ReportScheduler(client.target, backoff=client.retry)
         self.lock = contextlib.nullcontext()
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # until they have closed their stream
 
-    def register(self, state: HandleState) -> None:
+    def register(self, state: HandleState, start_error: HeadwayError | None) -> None:
         self.core.register(state)
+        if start_error is not None:
+            self.core.start_failed(state, start_error, time.monotonic())
         if self._task is None:
             task = asyncio.get_running_loop().create_task(
                 self._run(AsyncReportStream(self.client)), name=f"headway-reports-{id(self):x}"
@@ -348,6 +403,7 @@ class AsyncReportSender:
             self._task = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        self.wake()
 
     def wake(self) -> None:
         self._wake.set()
@@ -356,33 +412,50 @@ class AsyncReportSender:
         """Returns once the sender has settled another round (or has stopped)."""
         await self._settled.wait()
 
-    async def flush(self, state: HandleState) -> None:
-        while not state.idle:
-            state.begin_flush()  # sent at once, not at the end of its interval
-            self.wake()
-            await self._next_round()
+    async def flush(self, state: HandleState, wait: float | None) -> bool:
+        try:
+            async with asyncio.timeout(wait):
+                while not state.idle and not state.flush_gives_up:
+                    state.begin_flush()  # sent at once, not at the end of its interval
+                    self.wake()
+                    await self._next_round()
+        except TimeoutError:
+            if state.strict:
+                raise TimeoutError(f"reports of operation {state.id} not sent in time") from None
         state.raise_error()
+        return state.delivered
 
-    async def finish(self, state: HandleState, *, raise_errors: bool) -> None:
-        state.begin_finish()
+    async def finish(
+        self, state: HandleState, ending: Ending, *, wait: float, report_errors: bool
+    ) -> None:
+        if state.detached is not None:
+            raise state.detached
+        state.begin_finish(ending)
         self.wake()
-        while not state.idle:
-            await self._next_round()
-        self.core.unregister(state)
+        try:
+            async with asyncio.timeout(None if state.strict else wait):
+                while not state.done:
+                    await self._next_round()
+        except TimeoutError:
+            self.core.gave_up_waiting(state, wait)
+            return
         self.wake()  # the task ends when this was the last handle
-        if raise_errors:
-            state.raise_error()
+        state.raise_finish_error(report_errors=report_errors)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Stops sending: reports not sent yet fail their handles. Then close the
         channel and await join()."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.client.finish_timeout):
+                while self.core.undelivered() and self.core.connected and self._task is not None:
+                    await self._next_round()
         self.core.shutdown(FailedPrecondition("the client was closed"))
         self.wake()
 
     async def join(self) -> None:
         tasks = set(self._tasks)
         if tasks:
-            # A round in its retry backoff ends once it finds the channel closed.
+            # A round in progress ends once it finds the channel closed.
             _, late = await asyncio.wait(tasks, timeout=_JOIN_TIMEOUT)
             for task in late:
                 task.cancel()
@@ -406,8 +479,9 @@ class AsyncReportSender:
                         async with asyncio.timeout(step.wait):
                             await self._wake.wait()
                     continue
-                results = await self._deliver(step.batch, stream)
-                self.core.settle(step.batch, results)
+                round_ = self.core.begin_round(step.batch)
+                await self._deliver(round_, stream)
+                self.core.settle(round_, time.monotonic())
                 self._signal_round()
         finally:
             if self._task is asyncio.current_task():
@@ -415,92 +489,92 @@ class AsyncReportSender:
             self._signal_round()  # no waiter is left behind if the task ends early
             await stream.close()
 
-    async def _deliver(self, batch: Batch, stream: AsyncReportStream) -> list[Result]:
-        """Sends one round; see _sync.ReportSender._deliver."""
-        requests = batch.requests
-        results: list[Result] = []
-        try:
-            for request in requests[: len(batch.direct)]:
-                results.append(await self._unary(request))
-            while len(results) < len(requests):
-                route, rest = self.core.route, requests[len(results) :]
-                try:
-                    if route is Route.BATCH:
-                        results.extend(await self._batch(rest[:MAX_BATCH_REPORTS]))
-                    elif route is Route.STREAM:
-                        results.append(await stream.send(rest[0]))
-                    else:
-                        results.append(await self._unary(rest[0]))
-                except HeadwayError as exc:
-                    if not self.core.fall_back(exc):
-                        raise
-        except Exception as exc:  # the call failed for good: so did every report not acked
-            results.extend([exc] * (len(requests) - len(results)))
-        return results
+    async def _deliver(self, round_: Round, stream: AsyncReportStream) -> None:
+        """Makes the round's calls; see _sync.ReportSender._deliver."""
+        while (call := round_.next_call()) is not None:
+            try:
+                result: Any = await self._send(call, stream)
+            except Exception as exc:
+                result = exc
+            round_.record(result)
 
-    async def _batch(
-        self, requests: list[pb.UpdateOperationRequest]
-    ) -> list[pb.ReportProgressResponse]:
-        # Safe to retry whole: reports keep their sequence (see _sync.ReportSender._batch).
-        request = pb.BatchUpdateOperationsRequest(updates=requests)
-        client = self.client
-        response: pb.BatchUpdateOperationsResponse = await client._call(
-            client.stub.BatchUpdateOperations, request, retry=REPORT_RETRY
-        )
-        return batch_results(requests, response)
-
-    async def _unary(self, request: pb.UpdateOperationRequest) -> pb.ReportProgressResponse:
-        try:
-            return acked(request, await self.client.report(request))
-        except HeadwayError as exc:
-            ack = rejected(request, exc)
-            if ack is None:
-                raise
-            return ack
+    async def _send(self, call: Call, stream: AsyncReportStream) -> Any:
+        client, stub = self.client, self.client.stub
+        # One attempt each: the round is retried whole, with backoff, by the scheduler.
+        if call.kind is CallKind.START:
+            return await client._call(stub.StartOperation, call.start, retry=ONCE)
+        if call.kind is CallKind.ENDING:
+            if isinstance(call.ending, pb.CompleteOperationRequest):
+                return await client._call(stub.CompleteOperation, call.ending, retry=ONCE)
+            return await client._call(stub.FailOperation, call.ending, retry=ONCE)
+        reports = call.reports
+        if call.route is Route.BATCH:
+            # Safe to retry whole: reports keep their sequence (see _sync.ReportSender._send).
+            request = pb.BatchUpdateOperationsRequest(updates=reports)
+            response = await client._call(stub.BatchUpdateOperations, request, retry=ONCE)
+            return batch_results(reports, response)
+        if call.route is Route.STREAM:
+            return [await stream.send(reports[0])]
+        response = await client._call(stub.UpdateOperation, reports[0], retry=ONCE)
+        return [acked(reports[0], response)]
 
 
 class AsyncOperationHandle(ProducerHandle):
     """A producer's handle for asyncio code; reports are coalesced and sent by the
-    client's background task. Reporting is the same as OperationHandle's."""
+    client's background task. Reporting, and the best-effort policy, are the same
+    as OperationHandle's."""
 
     def __init__(
         self,
         client: AsyncHeadwayClient,
         operation: pb.Operation,
+        spec: pb.StartOperationRequest | None = None,
         *,
         min_interval: float = 0.1,
         raise_on_cancel: bool = False,
         streaming: bool = True,
+        strict: bool | None = None,
+        online: bool = True,
+        start_error: HeadwayError | None = None,
     ) -> None:
         self.client = client
         self._reports = client._reports
         super().__init__(
             client._reports,
             operation,
+            spec or pb.StartOperationRequest(operation_id=operation.id),
             min_interval=min_interval,
             raise_on_cancel=raise_on_cancel,
             streaming=streaming,
+            strict=client.strict if strict is None else strict,
+            finish_timeout=client.finish_timeout,
+            online=online,
+            start_error=start_error,
         )
 
-    async def flush(self) -> None:
-        """Waits until every report so far has been sent; raises a send error if one failed.
-
-        Bound it with `asyncio.timeout` if need be.
-        """
-        await self._reports.flush(self._state)
+    async def flush(self) -> bool:
+        """Sends every report so far at once and waits until the server has them;
+        see OperationHandle.flush (best effort: up to finish_timeout; strict: no
+        limit, bound it with `asyncio.timeout` if need be)."""
+        wait = None if self.strict else self.finish_timeout
+        return await self._reports.flush(self._state, wait)
 
     async def complete(
         self, *, result: Mapping[str, Any] | None = None, message: str = ""
     ) -> pb.Operation:
-        """Sends what is pending, then completes the operation (safe to retry)."""
-        await self._reports.finish(self._state, raise_errors=True)
-        self.operation = await self.client.complete(self.id, result=result, message=message)
+        """Sends what is pending, then completes the operation; see OperationHandle.complete."""
+        request = _common.complete_request(self.id, result, message, _common.new_request_id())
+        await self._reports.finish(
+            self._state, request, wait=self.finish_timeout, report_errors=True
+        )
         return self.operation
 
     async def fail(self, error: pb.OperationError | BaseException | str) -> pb.Operation:
-        """Sends what is pending, then fails the operation; CANCELLED acknowledges a cancel."""
-        await self._reports.finish(self._state, raise_errors=False)
-        self.operation = await self.client.fail(self.id, error)
+        """Sends what is pending, then fails the operation; see OperationHandle.fail."""
+        request = _common.fail_request(self.id, error, _common.new_request_id())
+        await self._reports.finish(
+            self._state, request, wait=self.finish_timeout, report_errors=False
+        )
         return self.operation
 
     async def __aenter__(self) -> AsyncOperationHandle:
@@ -517,5 +591,11 @@ class AsyncOperationHandle(ProducerHandle):
         ending = ending_for(exc)
         if ending is None:
             await self.complete()
-        else:
+            return
+        try:
             await self.fail(ending)
+        except HeadwayError as failure:
+            if self.strict:
+                raise
+            # The job's own exception goes on unchanged.
+            log.warning("headway: operation %s: could not record its failure: %s", self.id, failure)

@@ -11,6 +11,7 @@ from typing import Any
 from headway.v1 import progress_pb2 as pb
 
 from headway_client._reports import struct
+from headway_client._retry import RetryPolicy
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 # Server events after which the stream's resume point moves on.
@@ -26,6 +27,13 @@ _ADVANCING = frozenset(
 TERMINAL_STATES = frozenset({pb.Operation.SUCCEEDED, pb.Operation.FAILED, pb.Operation.CANCELLED})
 
 StageArg = str | tuple[str, float]
+
+
+def channel_options(retry: RetryPolicy) -> list[tuple[str, Any]]:
+    """Channel settings: grpc's own reconnect backoff grows to 120 s by default, so
+    after a long outage a channel would notice the server's return minutes late
+    (calls fail at once while it waits); keep it near the client's own backoff."""
+    return [("grpc.max_reconnect_backoff_ms", int(max(1.0, retry.max_backoff) * 1000))]
 
 
 def new_request_id() -> str:

@@ -3,6 +3,7 @@
 HeadwayError                 any failed call (.code, .details)
 ├── InvalidArgument          INVALID_ARGUMENT: the message names the field
 ├── OperationNotFound        NOT_FOUND
+│   └── OperationDeleted     NOT_FOUND, and the server says it was deleted (not never seen)
 ├── AlreadyExists            ALREADY_EXISTS: same id, other parameters
 ├── FailedPrecondition       FAILED_PRECONDITION: e.g. the operation already ended
 ├── ResourceExhausted        RESOURCE_EXHAUSTED: the server's operation cap
@@ -35,6 +36,11 @@ class InvalidArgument(HeadwayError):
 
 class OperationNotFound(HeadwayError):
     code = grpc.StatusCode.NOT_FOUND
+
+
+class OperationDeleted(OperationNotFound):
+    """NOT_FOUND for an operation the server deleted (it still holds its tombstone),
+    as opposed to one it never saw (e.g. a server restarted with an empty store)."""
 
 
 class AlreadyExists(HeadwayError):
@@ -103,7 +109,30 @@ def error_for(code: grpc.StatusCode, details: str) -> HeadwayError:
 def from_rpc_error(exc: grpc.RpcError) -> HeadwayError:
     """The HeadwayError for a failed call; use as `raise from_rpc_error(exc) from exc`."""
     details = exc.details() if hasattr(exc, "details") else None
-    return error_for(status_of(exc), details or "")
+    code = status_of(exc)
+    if code == grpc.StatusCode.NOT_FOUND and _says_deleted(exc):
+        return OperationDeleted(details or str(code))
+    return error_for(code, details or "")
+
+
+# Trailing metadata the server adds to NOT_FOUND when the operation was deleted.
+DELETED_KEY = "headway-deleted"
+
+
+def _says_deleted(exc: grpc.RpcError) -> bool:
+    trailing = getattr(exc, "trailing_metadata", None)
+    try:
+        metadata = trailing() if callable(trailing) else None
+    except Exception:  # a call that never reached the server has none
+        return False
+    return any(key == DELETED_KEY and value == "true" for key, value in metadata or ())
+
+
+def ack_error(code: grpc.StatusCode, details: str, *, deleted: bool) -> HeadwayError:
+    """The HeadwayError a report's ack (ReportProgress, BatchUpdateOperations) carries."""
+    if code == grpc.StatusCode.NOT_FOUND and deleted:
+        return OperationDeleted(details or str(code))
+    return error_for(code, details)
 
 
 STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}

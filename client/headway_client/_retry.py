@@ -39,8 +39,10 @@ class RetryPolicy:
             cap = min(self.max_backoff, cap * self.multiplier)
 
 
-# Reports are retried for about half a minute before the producer hears of it.
+# Reports are retried for about half a minute before a strict producer hears of it.
 REPORT_RETRY = RetryPolicy(attempts=20, max_backoff=2.0)
+# One attempt: the producers' background sender retries in rounds, with backoff.
+ONCE = RetryPolicy(attempts=1)
 # Watches reconnect until the caller gives up.
 RECONNECT = RetryPolicy(attempts=1_000_000, max_backoff=2.0)
 

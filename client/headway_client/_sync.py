@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -21,22 +22,32 @@ from headway_client._errors import (
     from_rpc_error,
 )
 from headway_client._producer import (
-    MAX_BATCH_REPORTS,
-    Batch,
+    FINISH_TIMEOUT,
+    Call,
+    CallKind,
+    Ending,
     HandleState,
     ProducerHandle,
     ReportScheduler,
-    Result,
+    Round,
     Route,
+    StartPlan,
     acked,
     batch_results,
     ending_for,
-    rejected,
 )
-from headway_client._retry import RECONNECT, REPORT_RETRY, RetryPolicy, call_with_retry, retryable
+from headway_client._retry import (
+    ONCE,
+    RECONNECT,
+    REPORT_RETRY,
+    RetryPolicy,
+    call_with_retry,
+    retryable,
+)
 
 T = TypeVar("T")
 Metadata = Sequence[tuple[str, str]]
+log = logging.getLogger("headway_client")
 
 
 class HeadwayClient:
@@ -47,7 +58,14 @@ class HeadwayClient:
         credentials: channel credentials for TLS; None for a plaintext channel.
         timeout: per-call deadline in seconds for unary calls.
         metadata: sent with every call (e.g. an authorization header).
-        retry: how UNAVAILABLE and DEADLINE_EXCEEDED are retried.
+        retry: how UNAVAILABLE and DEADLINE_EXCEEDED are retried (producer handles
+            retry in the background with its backoff, without its attempt limit).
+        strict: producer handles raise when the tracker fails (server unreachable,
+            slow, restarted) instead of keeping their progress for later; a
+            handle can override it (`start(strict=...)`).
+        finish_timeout: seconds a best-effort complete()/fail() waits for the
+            ending to reach the server (and start() for the server to answer)
+            before the job goes on without it.
     """
 
     def __init__(
@@ -58,22 +76,31 @@ class HeadwayClient:
         timeout: float = 10.0,
         metadata: Metadata = (),
         retry: RetryPolicy | None = None,
+        strict: bool = False,
+        finish_timeout: float = FINISH_TIMEOUT,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.metadata = tuple(metadata)
         self.retry = retry or RetryPolicy()
+        self.strict = strict
+        self.finish_timeout = finish_timeout
+        options = _common.channel_options(self.retry)
         self._channel = (
-            grpc.secure_channel(target, credentials)
+            grpc.secure_channel(target, credentials, options)
             if credentials is not None
-            else grpc.insecure_channel(target)
+            else grpc.insecure_channel(target, options)
         )
         self.stub = pb_grpc.ProgressTrackerStub(self._channel)
         # One sender for every handle this client starts: it batches their reports.
         self._reports = ReportSender(self)
 
     def close(self) -> None:
-        """Closes the channel; reports not sent yet fail their handles."""
+        """Closes the channel; reports not sent yet fail their handles.
+
+        Endings not delivered yet get up to finish_timeout while the server
+        answers; then they are dropped, with one warning.
+        """
         self._reports.close()
         self._channel.close()
         self._reports.join()
@@ -84,11 +111,24 @@ class HeadwayClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @property
+    def connected(self) -> bool:
+        """False while the background sender finds the server unreachable or too slow."""
+        with self._reports.lock:
+            return self._reports.core.connected
+
     def _call(
-        self, method: Callable[..., T], request: Any, *, retry: RetryPolicy | None = None
+        self,
+        method: Callable[..., T],
+        request: Any,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
     ) -> T:
+        deadline = self.timeout if timeout is None else timeout
+
         def once() -> T:
-            return method(request, timeout=self.timeout, metadata=self.metadata)
+            return method(request, timeout=deadline, metadata=self.metadata)
 
         try:
             return call_with_retry(once, retry or self.retry)
@@ -114,16 +154,21 @@ class HeadwayClient:
         min_interval: float = 0.1,
         raise_on_cancel: bool = False,
         streaming: bool = True,
+        strict: bool | None = None,
     ) -> OperationHandle:
         """Starts an operation and returns the handle a producer reports through.
 
-        Retried starts are safe: without an operation_id a request_id is
-        generated, so the server returns the same operation.
+        Retried starts are safe: the operation has an id (chosen here unless
+        given; with strict=True or a request_id, by the server), or a request_id.
+        Best effort (the default): when the server does not answer within
+        min(timeout, finish_timeout) seconds, or is already known to be down, the
+        handle is returned anyway and registers the operation once the server answers.
 
         Raises:
-            InvalidArgument, AlreadyExists, ResourceExhausted, Unavailable.
+            InvalidArgument, AlreadyExists: the request is wrong (in every mode).
+            With strict=True, also ResourceExhausted, Unavailable, DeadlineExceeded.
         """
-        operation = self.start_operation(
+        request = _common.start_request(
             kind=kind,
             project=project,
             dataset=dataset,
@@ -134,14 +179,36 @@ class HeadwayClient:
             heartbeat_timeout=heartbeat_timeout,
             parent_id=parent_id,
             operation_id=operation_id,
-            request_id=request_id,
+            request_id=request_id or _common.new_request_id(),
         )
+        with self._reports.lock:
+            plan = StartPlan.of(
+                self._reports.core,
+                request,
+                strict=self.strict if strict is None else strict,
+                caller_request_id=bool(request_id),
+            )
+        if plan.try_now:
+            try:
+                if plan.strict:
+                    plan.operation = self._call(self.stub.StartOperation, request)
+                else:
+                    wait = min(self.timeout, self.finish_timeout)
+                    plan.operation = self._call(
+                        self.stub.StartOperation, request, retry=ONCE, timeout=wait
+                    )
+            except HeadwayError as exc:
+                plan.failed(exc)
         return OperationHandle(
             self,
-            operation,
+            plan.result(),
+            request,
             min_interval=min_interval,
             raise_on_cancel=raise_on_cancel,
             streaming=streaming,
+            strict=plan.strict,
+            online=plan.online,
+            start_error=plan.error,
         )
 
     def start_operation(
@@ -188,7 +255,7 @@ class HeadwayClient:
         """Yields the items of `iterable`, reporting one unit per item, like tqdm.
 
         The operation completes when the iterable is exhausted and fails if the
-        loop raises.
+        loop raises. Best effort unless strict: the tracker never breaks the loop.
         """
         if total is None and isinstance(iterable, Sized):
             total = len(iterable)
@@ -317,9 +384,10 @@ class HeadwayClient:
 class ReportStream:
     """Reports over one ReportProgress stream, acknowledged in order.
 
-    A broken stream is reopened and the unacknowledged report resent: it keeps
-    its sequence, so the server applies it once. UNIMPLEMENTED is raised (as a
-    HeadwayError) for the sender to fall back to unary calls.
+    A broken stream is reopened and the unacknowledged report resent once: it
+    keeps its sequence, so the server applies it once. Beyond that the error is
+    raised (as a HeadwayError) for the sender's round: UNIMPLEMENTED makes it
+    fall back to unary calls, an outage makes it retry later with backoff.
     """
 
     def __init__(self, client: HeadwayClient) -> None:
@@ -338,8 +406,8 @@ class ReportStream:
         self._requests = requests
 
     def send(self, request: pb.UpdateOperationRequest) -> pb.ReportProgressResponse:
-        delays = REPORT_RETRY.delays()
         while True:
+            fresh = self._requests is None
             try:
                 if self._requests is None:
                     self._open()
@@ -348,13 +416,11 @@ class ReportStream:
                 ack: pb.ReportProgressResponse = next(self._acks)
             except (grpc.RpcError, StopIteration) as exc:
                 self.close()
-                delay = next(delays, None)
-                if isinstance(exc, grpc.RpcError) and (delay is None or not retryable(exc)):
+                if not fresh:
+                    continue  # a stream the server ended earlier (e.g. on restart): reopen once
+                if isinstance(exc, grpc.RpcError):
                     raise from_rpc_error(exc) from exc
-                if delay is None:
-                    raise Unavailable("the report stream ended") from None
-                time.sleep(delay)
-                continue
+                raise Unavailable("the report stream ended") from None
             return ack
 
     def close(self) -> None:
@@ -365,59 +431,79 @@ class ReportStream:
 
 
 class ReportSender:
-    """The one background thread that sends the reports of all of a client's handles.
+    """The one background thread that makes the calls of all of a client's handles.
 
-    The decisions (what is due, routes, acks) are in _producer; this class only
-    waits, on one Condition shared by the thread and every handle. The thread
-    starts with the first handle and ends when none is left.
+    The decisions (what is due, routes, answers, outages) are in _producer; this
+    class only waits, on one Condition shared by the thread and every handle,
+    and makes each call the round asks for. The thread starts with the first
+    handle and ends when none is left.
     """
 
     def __init__(self, client: HeadwayClient) -> None:
         self.client = client
-        self.core = ReportScheduler()
+        self.core = ReportScheduler(client.target, backoff=client.retry)
         self.lock = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    def register(self, state: HandleState) -> None:
+    def register(self, state: HandleState, start_error: HeadwayError | None) -> None:
         with self.lock:
             self.core.register(state)
+            if start_error is not None:
+                self.core.start_failed(state, start_error, time.monotonic())
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, args=(ReportStream(self.client),), daemon=True
                 )
                 self._thread.name = f"headway-reports-{id(self):x}"
                 self._thread.start()
+            self.lock.notify_all()
 
     def wake(self) -> None:
         self.lock.notify_all()
 
-    def flush(self, state: HandleState, timeout: float | None = None) -> None:
+    def flush(self, state: HandleState, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.lock:
-            while not state.idle:
+            while not state.idle and not state.flush_gives_up:
                 state.begin_flush()  # sent at once, not at the end of its interval
                 self.lock.notify_all()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"reports of operation {state.id} not sent in time")
+                    if state.strict:
+                        raise TimeoutError(f"reports of operation {state.id} not sent in time")
+                    break
                 self.lock.wait(remaining)
             state.raise_error()
+            return state.delivered
 
-    def finish(self, state: HandleState, *, raise_errors: bool) -> None:
+    def finish(
+        self, state: HandleState, ending: Ending, *, timeout: float, report_errors: bool
+    ) -> None:
         with self.lock:
-            state.begin_finish()
+            if state.detached is not None:
+                raise state.detached
+            state.begin_finish(ending)
             self.lock.notify_all()
-            while not state.idle:
-                self.lock.wait()
-            self.core.unregister(state)
+            deadline = None if state.strict else time.monotonic() + timeout
+            while not state.done:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    self.core.gave_up_waiting(state, timeout)
+                    return
+                self.lock.wait(remaining)
             self.lock.notify_all()  # the thread ends when this was the last handle
-            if raise_errors:
-                state.raise_error()
+            state.raise_finish_error(report_errors=report_errors)
 
     def close(self) -> None:
         """Stops sending: reports not sent yet fail their handles. Call before closing
         the channel, then join()."""
         with self.lock:
+            deadline = time.monotonic() + self.client.finish_timeout
+            while self.core.undelivered() and self.core.connected:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.lock.wait(remaining)
             self.core.shutdown(FailedPrecondition("the client was closed"))
             self.lock.notify_all()
 
@@ -435,106 +521,127 @@ class ReportSender:
                     while step.batch is None:
                         if step.stop:
                             self._thread = None
+                            self.lock.notify_all()
                             return
                         self.lock.wait(step.wait)
                         step = self.core.next_step(time.monotonic())
-                    batch = step.batch
-                results = self._deliver(batch, stream)
+                    round_ = self.core.begin_round(step.batch)
+                self._deliver(round_, stream)
                 with self.lock:
-                    self.core.settle(batch, results)
+                    self.core.settle(round_, time.monotonic())
                     self.lock.notify_all()
         finally:
             stream.close()
 
-    def _deliver(self, batch: Batch, stream: ReportStream) -> list[Result]:
-        """Sends one round; each report's ack, or the error of the call that carried it."""
-        requests = batch.requests
-        results: list[Result] = []
-        try:
-            for request in requests[: len(batch.direct)]:
-                results.append(self._unary(request))
-            while len(results) < len(requests):
-                route, rest = self.core.route, requests[len(results) :]
-                try:
-                    if route is Route.BATCH:
-                        results.extend(self._batch(rest[:MAX_BATCH_REPORTS]))
-                    elif route is Route.STREAM:
-                        results.append(stream.send(rest[0]))
-                    else:
-                        results.append(self._unary(rest[0]))
-                except HeadwayError as exc:
-                    if not self.core.fall_back(exc):
-                        raise
-        except Exception as exc:  # the call failed for good: so did every report not acked
-            results.extend([exc] * (len(requests) - len(results)))
-        return results
+    def _deliver(self, round_: Round, stream: ReportStream) -> None:
+        """Makes the round's calls; each one's answer, or what it raised, goes back to it."""
+        while (call := round_.next_call()) is not None:
+            try:
+                result: Any = self._send(call, stream)
+            except Exception as exc:
+                result = exc
+            round_.record(result)
 
-    def _batch(self, requests: list[pb.UpdateOperationRequest]) -> list[pb.ReportProgressResponse]:
-        # Safe to retry whole: reports keep their sequence, so those the server
-        # already applied come back applied=false and add nothing.
-        request = pb.BatchUpdateOperationsRequest(updates=requests)
-        client = self.client
-        response = client._call(client.stub.BatchUpdateOperations, request, retry=REPORT_RETRY)
-        return batch_results(requests, response)
-
-    def _unary(self, request: pb.UpdateOperationRequest) -> pb.ReportProgressResponse:
-        try:
-            return acked(request, self.client.report(request))
-        except HeadwayError as exc:
-            ack = rejected(request, exc)
-            if ack is None:
-                raise
-            return ack
+    def _send(self, call: Call, stream: ReportStream) -> Any:
+        client, stub = self.client, self.client.stub
+        # One attempt each: the round is retried whole, with backoff, by the scheduler.
+        if call.kind is CallKind.START:
+            return client._call(stub.StartOperation, call.start, retry=ONCE)
+        if call.kind is CallKind.ENDING:
+            if isinstance(call.ending, pb.CompleteOperationRequest):
+                return client._call(stub.CompleteOperation, call.ending, retry=ONCE)
+            return client._call(stub.FailOperation, call.ending, retry=ONCE)
+        reports = call.reports
+        if call.route is Route.BATCH:
+            # Safe to retry whole: reports keep their sequence, so those the server
+            # already applied come back applied=false and add nothing.
+            request = pb.BatchUpdateOperationsRequest(updates=reports)
+            response = client._call(stub.BatchUpdateOperations, request, retry=ONCE)
+            return batch_results(reports, response)
+        if call.route is Route.STREAM:
+            return [stream.send(reports[0])]
+        return [acked(reports[0], client._call(stub.UpdateOperation, reports[0], retry=ONCE))]
 
 
 class OperationHandle(ProducerHandle):
     """A producer's handle on one operation; reports are coalesced and sent in the background.
 
     Use as a context manager: it completes on normal exit, and on an exception
-    fails with the exception's type and message, then re-raises.
+    fails with the exception's type and message, then re-raises it unchanged.
+    Best effort unless strict: see HeadwayClient.
     """
 
     def __init__(
         self,
         client: HeadwayClient,
         operation: pb.Operation,
+        spec: pb.StartOperationRequest | None = None,
         *,
         min_interval: float = 0.1,
         raise_on_cancel: bool = False,
         streaming: bool = True,
+        strict: bool | None = None,
+        online: bool = True,
+        start_error: HeadwayError | None = None,
     ) -> None:
         self.client = client
         self._reports = client._reports
         super().__init__(
             client._reports,
             operation,
+            spec or pb.StartOperationRequest(operation_id=operation.id),
             min_interval=min_interval,
             raise_on_cancel=raise_on_cancel,
             streaming=streaming,
+            strict=client.strict if strict is None else strict,
+            finish_timeout=client.finish_timeout,
+            online=online,
+            start_error=start_error,
         )
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Waits until every report so far has been sent; raises a send error if one failed.
+    def flush(self, timeout: float | None = None) -> bool:
+        """Sends every report so far at once and waits until the server has them.
+
+        Best effort: waits at most `timeout` (default finish_timeout) seconds, and
+        no longer once a retry failed too (the server is out of reach: the
+        progress is kept for later). Returns whether everything was delivered.
 
         Raises:
-            TimeoutError: not all sent within `timeout` seconds.
+            A report's rejection (e.g. InvalidArgument). With strict=True, also
+            its failure (Unavailable, ...), and TimeoutError when not all was sent
+            within `timeout` seconds (default: no limit).
         """
-        self._reports.flush(self._state, timeout)
+        if timeout is None and not self.strict:
+            timeout = self.finish_timeout
+        return self._reports.flush(self._state, timeout)
 
     # Ending
 
     def complete(
         self, *, result: Mapping[str, Any] | None = None, message: str = ""
     ) -> pb.Operation:
-        """Sends what is pending, then completes the operation (safe to retry)."""
-        self._reports.finish(self._state, raise_errors=True)
-        self.operation = self.client.complete(self.id, result=result, message=message)
+        """Sends what is pending, then completes the operation (safe to retry).
+
+        Best effort: returns after finish_timeout seconds at most; an ending the
+        server has not taken by then is still sent in the background until the
+        client is closed (one warning). Returns the operation as the server
+        answered, or as last known here.
+
+        Raises:
+            A report's rejection (e.g. InvalidArgument), or the ending's. With
+            strict=True, also Unavailable, DeadlineExceeded, OperationNotFound, ...
+        """
+        request = _common.complete_request(self.id, result, message, _common.new_request_id())
+        self._reports.finish(self._state, request, timeout=self.finish_timeout, report_errors=True)
         return self.operation
 
     def fail(self, error: pb.OperationError | BaseException | str) -> pb.Operation:
-        """Sends what is pending, then fails the operation; CANCELLED acknowledges a cancel."""
-        self._reports.finish(self._state, raise_errors=False)
-        self.operation = self.client.fail(self.id, error)
+        """Sends what is pending, then fails the operation; CANCELLED acknowledges a cancel.
+
+        Waits and raises as complete(), except for earlier reports' rejections.
+        """
+        request = _common.fail_request(self.id, error, _common.new_request_id())
+        self._reports.finish(self._state, request, timeout=self.finish_timeout, report_errors=False)
         return self.operation
 
     def __enter__(self) -> OperationHandle:
@@ -551,5 +658,11 @@ class OperationHandle(ProducerHandle):
         ending = ending_for(exc)
         if ending is None:
             self.complete()
-        else:
+            return
+        try:
             self.fail(ending)
+        except HeadwayError as failure:
+            if self.strict:
+                raise
+            # The job's own exception goes on unchanged.
+            log.warning("headway: operation %s: could not record its failure: %s", self.id, failure)

@@ -2,13 +2,16 @@
 
 Every command takes --target (or HEADWAY_TARGET). A user's mistake (server
 unreachable, unknown id, invalid argument) is one line on stderr and a non-zero
-exit, never a traceback.
+exit, never a traceback. `pipe` is the exception: it sits in someone's data
+pipeline, so it always passes its input through and exits 0, reporting when it
+can and warning on stderr when it cannot.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -177,16 +180,34 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_pipe(args: argparse.Namespace) -> int:
-    """Like pv: passes stdin to stdout and reports one unit per line."""
-    with _client(args) as client:
+    """Like pv: passes stdin to stdout unchanged (bytes, as they come) and reports one
+    unit per line. Best effort: the data never waits on, or fails with, the tracker."""
+    logging.basicConfig(format="%(message)s", level=logging.WARNING, stream=sys.stderr)
+    source, sink = sys.stdin.buffer, sys.stdout.buffer
+    # read1: what is there now (up to 64 KiB), so a slow producer's lines pass at once.
+    read = getattr(source, "read1", source.read)
+    client = HeadwayClient(
+        args.target,
+        timeout=args.timeout,
+        retry=RetryPolicy(initial_backoff=0.2, max_backoff=5.0),
+        finish_timeout=args.finish_timeout,
+    )
+    try:
         with client.start(
             kind=args.kind, project=args.project, total=args.total, unit=args.unit
         ) as op:
             print(f"headway: reporting to operation {op.id}", file=sys.stderr)
-            for text in sys.stdin:
-                sys.stdout.write(text)
-                op.advance(1)
-            sys.stdout.flush()
+            ends_line = True
+            while chunk := read(1 << 16):
+                sink.write(chunk)
+                sink.flush()
+                ends_line = chunk.endswith(b"\n")
+                if lines := chunk.count(b"\n"):
+                    op.advance(lines)
+            if not ends_line:
+                op.advance(1)  # a last line without its newline
+    finally:
+        client.close()
     return 0
 
 
@@ -322,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--project", default="")
     pipe.add_argument("--kind", default="pipe")
     pipe.add_argument("--unit", default="lines")
+    pipe.add_argument(
+        "--finish-timeout",
+        type=float,
+        default=3.0,
+        help="seconds to wait at the end for the server to take the last report (default 3)",
+    )
     pipe.set_defaults(func=cmd_pipe)
     return parser
 

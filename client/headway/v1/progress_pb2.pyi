@@ -77,6 +77,7 @@ class ReportProgressResponse(_message.Message):
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     OPERATION_ID_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The report's sequence (0 when it had none), to match acks to reports."""
     error_code: _builtins.int
@@ -85,6 +86,13 @@ class ReportProgressResponse(_message.Message):
     """
     error_message: _builtins.str
     operation_id: _builtins.str
+    deleted: _builtins.bool
+    """With error_code NOT_FOUND: true when the operation was deleted (the server
+    still holds its tombstone), false when it was never seen, e.g. by a server
+    restarted with an empty store. A producer registers the latter again, never
+    the former. UpdateOperation says the same with the trailing metadata
+    `headway-deleted: true`.
+    """
     @_builtins.property
     def result(self) -> Global___UpdateOperationResponse: ...
     def __init__(
@@ -95,10 +103,11 @@ class ReportProgressResponse(_message.Message):
         error_code: _builtins.int = ...,
         error_message: _builtins.str = ...,
         operation_id: _builtins.str = ...,
+        deleted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "operation_id", b"operation_id", "result", b"result", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "error_code", b"error_code", "error_message", b"error_message", "operation_id", b"operation_id", "result", b"result", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
