@@ -15,13 +15,16 @@ from headway.v1 import progress_pb2_grpc as pb_grpc
 from headway_server import convert
 from headway_server.domain import errors
 from headway_server.domain.model import LogLevel
-from headway_server.domain.service import OperationService
+from headway_server.domain.service import OperationService, UpdateResult
 from headway_server.domain.validation import check_id
 from headway_server.domain.watch import MAX_MIN_INTERVAL, ShuttingDown, WatchEvent, WatchHub
 
 log = logging.getLogger("headway.servicer")
 
 RESUME_REVISION_KEY = "headway-resume-revision"
+# Trailing metadata on a NOT_FOUND for an operation that was deleted (not never
+# seen); a report's ack says the same with `deleted`.
+DELETED_KEY = "headway-deleted"
 # A WatchOperationsResponse stays well under the 4 MiB a default client accepts.
 _MAX_EVENTS_PER_MESSAGE = 500
 _MAX_BYTES_PER_MESSAGE = 1 << 20
@@ -61,6 +64,8 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, me
     if isinstance(exc, errors.HeadwayError):
         code = status_of(exc)
         log.info("rejected", extra={"method": method, "code": code.name, "detail": str(exc)})
+        if isinstance(exc, errors.Deleted):
+            context.set_trailing_metadata(((DELETED_KEY, "true"),))
         await context.abort(code, str(exc))
     log.exception("unexpected error", extra={"method": method})
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
@@ -100,19 +105,14 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
     async def UpdateOperation(
         self, request: pb.UpdateOperationRequest, context: Any
     ) -> pb.UpdateOperationResponse:
-        return await self._update(request)
-
-    async def _update(self, request: pb.UpdateOperationRequest) -> pb.UpdateOperationResponse:
-        check_id("operation_id", request.operation_id)
-        result = await self.service.update(request.operation_id, convert.update(request))
-        op = result.operation
-        return pb.UpdateOperationResponse(
-            revision=op.revision,
-            percent=op.percent,
-            cancel_requested=op.cancel_requested,
-            applied=result.applied,
-            state=int(op.state),  # type: ignore[arg-type]
+        result = await self._update(request)
+        return convert.update_response(
+            pb.UpdateOperationResponse(), result.operation, result.applied
         )
+
+    async def _update(self, request: pb.UpdateOperationRequest) -> UpdateResult:
+        check_id("operation_id", request.operation_id)
+        return await self.service.update(request.operation_id, convert.update(request))
 
     async def ReportProgress(
         self, request_iterator: AsyncIterator[pb.UpdateOperationRequest], context: Any
@@ -132,16 +132,23 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
             if self.hub.stopping:
                 await _end_for_shutdown(context, ShuttingDown(last_revision))
 
-    async def _acknowledge(self, request: pb.UpdateOperationRequest) -> pb.ReportProgressResponse:
-        """Applies one report; a domain error becomes the ack's status, not an exception."""
-        ack = pb.ReportProgressResponse(
-            sequence=request.sequence, operation_id=request.operation_id
-        )
+    async def _acknowledge(
+        self, request: pb.UpdateOperationRequest, ack: pb.ReportProgressResponse | None = None
+    ) -> pb.ReportProgressResponse:
+        """Applies one report and fills its ack (a new one unless given); a domain
+        error becomes the ack's status, not an exception."""
+        if ack is None:
+            ack = pb.ReportProgressResponse()
+        ack.sequence = request.sequence
+        ack.operation_id = request.operation_id
         try:
-            ack.result.CopyFrom(await self._update(request))
+            result = await self._update(request)
         except errors.HeadwayError as exc:
             ack.error_code = status_of(exc).value[0]
             ack.error_message = str(exc)
+            ack.deleted = isinstance(exc, errors.Deleted)
+        else:
+            convert.update_response(ack.result, result.operation, result.applied)
         return ack
 
     @unary
@@ -154,9 +161,12 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
                 f"at most {MAX_BATCH_UPDATES} reports per call (got {len(request.updates)})",
             )
         # In order, each on its own: one rejected report never affects the others.
-        return pb.BatchUpdateOperationsResponse(
-            results=[await self._acknowledge(update) for update in request.updates]
-        )
+        # Each ack is filled where it lies in the response (no copy per report).
+        response = pb.BatchUpdateOperationsResponse()
+        acks = response.results
+        for update in request.updates:
+            await self._acknowledge(update, acks.add())
+        return response
 
     @unary
     async def CompleteOperation(

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 from headway_server.domain.model import (
+    Change,
     FinishedOperation,
     LogEntry,
     LogLevel,
@@ -100,3 +101,42 @@ async def test_a_log_that_cannot_be_packed_stays_readable() -> None:
     await journal.seal("a")
     (entry,), dropped = await journal.logs("a")
     assert (entry.message, entry.details, dropped) == ("odd", odd.details, 0)
+
+
+async def test_the_change_history_reads_the_same_across_its_compactions() -> None:
+    # Thousands of writes to a few operations (a hot producer): superseded states
+    # are dropped from the history in bulk, which must not change what it answers.
+    store = MemoryStore(history_size=3)
+    latest = {
+        op_id: await store.create(Operation(id=op_id, spec=StartSpec(kind="k")))
+        for op_id in ("a", "b", "c", "gone")
+    }
+    del latest["gone"]
+    deleted_at = await store.delete("gone")
+
+    def expected(after: int) -> list[tuple[int, str, bool]]:
+        held = [(op.revision, op.id, False) for op in latest.values()]
+        return sorted(e for e in [*held, (deleted_at, "gone", True)] if e[0] > after)
+
+    def seen(changes: list[Change]) -> list[tuple[int, str, bool]]:
+        return [(c.revision, c.operation.id, c.deleted) for c in changes]
+
+    for i in range(5000):
+        current = latest["abc"[i % 3]]
+        latest[current.id] = await store.replace(
+            dataclasses.replace(current, completed=i), expected_revision=current.revision
+        )
+        if i % 997 == 0:
+            assert seen((await store.changes(0, limit=10)).changes) == expected(0)
+    for after in (0, deleted_at, latest["b"].revision - 1, store.revision):
+        found = await store.changes(after, limit=10)
+        assert seen(found.changes) == expected(after)
+        assert found.revision == store.revision
+    assert [c.operation for c in (await store.changes(0, limit=10)).changes[1:]] == sorted(
+        latest.values(), key=lambda op: op.revision
+    )
+    page = await store.changes(0, limit=2)
+    assert seen(page.changes) == expected(0)[:2]
+    assert page.revision == page.changes[-1].revision
+    tomb = await store.tombstone("gone")
+    assert tomb is not None and (tomb.revision, tomb.deleted) == (deleted_at, True)

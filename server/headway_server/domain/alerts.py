@@ -81,6 +81,8 @@ def evaluate(
                 f"estimated completion moved {slip:.0f}s later since "
                 f"{now - op.eta_baseline[0]:.0f}s ago"
             )
+    if not found:
+        return ()
     since = {alert.type: alert.since for alert in op.alerts}
     return tuple(
         Alert(kind, message, since.get(kind, now)) for kind, message in sorted(found.items())

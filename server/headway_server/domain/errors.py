@@ -21,6 +21,11 @@ class NotFound(HeadwayError):
     """The operation (or parent) does not exist."""
 
 
+class Deleted(NotFound):
+    """The operation existed and was deleted (its tombstone is still held), as
+    opposed to never seen: a producer must not register it again."""
+
+
 class AlreadyExists(HeadwayError):
     """An operation with this id exists with different parameters."""
 

@@ -3,7 +3,8 @@
 The service keeps an `EtaState` per operation (a fixed set of numbers stored on
 the Operation value), calls `observe` after each applied report and `estimate`
 whenever it wants an `Estimate` (after a report, and periodically so that a
-paused or stalled operation's confidence falls).
+paused or stalled operation's confidence falls); after a report both at once,
+with `observe_and_estimate`.
 
 Design
 ------
@@ -57,8 +58,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from headway_server.domain.model import Estimate, Operation, StageState, State
+from headway_server.domain.values import fast_init
 
 # Half-life of the decayed pace: this fraction of the segment's active age, within bounds.
 HALF_LIFE_FRACTION = 0.1
@@ -108,6 +111,7 @@ _LN2 = math.log(2.0)
 _FINISHED = (StageState.DONE, StageState.SKIPPED)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class EtaState:
     """The estimator's memory for one operation: a fixed set of numbers."""
@@ -154,34 +158,17 @@ class EtaState:
     stage_log_m2: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class _Plan:
+class _Plan(NamedTuple):
     """Where the job stands, in fractions of the whole job."""
 
     # The segment: the running stage's index, or -1 (no plan, or none running).
-    index: int
+    stage_index: int
     # The segment's share of the job, and its progress (None: the stage's size
     # is unknown).
     share: float
     progress: float | None
     # Share of the job in stages not started yet.
     future: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Forecast:
-    """Active seconds remaining as of the last observation, and the parts of
-    its expected relative error."""
-
-    seconds: float
-    early: float = 0.0
-    unseen: float = 0.0
-    segment: float = 0.0
-    fresh: float = 0.0
-
-    @property
-    def uncertainty(self) -> float:
-        return math.sqrt(self.early**2 + self.unseen**2 + self.segment**2 + self.fresh**2)
 
 
 def _fraction(op: Operation) -> float:
@@ -193,7 +180,9 @@ def _counts_units(op: Operation) -> bool:
 
 
 def _plan(op: Operation) -> _Plan:
-    weights = sum(s.weight for s in op.stages) if op.planned else 0.0
+    if not op.planned:
+        return _Plan(-1, 1.0, _fraction(op), 0.0)
+    weights = sum(s.weight for s in op.stages)
     if weights <= 0:
         return _Plan(-1, 1.0, _fraction(op), 0.0)
     future = sum(s.weight for s in op.stages if s.state is StageState.PENDING) / weights
@@ -243,8 +232,19 @@ def _recent_pace(decayed_time: float, decayed_progress: float, average: float) -
 
 def observe(state: EtaState, op: Operation, now: float) -> EtaState:
     """The state after an applied report that left the operation as `op`."""
-    fraction = _fraction(op)
+    return _observe(state, op, now, _plan(op))
+
+
+def observe_and_estimate(state: EtaState, op: Operation, now: float) -> tuple[EtaState, Estimate]:
+    """`observe`, then `estimate` at the same time: what every applied report
+    needs (it is on the path of every report), with their shared work done once."""
     plan = _plan(op)
+    observed = _observe(state, op, now, plan)
+    return observed, _estimate(observed, op, now, plan)
+
+
+def _observe(state: EtaState, op: Operation, now: float, plan: _Plan) -> EtaState:
+    fraction = _fraction(op)
     counts_units = _counts_units(op)
     units = op.completed if counts_units else 0
     paused = op.state is State.PAUSED
@@ -257,7 +257,7 @@ def observe(state: EtaState, op: Operation, now: float) -> EtaState:
             fraction=fraction,
             base_units=units,
             units=units,
-            stage_index=plan.index,
+            stage_index=plan.stage_index,
             segment_base=plan.progress or 0.0,
             segment_progress=plan.progress or 0.0,
         )
@@ -297,7 +297,7 @@ def observe(state: EtaState, op: Operation, now: float) -> EtaState:
     decayed_time, decayed_progress = state.decayed_time, state.decayed_progress
     since_sample, drift = state.since_sample + dt, state.drift
     wander, samples = state.wander, state.samples
-    if plan.index != state.stage_index:
+    if plan.stage_index != state.stage_index:
         # A new stage: record how fast the last one went, start a fresh segment.
         log_pace = _finished_log_pace(state, op, active)
         if log_pace is not None:
@@ -340,7 +340,7 @@ def observe(state: EtaState, op: Operation, now: float) -> EtaState:
         units=units,
         run_time=run_time,
         run_amount=run_amount,
-        stage_index=plan.index,
+        stage_index=plan.stage_index,
         segment_start=segment_start,
         segment_base=segment_base,
         segment_progress=progress,
@@ -370,6 +370,11 @@ def _finished_log_pace(state: EtaState, op: Operation, active: float) -> float |
 
 def estimate(state: EtaState, op: Operation, now: float) -> Estimate:
     """Throughput, seconds remaining from `now`, and confidence."""
+    return _estimate(state, op, now, None)
+
+
+def _estimate(state: EtaState, op: Operation, now: float, plan: _Plan | None) -> Estimate:
+    """`estimate`, with `_plan(op)` if the caller has it."""
     per_percent = not _counts_units(op)
     if op.state.terminal:
         done = (
@@ -387,18 +392,24 @@ def estimate(state: EtaState, op: Operation, now: float) -> Estimate:
     throughput = 0.0
     if state.run_time > 0 and not paused:
         # The decayed rate, taking a silence beyond the usual interval as idle.
-        lam = _LN2 / max(MIN_THROUGHPUT_HALF_LIFE, _half_life(state.active, state.gap))
-        keep = math.exp(-lam * max(0.0, silent - usual))
-        time = state.run_time * keep + (1.0 - keep) / lam
-        throughput = state.run_amount * keep / time * (100.0 if per_percent else 1.0)
-    forecast = _remaining(state, op)
+        idle = silent - usual
+        if idle > 0:
+            lam = _LN2 / max(MIN_THROUGHPUT_HALF_LIFE, _half_life(state.active, state.gap))
+            keep = math.exp(-lam * idle)
+            time = state.run_time * keep + (1.0 - keep) / lam
+            throughput = state.run_amount * keep / time * (100.0 if per_percent else 1.0)
+        else:
+            # Nothing idle to decay (as right after a report): the same figure
+            # with keep = 1, without the exponential.
+            throughput = state.run_amount / state.run_time * (100.0 if per_percent else 1.0)
+    forecast = _remaining(state, op, _plan(op) if plan is None else plan)
     if forecast is None:
         return Estimate(throughput, per_percent, None, 0.0, now)
-    remaining = forecast.seconds
+    remaining, uncertainty = forecast
     if not paused:
         # Work goes on between reports, but is not assumed to beyond the usual interval.
         remaining = max(0.0, remaining - min(silent, usual))
-    confidence = 1.0 / (1.0 + (forecast.uncertainty / CONFIDENCE_SCALE) ** 2)
+    confidence = 1.0 / (1.0 + (uncertainty / CONFIDENCE_SCALE) ** 2)
     if paused:
         confidence *= PAUSED_CONFIDENCE
     elif op.stalled or (state.observations > 2 and silent > 3 * usual + 1.0):
@@ -409,16 +420,16 @@ def estimate(state: EtaState, op: Operation, now: float) -> Estimate:
     return Estimate(throughput, per_percent, remaining, min(1.0, max(0.0, confidence)), now)
 
 
-def _remaining(state: EtaState, op: Operation) -> _Forecast | None:
-    """None without progress since the first observation to go by."""
+def _remaining(state: EtaState, op: Operation, plan: _Plan) -> tuple[float, float] | None:
+    """Active seconds remaining as of the last observation, and its expected
+    relative error; None without progress since the first observation to go by."""
     done = state.fraction - state.base_fraction
     if done <= 0 or state.active <= 0:
         return None
-    plan = _plan(op)
     run_pace = state.active / done
     future = plan.future * run_pace
     age = state.active - state.segment_start
-    if plan.progress is None or plan.index != state.stage_index:
+    if plan.progress is None or plan.stage_index != state.stage_index:
         # The stage's size is unknown: expect it to take its weight's share.
         expected = plan.share * run_pace
         current, noise, prior = max(expected - age, 0.1 * expected), 0.0, 1.0
@@ -433,7 +444,7 @@ def _remaining(state: EtaState, op: Operation) -> _Forecast | None:
             current = (1.0 - prior) * current + prior * left * run_pace
     total = current + future
     if total <= 0:
-        return _Forecast(0.0)
+        return 0.0, 0.0
     # The spread of stage speeds: the finished stages' sample variance, with the
     # prior counted as STAGE_SPREAD_PRIOR_WEIGHT more stages.
     freedom = max(0, state.stages_seen - 1)
@@ -441,13 +452,13 @@ def _remaining(state: EtaState, op: Operation) -> _Forecast | None:
         (state.stage_log_m2 + STAGE_SPREAD_PRIOR_WEIGHT * STAGE_SPREAD_PRIOR**2)
         / (freedom + STAGE_SPREAD_PRIOR_WEIGHT)
     )
-    return _Forecast(
-        seconds=total,
-        early=EARLY_UNCERTAINTY * math.sqrt(total / state.active),
-        unseen=stage_spread * (future + prior * current) / total,
-        segment=noise * current / total,
-        fresh=FRESH_STAGE_UNCERTAINTY * prior if op.planned else 0.0,
-    )
+    # The parts of the error: early in the run, resting on the run's average
+    # (unseen stages, a young stage), the segment's noise, a stage just entered.
+    early = EARLY_UNCERTAINTY * math.sqrt(total / state.active)
+    unseen = stage_spread * (future + prior * current) / total
+    segment = noise * current / total
+    fresh = FRESH_STAGE_UNCERTAINTY * prior if op.planned else 0.0
+    return total, math.sqrt(early**2 + unseen**2 + segment**2 + fresh**2)
 
 
 def _segment(state: EtaState, left: float, age: float, run_pace: float) -> tuple[float, float]:

@@ -7,50 +7,16 @@ on; every change builds a new value with `evolve`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Copying and building values is the hot path of a report: see domain.values.
+from headway_server.domain.values import amend as amend
+from headway_server.domain.values import evolve as evolve
+from headway_server.domain.values import fast_init
 
 JsonObject = Mapping[str, Any]
-T = TypeVar("T")
-_COPIERS: dict[type, tuple[Callable[[Any], Any], frozenset[str]]] = {}
-
-
-def _copier(cls: type) -> tuple[Callable[[Any], Any], frozenset[str]]:
-    """A function copying every slot of a `cls` value, generated once per class:
-    straight-line attribute copies are ~4x cheaper than a loop over field names."""
-    names = tuple(f.name for f in fields(cls))
-    lines = ["def copy(value):", "    new = new_(cls)"]
-    lines += [f"    set_(new, {name!r}, value.{name})" for name in names]
-    lines.append("    return new")
-    namespace: dict[str, Any] = {"new_": object.__new__, "set_": object.__setattr__, "cls": cls}
-    exec("\n".join(lines), namespace)  # code built from the class's own field names
-    entry = _COPIERS[cls] = (namespace["copy"], frozenset(names))
-    return entry
-
-
-def evolve(value: T, **changes: Any) -> T:
-    """A copy of a frozen slots dataclass with some fields changed.
-
-    dataclasses.replace re-runs __init__ over every field and dominated the
-    profile of a report (several copies of a 50-field Operation per report);
-    copying the slots directly is several times cheaper.
-    """
-    cls = type(value)
-    copy, known = _COPIERS.get(cls) or _copier(cls)
-    if not known.issuperset(changes):
-        unknown = ", ".join(sorted(set(changes) - known))
-        raise TypeError(f"{cls.__name__} has no field(s) {unknown}")
-    new: T = copy(value)
-    return amend(new, **changes)
-
-
-def amend(fresh: T, **changes: Any) -> T:
-    """Sets fields of a value the caller has just built with `evolve` and not yet
-    shared with anyone (not stored, not returned): saves another whole copy."""
-    for name, changed in changes.items():
-        object.__setattr__(fresh, name, changed)
-    return fresh
 
 
 class State(enum.IntEnum):
@@ -82,6 +48,7 @@ class StageState(enum.IntEnum):
     INTERRUPTED = 5
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Stage:
     name: str
@@ -118,6 +85,7 @@ class AlertType(enum.IntEnum):
     ETA_SLIPPING = 4
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Alert:
     type: AlertType
@@ -167,6 +135,7 @@ class TimelineType(enum.IntEnum):
     CANCELLED = 14
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class TimelineEntry:
     type: TimelineType
@@ -176,6 +145,7 @@ class TimelineEntry:
     message: str = ""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Estimate:
     """What the ETA estimator says about an operation at `at`."""
@@ -249,6 +219,7 @@ class SharedSpecs:
         )
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Update:
     """One progress report; None means "not set, leave as is"."""
@@ -268,6 +239,7 @@ class Update:
     pause_reason: str = ""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Operation:
     id: str
@@ -422,6 +394,7 @@ class FinishedOperation:
 HeldOperation = Operation | FinishedOperation
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Change:
     """One entry of the store's change history: the latest state of an operation

@@ -42,25 +42,51 @@ def refresh(
     typical_throughput: float | None = None,
 ) -> Operation:
     """Recomputes the estimate and the alerts that depend on it."""
-    estimate = op.estimate
-    if op.eta_state is not None and op.has_own_progress:
+    return refresh_built(evolve(op), now, thresholds, typical_throughput=typical_throughput)
+
+
+def refresh_built(
+    op: Operation,
+    now: float,
+    thresholds: alerts.AlertThresholds,
+    *,
+    typical_throughput: float | None = None,
+    reported: bool = False,
+) -> Operation:
+    """`refresh` of a value the caller has just built and not yet shared: sets the
+    fields in place rather than copying the operation once more. `reported`: the
+    value is what an applied report left, to feed to the ETA estimator first."""
+    estimate: Estimate | None = None
+    if reported:
+        state = op.eta_state if op.eta_state is not None else eta.EtaState()
+        if op.has_own_progress:
+            observed, estimate = eta.observe_and_estimate(state, op, now)
+        else:
+            observed = eta.observe(state, op, now)
+        amend(op, eta_state=observed)
+    elif op.eta_state is not None and op.has_own_progress:
         estimate = eta.estimate(op.eta_state, op, now)
-        if estimate.eta is not None and estimate.eta > MAX_ETA:
-            # A crawl at this pace would outlast any useful answer (and the
-            # protobuf Timestamp range): say "unknown" rather than a date.
-            estimate = evolve(estimate, eta=None, confidence=0.0)
+    if estimate is None:
+        estimate = op.estimate
+    elif estimate.eta is not None and estimate.eta > MAX_ETA:
+        # A crawl at this pace would outlast any useful answer (and the
+        # protobuf Timestamp range): say "unknown" rather than a date.
+        estimate = evolve(estimate, eta=None, confidence=0.0)
     peak = op.peak_throughput
     if op.state is State.RUNNING and op.percent >= 10 and not estimate.per_percent:
         peak = max(peak, estimate.throughput)
-    new = evolve(op, estimate=estimate, peak_throughput=peak)
-    amend(new, eta_baseline=alerts.track_eta_baseline(new, now, thresholds.eta_slip_window))
-    found_alerts = alerts.evaluate(new, now, thresholds, typical_throughput=typical_throughput)
-    amend(new, alerts=found_alerts)
-    if new.state.terminal:
+    amend(op, estimate=estimate, peak_throughput=peak)
+    baseline = alerts.track_eta_baseline(op, now, thresholds.eta_slip_window)
+    if baseline is not op.eta_baseline:
+        amend(op, eta_baseline=baseline)
+    found_alerts = alerts.evaluate(op, now, thresholds, typical_throughput=typical_throughput)
+    if found_alerts is not op.alerts:
+        amend(op, alerts=found_alerts)
+    if op.state.terminal:
         # The final estimate is computed; the estimator's state (~0.5 KB) is
         # not needed for the hour a finished operation is retained.
-        amend(new, eta_state=None)
-    return new
+        amend(op, eta_state=None)
+    return op
 
 
 def alert_types(op: Operation) -> set[AlertType]:

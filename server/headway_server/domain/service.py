@@ -20,6 +20,7 @@ from headway_server.domain.alerts import AlertThresholds
 from headway_server.domain.errors import (
     AlreadyExists,
     Conflict,
+    Deleted,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -38,7 +39,6 @@ from headway_server.domain.model import (
     TimelineEntry,
     TimelineType,
     Update,
-    amend,
     evolve,
 )
 from headway_server.domain.stats import Stats, StatsAggregate
@@ -117,9 +117,14 @@ class OperationService:
         return "op-" + digest[:32]
 
     async def _load(self, operation_id: str) -> Operation:
-        check_id("operation_id", operation_id)
         op = await self.store.get(operation_id)
         if op is None:
+            # Only valid ids are ever stored: one found needs no check.
+            check_id("operation_id", operation_id)
+            # Off the hot path: tells a producer "deleted, leave it" from "never
+            # seen" (a restarted store), which it registers again.
+            if await self.store.tombstone(operation_id) is not None:
+                raise Deleted(f"operation {operation_id!r} not found")
             raise NotFound(f"operation {operation_id!r} not found")
         return op
 
@@ -140,9 +145,13 @@ class OperationService:
             return stored, True
         raise Conflict(f"operation {operation_id!r} is changing too fast to update")
 
-    def _refresh(self, op: Operation, now: float) -> Operation:
+    def _refresh(self, op: Operation, now: float, *, reported: bool = False) -> Operation:
+        """Estimate and alerts of a value just built by a change (and changed in
+        place); `reported`: the change was an applied report."""
         typical = self.aggregate.typical_throughput(op.kind) if op.kind else None
-        return progress.refresh(op, now, self.thresholds, typical_throughput=typical)
+        return progress.refresh_built(
+            op, now, self.thresholds, typical_throughput=typical, reported=reported
+        )
 
     async def _after_write(self, old: Operation | None, new: Operation) -> None:
         """Timeline, statistics, metrics and the parent's roll-up of a stored change."""
@@ -153,9 +162,10 @@ class OperationService:
             self.aggregate.record_finished(new)
             self.observer.operation_finished(new)
             await self.journal.seal(new.id)
-        raised = progress.alert_types(new) - (progress.alert_types(old) if old else set())
-        for alert_type in raised:
-            self.observer.alert_raised(alert_type.name)
+        if new.alerts:
+            raised = progress.alert_types(new) - (progress.alert_types(old) if old else set())
+            for alert_type in raised:
+                self.observer.alert_raised(alert_type.name)
         if new.parent_id and (
             old is None
             or (old.state, old.percent, old.estimate) != (new.state, new.percent, new.estimate)
@@ -220,9 +230,7 @@ class OperationService:
                 return None
             now = self._clock()
             reported = lifecycle.apply_update(op, update, now)
-            # A value just built here and not yet shared: set, rather than copy.
-            amend(reported, eta_state=progress.observed_eta(reported, now))
-            return self._refresh(reported, now)
+            return self._refresh(reported, now, reported=True)
 
         op, applied = await self._modify(operation_id, change)
         if applied:

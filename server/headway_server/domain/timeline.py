@@ -40,11 +40,12 @@ def entries(old: Operation | None, new: Operation) -> list[TimelineEntry]:
         found.append(entry(TimelineType.RECOVERED))
     if new.cancel_requested and not old.cancel_requested:
         found.append(entry(TimelineType.CANCEL_REQUESTED, new.cancel_reason))
-    old_alerts = {a.type: a for a in old.alerts}
-    new_alerts = {a.type: a for a in new.alerts}
-    for kind, alert in new_alerts.items():
-        if kind not in old_alerts:
-            found.append(entry(TimelineType.ALERT_RAISED, f"{kind.name}: {alert.message}"))
-    for kind in old_alerts.keys() - new_alerts.keys():
-        found.append(entry(TimelineType.ALERT_CLEARED, kind.name))
+    if old.alerts or new.alerts:
+        old_alerts = {a.type: a for a in old.alerts}
+        new_alerts = {a.type: a for a in new.alerts}
+        for kind, alert in new_alerts.items():
+            if kind not in old_alerts:
+                found.append(entry(TimelineType.ALERT_RAISED, f"{kind.name}: {alert.message}"))
+        for kind in old_alerts.keys() - new_alerts.keys():
+            found.append(entry(TimelineType.ALERT_CLEARED, kind.name))
     return found

@@ -44,7 +44,8 @@ def check_name(field: str, value: str, limit: int = MAX_NAME_LENGTH) -> None:
 
 
 def check_bytes(field: str, value: str, limit: int) -> None:
-    if len(value.encode()) > limit:
+    # UTF-8 takes at most 4 bytes a character: most values need no encoding.
+    if 4 * len(value) > limit and len(value.encode()) > limit:
         raise InvalidArgument(field, f"is larger than {limit} bytes")
 
 
