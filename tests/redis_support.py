@@ -1,0 +1,108 @@
+"""A private redis-server for tests: on a free port in a temporary directory.
+
+Tests never touch the machine's shared Redis (127.0.0.1:6379): they start their
+own, so they can kill it, restart it on the same port and data directory, and
+flush it. Where redis-server is not installed the tests that need it are
+skipped with a message saying how to get it, except under CI=true, where its
+absence is a failure (the machine kind CI runs on has it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+INSTALL_HINT = "install it with `apt-get install -y redis-server` (Debian) to run these tests"
+
+
+def require_redis_server() -> str:
+    """The redis-server executable, or a skip (a failure under CI=true)."""
+    found = shutil.which("redis-server")
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"redis-server is not on PATH; {INSTALL_HINT}")
+        pytest.skip(f"redis-server is not on PATH; {INSTALL_HINT}")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """One redis-server process; `restart()` keeps its port and data directory."""
+
+    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
+        self.executable = require_redis_server()
+        self.directory = directory
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        args = [
+            self.executable,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+            "--protected-mode",
+            "no",
+            "--loglevel",
+            "warning",
+        ]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(f"redis-server exited at start: {err}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout}s")
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stops it: SIGKILL (a crash) or SIGTERM (a clean shutdown)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        self.process = None
+
+    def restart(self, *, kill: bool = False) -> None:
+        self.stop(kill=kill)
+        self.start()
