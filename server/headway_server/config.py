@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
-from headway_server.domain.watch import (
+from headway_server.app.watch import (
     DEFAULT_MIN_INTERVAL,
     DEFAULT_YIELD_RATIO,
     MAX_MIN_INTERVAL,

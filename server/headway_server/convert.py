@@ -10,6 +10,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 from headway.v1 import progress_pb2 as pb
 
+from headway_server.app.watch import WatchEvent
 from headway_server.domain.errors import InvalidArgument
 from headway_server.domain.model import (
     Alert,
@@ -27,7 +28,6 @@ from headway_server.domain.model import (
     Update,
 )
 from headway_server.domain.stats import KindStats, Percentiles, Stats
-from headway_server.domain.watch import WatchEvent
 
 # Serialized operation states kept for watch fan-out (about 600 B each): the
 # states being fanned out right now, not every operation the server holds.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -15,10 +13,11 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from headway_server import handlers
+from headway_server.app.service import OperationService
+from headway_server.app.sweeper import Sweeper
+from headway_server.app.watch import WatchHub
 from headway_server.config import ServerConfig
 from headway_server.domain.alerts import AlertThresholds
-from headway_server.domain.service import OperationService
-from headway_server.domain.watch import WatchHub
 from headway_server.metrics import Metrics
 from headway_server.servicer import ProgressTrackerServicer
 from headway_server.store import MemoryStore, OperationStore
@@ -45,34 +44,25 @@ class HeadwayServer:
         self.hub = hub
         self.health = health
         self.port = port
-        self._sweeper: asyncio.Task[None] | None = None
         self.metrics = metrics
         self.metrics_port = 0
+        self.sweeper = Sweeper(
+            service, interval=config.sweep_interval, after_sweep=self._publish_gauges
+        )
 
     async def start(self) -> None:
         await self.grpc_server.start()
         for name in ("", handlers.SERVICE.full_name):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="headway-sweeper")
+        self.sweeper.start()
         if self.config.metrics_listen:
             self.metrics_port = self.metrics.serve(self.config.metrics_listen)
             log.info("metrics", extra={"port": self.metrics_port})
         log.info("serving", extra={"port": self.port, "listen": self.config.listen})
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.sweep_interval)
-            try:
-                await self.service.sweep()
-                if self.metrics_port:
-                    # Counting every operation by state and kind is a full scan:
-                    # only worth it when something can scrape the result.
-                    await self._publish_gauges()
-            except Exception:
-                # A failed sweep must not end leases and retention for good.
-                log.exception("sweep failed")
-
     async def _publish_gauges(self) -> None:
+        if not self.metrics_port:
+            return  # only worth counting when something can scrape the result
         # Read on the event loop and handed over whole: the metrics endpoint
         # runs in another thread and must not iterate the store.
         counts = Counter((op.state.name, op.kind) for op in await self.service.store.scan())
@@ -85,10 +75,7 @@ class HeadwayServer:
         log.info("shutting down", extra={"grace": grace, "watchers": self.hub.open_watchers})
         await self.health.enter_graceful_shutdown()
         self.hub.stop()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await self.sweeper.stop()
         await self.grpc_server.stop(grace)
         self.metrics.close()
         log.info("stopped")

@@ -13,11 +13,11 @@ from headway.v1 import progress_pb2 as pb
 from headway.v1 import progress_pb2_grpc as pb_grpc
 
 from headway_server import convert
+from headway_server.app.service import OperationService, UpdateResult
+from headway_server.app.watch import MAX_MIN_INTERVAL, ShuttingDown, WatchEvent, WatchHub
 from headway_server.domain import errors
 from headway_server.domain.model import LogLevel
-from headway_server.domain.service import OperationService, UpdateResult
 from headway_server.domain.validation import check_id
-from headway_server.domain.watch import MAX_MIN_INTERVAL, ShuttingDown, WatchEvent, WatchHub
 
 log = logging.getLogger("headway.servicer")
 

@@ -122,7 +122,10 @@ class WatchHub:
         self.dispatched = 0
         # Watchers by what their filter pins down: ("operation", id),
         # ("project", name), ("parent", id); the rest under ("", "").
-        self._index: dict[tuple[str, str], set[_Watcher]] = {}
+        # Each bucket is a dict used as an ordered set: a round wakes watchers
+        # in the order they started watching, as one shared event's waiters
+        # were woken, rather than in an arbitrary hash order.
+        self._index: dict[tuple[str, str], dict[_Watcher, None]] = {}
         # Timer slots (loop time / _TIMER_SLOT, rounded up) -> watchers to wake:
         # one call_at per slot however many watchers are due in it.
         self._slots: dict[int, list[_Watcher]] = {}
@@ -169,7 +172,7 @@ class WatchHub:
         else:
             key = ("", "")
         watcher = _Watcher(where, key)
-        self._index.setdefault(key, set()).add(watcher)
+        self._index.setdefault(key, {})[watcher] = None
         if self._pump is None:
             # From the revision read now, not whenever the task first runs: a
             # change in between would otherwise reach nobody.
@@ -180,7 +183,7 @@ class WatchHub:
     def _remove(self, watcher: _Watcher) -> None:
         watchers = self._index.get(watcher.key)
         if watchers is not None:
-            watchers.discard(watcher)
+            watchers.pop(watcher, None)
             if not watchers:
                 del self._index[watcher.key]
 

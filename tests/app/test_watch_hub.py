@@ -11,15 +11,15 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import pytest
-from headway_server.domain.errors import NotFound
-from headway_server.domain.model import Operation, OperationFilter, StartSpec, State
-from headway_server.domain.watch import (
+from headway_server.app.watch import (
     DEFAULT_YIELD_RATIO,
     EventType,
     ShuttingDown,
     WatchEvent,
     WatchHub,
 )
+from headway_server.domain.errors import NotFound
+from headway_server.domain.model import Operation, OperationFilter, StartSpec, State
 from headway_server.store.memory import MemoryStore
 
 T = TypeVar("T")

@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+from headway_server.app.service import OperationService
 from headway_server.domain.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -22,7 +23,6 @@ from headway_server.domain.model import (
     State,
     Update,
 )
-from headway_server.domain.service import OperationService
 from headway_server.store.memory import MemoryStore
 
 T0 = 10_000.0
