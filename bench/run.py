@@ -161,8 +161,8 @@ class Sizes:
     unrelated_watchers: tuple[int, ...]
     unrelated_channels: int
     # Measured seconds per run, and as long again with no reports. At the
-    # server's default bookmark interval (10 s) a full window holds one
-    # bookmark per watcher whenever it starts.
+    # server's default bookmark interval (60 s) a window holds a bookmark from
+    # a sixth of the watchers at most.
     unrelated_duration: float
     batch_operations: int
     batch_duration: float  # measured seconds per batched/unary run
