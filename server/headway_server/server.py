@@ -65,7 +65,7 @@ class HeadwayServer:
             return  # only worth counting when something can scrape the result
         # Read on the event loop and handed over whole: the metrics endpoint
         # runs in another thread and must not iterate the store.
-        counts = Counter((op.state.name, op.kind) for op in await self.service.store.scan())
+        counts = Counter(await self.service.counts())
         self.metrics.set_operation_counts(counts)
         self.metrics.set_open_watchers(self.hub.open_watchers)
 

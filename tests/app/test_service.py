@@ -100,7 +100,7 @@ async def test_start_same_spec_returns_existing(
         operation_id="op-1",
     )
     assert again == first
-    assert store.revision == 1
+    assert (await store.revision()) == 1
 
 
 async def test_start_same_spec_after_progress_returns_current_state(
@@ -137,7 +137,7 @@ async def test_start_different_spec_is_already_exists(
     with pytest.raises(AlreadyExists):
         await service.start(other, operation_id="op-1")
     assert await store.get("op-1") == first
-    assert store.revision == 1
+    assert (await store.revision()) == 1
 
 
 async def test_generated_id_is_stable_for_a_request_id(service: OperationService) -> None:
@@ -172,7 +172,7 @@ async def test_start_with_unknown_parent_is_not_found(
 ) -> None:
     with pytest.raises(NotFound, match="parent_id"):
         await service.start(StartSpec(parent_id="nope"), operation_id="child")
-    assert store.revision == 0
+    assert (await store.revision()) == 0
     await service.start(StartSpec(), operation_id="parent")
     child = await service.start(StartSpec(parent_id="parent"), operation_id="child")
     assert child.parent_id == "parent"
@@ -187,7 +187,7 @@ async def test_start_invalid_is_rejected_and_changes_nothing(
     with pytest.raises(InvalidArgument) as exc:
         await service.start(StartSpec(), operation_id="-bad")
     assert exc.value.field == "operation_id"
-    assert store.revision == 0
+    assert (await store.revision()) == 0
 
 
 async def test_start_when_store_is_full(clock: Clock) -> None:
@@ -222,7 +222,7 @@ async def test_duplicate_sequence_is_not_applied(
         retry = await service.update("op-1", Update(sequence=seq, counters={"a": 1}, completed=9))
         assert not retry.applied
         assert retry.operation == first.operation
-    assert store.revision == first.operation.revision
+    assert (await store.revision()) == first.operation.revision
     stored = await service.get("op-1")
     assert dict(stored.counters) == {"a": 1}
     assert stored.completed == 4
@@ -259,7 +259,7 @@ async def test_invalid_update_changes_nothing(
     op = await service.get("op-1")
     assert op.last_sequence == 0
     assert dict(op.counters) == {}
-    assert store.revision == 1
+    assert (await store.revision()) == 1
 
 
 async def test_update_after_end_is_failed_precondition_even_when_duplicate(
@@ -268,11 +268,11 @@ async def test_update_after_end_is_failed_precondition_even_when_duplicate(
     await service.start(SPEC, operation_id="op-1")
     await service.update("op-1", Update(sequence=3))
     await service.complete("op-1")
-    revision = store.revision
+    revision = await store.revision()
     for seq in (1, 4, 0):
         with pytest.raises(FailedPrecondition):
             await service.update("op-1", Update(sequence=seq))
-    assert store.revision == revision
+    assert (await store.revision()) == revision
 
 
 # --- complete / fail / cancel / delete -------------------------------------------------
@@ -287,7 +287,7 @@ async def test_complete_repeat_with_same_request_id(
     assert done.percent == 100.0
     clock.advance(1)
     assert await service.complete("op-1", request_id="done-1") == done
-    assert store.revision == done.revision
+    assert (await store.revision()) == done.revision
     with pytest.raises(FailedPrecondition):
         await service.complete("op-1", request_id="done-2")
     with pytest.raises(FailedPrecondition):
@@ -315,9 +315,9 @@ async def test_cancel_queued_and_terminal(service: OperationService, store: Memo
     await service.start(SPEC, operation_id="q")
     cancelled = await service.cancel("q", "not needed")
     assert cancelled.state is State.CANCELLED
-    revision = store.revision
+    revision = await store.revision()
     assert await service.cancel("q") == cancelled
-    assert store.revision == revision
+    assert (await store.revision()) == revision
 
     await service.start(SPEC, operation_id="f")
     await service.fail("f", OperationError(code="BOOM"))
@@ -328,7 +328,7 @@ async def test_cancel_queued_and_terminal(service: OperationService, store: Memo
 async def test_delete(service: OperationService, store: MemoryStore) -> None:
     await service.start(SPEC, operation_id="op-1")
     revision = await service.delete("op-1")
-    assert revision == store.revision == 2
+    assert revision == (await store.revision()) == 2
     with pytest.raises(NotFound):
         await service.get("op-1")
     with pytest.raises(NotFound):

@@ -254,7 +254,7 @@ async def test_revisions_strictly_increase_and_bookmarks_do_not_go_back(
     assert with_op == sorted(set(with_op))
     caught_up = [e.revision for e in seen if e.operation is None]
     assert caught_up == sorted(caught_up)
-    assert seen[-1].revision == store.revision == 7
+    assert seen[-1].revision == (await store.revision()) == 7
 
 
 async def test_quiet_stream_gets_bookmarks(store: MemoryStore, hub: WatchHub, streams: Any) -> None:
@@ -274,7 +274,7 @@ async def test_resume_from_revision(store: MemoryStore, hub: WatchHub, streams: 
     await create(store, "b", project="p")  # 2
     await create(store, "c", project="p")  # 3
     await create(store, "x", project="q")  # 4
-    resume_at = store.revision
+    resume_at = await store.revision()
     await change(store, "b", message="b2")  # 5
     await change(store, "x", message="x2")  # 6: other project
     await store.delete("c")  # 7

@@ -128,10 +128,10 @@ async def test_the_change_history_reads_the_same_across_its_compactions() -> Non
         )
         if i % 997 == 0:
             assert seen((await store.changes(0, limit=10)).changes) == expected(0)
-    for after in (0, deleted_at, latest["b"].revision - 1, store.revision):
+    for after in (0, deleted_at, latest["b"].revision - 1, (await store.revision())):
         found = await store.changes(after, limit=10)
         assert seen(found.changes) == expected(after)
-        assert found.revision == store.revision
+        assert found.revision == (await store.revision())
     assert [c.operation for c in (await store.changes(0, limit=10)).changes[1:]] == sorted(
         latest.values(), key=lambda op: op.revision
     )

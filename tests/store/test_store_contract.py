@@ -82,7 +82,7 @@ def ids(ops: Sequence[HeldOperation]) -> list[str]:
 
 
 async def test_new_store_is_empty(store: OperationStore) -> None:
-    assert store.revision == 0
+    assert (await store.revision()) == 0
     assert await store.get("a") is None
     assert await store.scan() == []
     changes = await store.changes(0, limit=10)
@@ -94,7 +94,7 @@ async def test_create_assigns_increasing_revisions(store: OperationStore) -> Non
     stored = [await store.create(new_op(f"op-{i}")) for i in range(3)]
     assert [op.revision for op in stored] == [1, 2, 3]
     assert [op.created_revision for op in stored] == [1, 2, 3]
-    assert store.revision == 3
+    assert (await store.revision()) == 3
     assert await store.get("op-1") == stored[1]
 
 
@@ -108,7 +108,7 @@ async def test_create_duplicate_changes_nothing(store: OperationStore) -> None:
     first = await store.create(new_op("a", kind="one"))
     with pytest.raises(AlreadyExists):
         await store.create(new_op("a", kind="two"))
-    assert store.revision == 1
+    assert (await store.revision()) == 1
     assert await store.get("a") == first
     assert len((await store.changes(0, limit=10)).changes) == 1
 
@@ -119,12 +119,12 @@ async def test_create_beyond_max_operations(store_factory: StoreFactory) -> None
     await store.create(new_op("b"))
     with pytest.raises(ResourceExhausted):
         await store.create(new_op("c"))
-    assert store.revision == 2
+    assert (await store.revision()) == 2
     assert await store.get("c") is None
     # Deleting frees a place.
     await store.delete("a")
     await store.create(new_op("c"))
-    assert store.revision == 4
+    assert (await store.revision()) == 4
 
 
 # --- replace ----------------------------------------------------------------------------
@@ -148,7 +148,7 @@ async def test_replace_with_stale_revision_is_conflict(store: OperationStore) ->
     with pytest.raises(Conflict):
         await store.replace(dataclasses.replace(current, message="v3"), expected_revision=1)
     assert await store.get("a") == current
-    assert store.revision == 2
+    assert (await store.revision()) == 2
 
 
 async def test_replace_missing_is_not_found(store: OperationStore) -> None:
@@ -160,7 +160,7 @@ async def test_replace_missing_is_not_found(store: OperationStore) -> None:
     assert a is not None
     with pytest.raises(NotFound):
         await store.replace(a, expected_revision=a.revision)
-    assert store.revision == 2
+    assert (await store.revision()) == 2
 
 
 # --- delete / tombstone -----------------------------------------------------------------
@@ -170,7 +170,7 @@ async def test_delete_keeps_a_tombstone(store: OperationStore) -> None:
     await store.create(new_op("a"))
     last = await bump(store, "a", message="last words")
     revision = await store.delete("a")
-    assert revision == store.revision == 3
+    assert revision == (await store.revision()) == 3
     assert await store.get("a") is None
     assert await store.scan() == []
     tomb = await store.tombstone("a")
@@ -180,7 +180,7 @@ async def test_delete_keeps_a_tombstone(store: OperationStore) -> None:
     assert tomb.operation == last
     with pytest.raises(NotFound):
         await store.delete("a")
-    assert store.revision == 3
+    assert (await store.revision()) == 3
 
 
 async def test_tombstone_of_live_or_unknown_is_none(store: OperationStore) -> None:
@@ -479,3 +479,71 @@ async def test_wait_for_change_can_be_cancelled(store: OperationStore) -> None:
     waiter = asyncio.ensure_future(store.wait_for_change(0))
     await store.create(new_op("a"))
     assert await asyncio.wait_for(waiter, 1.0) == 1
+
+
+# --- indexed sweeps, counts and the store's secret ----------------------------------------
+
+
+async def test_secret_is_stable_and_random_per_store(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    first = await store.secret()
+    assert len(first) >= 32
+    assert await store.secret() == first
+    assert await store_factory().secret() != first
+
+
+async def test_lapsed_leases_come_from_the_lease_index(store: OperationStore) -> None:
+    await store.create(new_op("quiet", heartbeat_timeout=10.0))
+    await store.create(new_op("no-lease"))
+    await store.create(new_op("paused", heartbeat_timeout=10.0))
+    await bump(store, "quiet", state=State.RUNNING, last_report_at=100.0)
+    await bump(store, "no-lease", state=State.RUNNING, last_report_at=100.0)
+    await bump(store, "paused", state=State.PAUSED, last_report_at=100.0)
+    assert await store.lapsed_leases(109.9) == []
+    assert await store.lapsed_leases(110.0) == ["quiet"]
+    # A later report moves the deadline; stalling or finishing takes it out.
+    await bump(store, "quiet", last_report_at=105.0)
+    assert await store.lapsed_leases(110.0) == []
+    await bump(store, "quiet", stalled=True)
+    assert await store.lapsed_leases(1000.0) == []
+    await bump(store, "quiet", stalled=False, last_report_at=200.0)
+    assert await store.lapsed_leases(1000.0) == ["quiet"]
+    await bump(store, "quiet", state=State.SUCCEEDED, finished_at=300.0)
+    assert await store.lapsed_leases(1000.0) == []
+
+
+async def test_finished_before_lists_terminal_operations_in_finish_order(
+    store: OperationStore,
+) -> None:
+    for op_id, finished in (("b", 20.0), ("a", 10.0), ("c", 30.0)):
+        await store.create(new_op(op_id))
+        await bump(store, op_id, state=State.SUCCEEDED, finished_at=finished)
+    await store.create(new_op("running"))
+    await bump(store, "running", state=State.RUNNING)
+    assert await store.finished_before(5.0, limit=10) == []
+    assert await store.finished_before(25.0, limit=10) == ["a", "b"]
+    assert await store.finished_before(25.0, limit=1) == ["a"]
+    # Not deleted yet: found again; deleted: gone.
+    assert await store.finished_before(25.0, limit=10) == ["a", "b"]
+    await store.delete("a")
+    assert await store.finished_before(100.0, limit=10) == ["b", "c"]
+    # An id created again after its deletion is a new, unfinished operation.
+    await store.create(new_op("a"))
+    assert await store.finished_before(100.0, limit=10) == ["b", "c"]
+
+
+async def test_counts_follow_every_write(store: OperationStore) -> None:
+    assert await store.counts() == {}
+    await store.create(new_op("x", kind="crawl"))
+    await store.create(new_op("y", kind="crawl"))
+    await store.create(new_op("z", kind="upload"))
+    await bump(store, "x", state=State.RUNNING)
+    await bump(store, "z", state=State.SUCCEEDED, finished_at=1.0)
+    assert await store.counts() == {
+        ("QUEUED", "crawl"): 1,
+        ("RUNNING", "crawl"): 1,
+        ("SUCCEEDED", "upload"): 1,
+    }
+    await store.delete("z")
+    await store.delete("y")
+    assert await store.counts() == {("RUNNING", "crawl"): 1}

@@ -53,6 +53,8 @@ MAX_PAGE_SIZE = 1000
 # Compare-and-set retries; only a Redis store shared by processes can race.
 _CAS_ATTEMPTS = 16
 MAX_LOG_ENTRIES_PER_CALL = 1000
+# Expired operations deleted per store read in a sweep.
+_SWEEP_BATCH = 1000
 
 
 class Observer(Protocol):
@@ -104,13 +106,17 @@ class OperationService:
         self.thresholds = thresholds or AlertThresholds()
         self.observer: Observer = observer or _NoObserver()
         # Server-generated ids derived from a request_id must not be guessable
-        # from it, so they are keyed with a per-process secret.
-        self._id_key = secrets.token_bytes(32)
+        # from it, so they are keyed with the store's secret: the same on every
+        # process sharing the store, so a retry that lands elsewhere (or after a
+        # restart) finds the same operation.
+        self._id_key: bytes | None = None
         self._specs = SharedSpecs()
 
-    def _generated_id(self, spec: StartSpec, request_id: str) -> str:
+    async def _generated_id(self, spec: StartSpec, request_id: str) -> str:
         if not request_id:
             return "op-" + secrets.token_hex(16)
+        if self._id_key is None:
+            self._id_key = await self.store.secret()
         digest = hmac.new(
             self._id_key, f"{spec.project}\0{request_id}".encode(), hashlib.sha256
         ).hexdigest()
@@ -184,7 +190,7 @@ class OperationService:
         self, spec: StartSpec, *, operation_id: str = "", request_id: str = ""
     ) -> Operation:
         spec = self._specs.share(lifecycle.validate_start(spec, operation_id, request_id))
-        operation_id = operation_id or self._generated_id(spec, request_id)
+        operation_id = operation_id or await self._generated_id(spec, request_id)
         existing = await self.store.get(operation_id)
         if existing is None:
             depth = await self._child_depth(spec.parent_id)
@@ -413,36 +419,41 @@ class OperationService:
 
     async def sweep(self) -> int:
         """Marks operations whose heartbeat lease ran out as stalled and removes
-        terminal ones past retention. Returns how many operations it changed."""
+        terminal ones past retention, from the store's indexes of lease
+        deadlines and finish times. Returns how many operations it changed."""
         now = self._clock()
         changed = 0
-        for op in await self.store.scan():
-            if op.state.terminal:
-                if op.finished_at is not None and now - op.finished_at >= self.retention:
-                    try:
-                        await self.delete(op.id, reason="retention expired")
-                    except NotFound:
-                        continue
-                    changed += 1
-                continue
+        while True:
+            expired = await self.store.finished_before(now - self.retention, limit=_SWEEP_BATCH)
+            for operation_id in expired:
+                try:
+                    await self.delete(operation_id, reason="retention expired")
+                except NotFound:
+                    continue
+                changed += 1
+            if len(expired) < _SWEEP_BATCH:
+                break
 
-            def lapse(o: Operation) -> Operation | None:
-                # Alerts other than STALLED are judged on reports, not on the clock,
-                # so a quiet operation's state changes only when its lease runs out.
-                stalled = lifecycle.mark_stalled(o, now)
-                return None if stalled is None else self._refresh(stalled, now)
+        def lapse(o: Operation) -> Operation | None:
+            # Alerts other than STALLED are judged on reports, not on the clock,
+            # so a quiet operation's state changes only when its lease runs out.
+            stalled = lifecycle.mark_stalled(o, now)
+            return None if stalled is None else self._refresh(stalled, now)
 
-            if not isinstance(op, Operation) or lifecycle.mark_stalled(op, now) is None:
-                continue
+        for operation_id in await self.store.lapsed_leases(now):
             try:
-                new, did = await self._modify(op.id, lapse)
+                new, did = await self._modify(operation_id, lapse)
             except NotFound:
                 continue
             if did:
-                if new.stalled and not op.stalled:
-                    log.warning("operation stalled", extra={"operation_id": op.id})
+                if new.stalled:
+                    log.warning("operation stalled", extra={"operation_id": operation_id})
                 changed += 1
         return changed
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        """Operations held, by (state name, kind)."""
+        return await self.store.counts()
 
 
 def _error_text(entry: LogEntry) -> str:

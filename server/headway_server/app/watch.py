@@ -161,7 +161,7 @@ class WatchHub:
 
     # --- routing ------------------------------------------------------------------------
 
-    def _add(self, where: OperationFilter | None, operation_id: str = "") -> _Watcher:
+    async def _add(self, where: OperationFilter | None, operation_id: str = "") -> _Watcher:
         """Registers a watcher: every change after `dispatched` is routed to it."""
         if where is None:
             key = ("operation", operation_id)
@@ -176,8 +176,10 @@ class WatchHub:
         if self._pump is None:
             # From the revision read now, not whenever the task first runs: a
             # change in between would otherwise reach nobody.
-            self.dispatched = self.store.revision
-            self._pump = asyncio.create_task(self._pump_changes(), name="headway-watch-pump")
+            start = await self.store.revision()
+            if self._pump is None:  # no other watcher started it meanwhile
+                self.dispatched = start
+                self._pump = asyncio.create_task(self._pump_changes(), name="headway-watch-pump")
         return watcher
 
     def _remove(self, watcher: _Watcher) -> None:
@@ -189,7 +191,7 @@ class WatchHub:
 
     async def _pump_changes(self) -> None:
         while not self._stopping:
-            if self.store.revision <= self.dispatched:
+            if await self.store.revision() <= self.dispatched:
                 await self.store.wait_for_change(self.dispatched)
             started = time.perf_counter()
             try:
@@ -197,7 +199,7 @@ class WatchHub:
             except HistoryCompacted:
                 # More deletions in one round than the store keeps tombstones
                 # for: nobody can be told what they missed, so all start over.
-                self.dispatched = self.store.revision
+                self.dispatched = await self.store.revision()
                 for watchers in self._index.values():
                     for watcher in watchers:
                         watcher.reset = True
@@ -296,7 +298,7 @@ class WatchHub:
         interval = self.pacing(min_interval)
         loop = asyncio.get_running_loop()
         # Registered before the first read, so that whatever that read misses is routed.
-        watcher = self._add(where)
+        watcher = await self._add(where)
         # Counted here, not in a wrapper generator: a layer per message costs.
         self.open_watchers += 1
         try:
@@ -312,7 +314,7 @@ class WatchHub:
             if from_revision > 0:
                 # The catch-up, read from the store in pages up to where the
                 # store was when it began; later changes are routed here.
-                read_at = self.store.revision
+                read_at = await self.store.revision()
                 while True:
                     try:
                         changes = await self.store.changes(last, limit=CHANGES_PER_ROUND)
@@ -329,7 +331,7 @@ class WatchHub:
                     if batch:
                         yield batch
             if restart:
-                yield [WatchEvent(EventType.RESET, self.store.revision)]
+                yield [WatchEvent(EventType.RESET, await self.store.revision())]
             if from_revision == 0 or restart:
                 events, last, known = await self._snapshot(where)
                 resumed_at = 0
@@ -392,14 +394,15 @@ class WatchHub:
         """
         interval = self.pacing(min_interval)
         loop = asyncio.get_running_loop()
-        watcher = self._add(None, operation_id)
+        watcher = await self._add(None, operation_id)
         # Counted here, not in a wrapper generator: a layer per message costs.
         self.open_watchers += 1
         try:
             op = await self.store.get(operation_id)
-            if from_revision > self.store.revision:
+            current_revision = await self.store.revision()
+            if from_revision > current_revision:
                 # The client's revision is from before a restart of this store.
-                yield WatchEvent(EventType.RESET, self.store.revision)
+                yield WatchEvent(EventType.RESET, current_revision)
                 from_revision = 0
             if op is None:
                 tomb = await self.store.tombstone(operation_id) if from_revision else None
@@ -423,7 +426,9 @@ class WatchHub:
                     watcher.pending[operation_id] = (
                         Change(current.revision, current)
                         if current
-                        else Change(tomb.revision if tomb else self.store.revision, op, True)
+                        else Change(
+                            tomb.revision if tomb else await self.store.revision(), op, True
+                        )
                     )
                 now = loop.time()
                 change = watcher.pending.get(operation_id)

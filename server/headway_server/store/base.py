@@ -35,9 +35,14 @@ class Changes:
 class OperationStore(Protocol):
     """Async store of operations. Implementations: MemoryStore (Redis later)."""
 
-    @property
-    def revision(self) -> int:
+    async def revision(self) -> int:
         """The store's current revision (0 when empty and new)."""
+        ...
+
+    async def secret(self) -> bytes:
+        """A random key created with the store's data and kept with it, so that
+        ids derived from request ids are the same on every server process
+        sharing the store and after a restart."""
         ...
 
     async def get(self, operation_id: str) -> Operation | None:
@@ -102,6 +107,22 @@ class OperationStore(Protocol):
         ...
 
     async def scan(self) -> list[HeldOperation]:
-        """Every stored operation, for sweeps (leases, retention) and counts; a
+        """Every stored operation (for statistics queries, not for sweeps); a
         finished one may come as its FinishedOperation head."""
+        ...
+
+    async def lapsed_leases(self, now: float) -> list[str]:
+        """Ids of RUNNING, not yet stalled operations with a heartbeat timeout
+        whose last applied report is at least that long before `now`, read from
+        an index of lease deadlines (not a scan of every operation)."""
+        ...
+
+    async def finished_before(self, cutoff: float, *, limit: int) -> list[str]:
+        """Ids of up to `limit` terminal operations that finished at or before
+        `cutoff`, oldest first, from an index of finish times (retention)."""
+        ...
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        """How many operations the store holds, by (state name, kind), kept
+        up to date on every write rather than counted by a scan."""
         ...

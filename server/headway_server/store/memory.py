@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
+import secrets
 from bisect import bisect_left, bisect_right
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ from headway_server.domain.model import (
     HeldOperation,
     Operation,
     OperationFilter,
+    State,
     evolve,
 )
 from headway_server.store.base import Changes, Page
@@ -142,10 +145,49 @@ class MemoryStore:
         self._waited = False
         # parent id -> child ids (dict as an ordered set), for roll-ups.
         self._children: dict[str, dict[str, None]] = {}
+        self._secret = secrets.token_bytes(32)
+        # Indexes for sweeps and counts (see _index): lease deadline by id of
+        # the operations that can stall; finish time by id of the terminal
+        # ones, with a heap in finish order (entries of operations deleted or
+        # finished again since are skipped when they come up); counts.
+        self._leases: dict[str, float] = {}
+        self._finish_times: dict[str, float] = {}
+        self._finish_heap: list[tuple[float, str]] = []
+        self._counts: Counter[tuple[str, str]] = Counter()
 
-    @property
-    def revision(self) -> int:
+    async def revision(self) -> int:
         return self._revision
+
+    async def secret(self) -> bytes:
+        # This store's data lives and dies with the process, and so does its key.
+        return self._secret
+
+    def _index(self, previous: HeldOperation | None, stored: HeldOperation | None) -> None:
+        """Keeps the lease, finish-time and count indexes in step with a write."""
+        if previous is not None:
+            self._counts[previous.state.name, previous.kind] -= 1
+            if previous.state.terminal and (stored is None or not stored.state.terminal):
+                self._finish_times.pop(previous.id, None)
+        if stored is None:
+            if previous is not None:
+                self._leases.pop(previous.id, None)
+            return
+        self._counts[stored.state.name, stored.kind] += 1
+        if isinstance(stored, Operation):
+            if (
+                stored.state is State.RUNNING
+                and not stored.stalled
+                and stored.heartbeat_timeout > 0
+            ):
+                self._leases[stored.id] = stored.last_report_at + stored.heartbeat_timeout
+            else:
+                self._leases.pop(stored.id, None)
+        else:
+            self._leases.pop(stored.id, None)
+        if stored.state.terminal and stored.finished_at is not None:
+            if stored.id not in self._finish_times:
+                self._finish_times[stored.id] = stored.finished_at
+                heapq.heappush(self._finish_heap, (stored.finished_at, stored.id))
 
     def _next(self) -> int:
         self._revision += 1
@@ -177,6 +219,7 @@ class MemoryStore:
             op.total,
             op.percent,
             packed,
+            op.combined_measures,
         )
 
     def _remember(self, op: Operation) -> None:
@@ -208,6 +251,7 @@ class MemoryStore:
         if previous_revision is not None:
             del self._log[previous_revision]
         held = self._hold(stored)
+        self._index(self._operations.get(stored.id), held)
         self._operations[stored.id] = held
         self._log.append(
             stored.revision,
@@ -252,6 +296,7 @@ class MemoryStore:
         if current is None:
             raise NotFound(f"operation {operation_id!r} not found")
         revision = self._next()
+        self._index(current, None)
         siblings = self._children.get(current.parent_id)
         if siblings is not None:
             siblings.pop(operation_id, None)
@@ -329,3 +374,25 @@ class MemoryStore:
 
     async def scan(self) -> list[HeldOperation]:
         return list(self._operations.values())
+
+    async def lapsed_leases(self, now: float) -> list[str]:
+        return [op_id for op_id, deadline in self._leases.items() if deadline <= now]
+
+    async def finished_before(self, cutoff: float, *, limit: int) -> list[str]:
+        found: list[str] = []
+        due: list[tuple[float, str]] = []
+        heap = self._finish_heap
+        while heap and heap[0][0] <= cutoff and len(found) < limit:
+            entry = heapq.heappop(heap)
+            if self._finish_times.get(entry[1]) == entry[0]:
+                found.append(entry[1])
+                due.append(entry)
+            # else: deleted since (or created again under its id): drop it
+        for entry in due:
+            # Kept until the operation is deleted: if that fails, the next
+            # sweep finds it again; once deleted the entry is dropped as stale.
+            heapq.heappush(heap, entry)
+        return found
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        return {key: n for key, n in self._counts.items() if n > 0}
