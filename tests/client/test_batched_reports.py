@@ -224,7 +224,10 @@ def test_a_batch_committed_then_lost_is_retried_without_double_counting(client, 
 
 
 def test_more_than_a_thousand_reports_are_split_across_calls(client, calls):
-    handles = [client.start(kind="wide", project="split", min_interval=0.3) for _ in range(1100)]
+    # An interval long enough for both loops below to finish before the first
+    # round even on a loaded machine (at 0.3 s a round could take a handle
+    # between its advance and its update, and it then sent twice).
+    handles = [client.start(kind="wide", project="split", min_interval=2.0) for _ in range(1100)]
     for op in handles:
         op.advance(1)
     for op in handles:
