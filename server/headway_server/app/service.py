@@ -44,7 +44,7 @@ from headway_server.domain.model import (
 from headway_server.domain.stats import Stats, StatsAggregate
 from headway_server.domain.validation import check_id
 from headway_server.store.base import OperationStore, Page
-from headway_server.store.journal import Journal, MemoryJournal
+from headway_server.store.journal import Journal
 
 log = logging.getLogger("headway.operations")
 
@@ -101,7 +101,9 @@ class OperationService:
         self.store = store
         self.retention = retention
         self._clock = clock
-        self.journal: Journal = journal or MemoryJournal()
+        # Logs and timelines live with the store's data, so every replica
+        # sharing a store sees the same ones.
+        self.journal: Journal = journal or store.journal
         self.aggregate = stats or StatsAggregate()
         self.thresholds = thresholds or AlertThresholds()
         self.observer: Observer = observer or _NoObserver()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from headway_server.domain.model import Change, HeldOperation, Operation, OperationFilter
+from headway_server.store.journal import Journal
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,9 @@ class Changes:
 
 class OperationStore(Protocol):
     """Async store of operations. Implementations: MemoryStore (Redis later)."""
+
+    # Each operation's bounded log and timeline, kept with the store's data.
+    journal: Journal
 
     async def revision(self) -> int:
         """The store's current revision (0 when empty and new)."""

@@ -28,6 +28,7 @@ from headway_server.domain.model import (
     evolve,
 )
 from headway_server.store.base import Changes, Page
+from headway_server.store.journal import Journal, MemoryJournal
 from headway_server.store.packing import Unpackable, pack_operation, unpack_operation
 
 # Finished operations kept unpacked after their last read or write: a finish is
@@ -146,6 +147,7 @@ class MemoryStore:
         # parent id -> child ids (dict as an ordered set), for roll-ups.
         self._children: dict[str, dict[str, None]] = {}
         self._secret = secrets.token_bytes(32)
+        self.journal: Journal = MemoryJournal()
         # Indexes for sweeps and counts (see _index): lease deadline by id of
         # the operations that can stall; finish time by id of the terminal
         # ones, with a heap in finish order (entries of operations deleted or
