@@ -15,6 +15,23 @@ multi-stage with unequal stage speeds (a weighted stage plan), one long stall;
 each with several seeds (durations, report intervals, noise, units or plain
 percent all drawn per seed).
 
+History profiles (issue 14): operations of one kind whose stage plan's weights
+are wrong (each stage's real share of the time differs from its weight, the
+same way on every run of the kind), replayed after 3 to 6 earlier runs of the
+same kind have finished, whose stage history (eta.run_ratios, summarised by
+eta.build_history as the server's stats do) the estimator is given:
+
+- misweighted: the new run is like the earlier ones (its own size, speed and noise);
+- faster-machine: the new run goes twice as fast throughout (history in seconds
+  would mislead);
+- shifted-shares: the new run's stage speeds are drawn afresh, unrelated to the
+  earlier runs' (the history misleads about the stages themselves).
+
+Each is scored for the estimator with history ("headway"), the same estimator
+without it ("no-history", today's behaviour), and the baselines. The goals, on
+the MdAPE pooled over 10, 25 and 50 % done: misweighted at most half of
+no-history's; faster-machine no more than 10 % above it.
+
 Prints the median absolute percentage error (MdAPE) of the ETA at 10, 25, 50,
 75 and 90 % done (at the first report at or past each), per profile and overall
 ("all" pools the five checkpoints; "overall" pools the profiles), per method,
@@ -43,10 +60,16 @@ from pathlib import Path
 from typing import Any
 
 from headway_server.domain import eta, lifecycle
-from headway_server.domain.model import Operation, StageSpec, StartSpec, Update
+from headway_server.domain.model import Operation, StageSpec, StartSpec, State, Update
 
 PROFILES = ("constant", "slowing", "speeding", "bursty", "multistage", "stall")
 METHODS = ("headway", "naive", "tqdm")
+HISTORY_PROFILES = ("misweighted", "faster-machine", "shifted-shares")
+HISTORY_METHODS = ("headway", "no-history", "naive", "tqdm")
+# Checkpoints the history goals pool, and the goals (headway / no-history).
+EARLY = (10, 25, 50)
+HISTORY_GOALS = {"misweighted": 0.5, "faster-machine": 1.1}
+EARLIER_RUNS = (3, 6)
 CHECKPOINTS = (10, 25, 50, 75, 90)
 TQDM_SMOOTHING = 0.3
 # An estimator that gives no ETA at a checkpoint is charged this error.
@@ -317,8 +340,7 @@ def _ape(found: float | None, truth: float) -> float:
     return abs(found - truth) / truth
 
 
-def replay(job: Job) -> RunResult:
-    reports, quiet, finish = simulate(job)
+def _new_operation(job: Job) -> Operation:
     spec = StartSpec(
         kind=f"bench-{job.profile}",
         total=job.units,
@@ -326,7 +348,24 @@ def replay(job: Job) -> RunResult:
         heartbeat_timeout=HEARTBEAT_TIMEOUT,
     )
     spec = lifecycle.validate_start(spec, "op-bench", "")
-    op: Operation = lifecycle.new_operation("op-bench", spec, 0.0)
+    return lifecycle.new_operation("op-bench", spec, 0.0)
+
+
+def finished_ratios(job: Job) -> dict[str, float] | None:
+    """What the server's stats learn from `job` once it succeeds (eta.run_ratios)."""
+    reports, _, finish = simulate(job)
+    op = _new_operation(job)
+    for item in reports:
+        op = lifecycle.apply_update(op, item.update, item.at)
+    op = lifecycle.finish(op, State.SUCCEEDED, finish, call="CompleteOperation", request_id="")
+    return eta.run_ratios(op)
+
+
+def replay(job: Job, history: eta.StageHistory | None = None) -> RunResult:
+    """Scores the estimator (with `history` when given, and then also without
+    it as "no-history") and the baselines on `job`."""
+    reports, quiet, finish = simulate(job)
+    op: Operation = _new_operation(job)
     state = eta.EtaState()
     naive, tqdm = Naive(), Tqdm()
     result = RunResult()
@@ -353,7 +392,8 @@ def replay(job: Job) -> RunResult:
             if index % 10 == 0:
                 result.normal_confidence.append(eta.estimate(state, op, at).confidence)
             continue
-        found = eta.estimate(state, op, at)
+        found = eta.estimate(state, op, at, history)
+        plain = eta.estimate(state, op, at) if history is not None else found
         result.normal_confidence.append(found.confidence)
         while pending and op.percent >= pending[0]:
             checkpoint = pending.pop(0)
@@ -368,6 +408,7 @@ def replay(job: Job) -> RunResult:
                     truth,
                     {
                         "headway": _ape(found.eta, truth),
+                        "no-history": _ape(plain.eta, truth),
                         "naive": _ape(naive.eta(f, at), truth),
                         "tqdm": _ape(tqdm.eta(f, at), truth),
                     },
@@ -375,6 +416,76 @@ def replay(job: Job) -> RunResult:
                 )
             )
     return result
+
+
+# --- history profiles ---------------------------------------------------------------------
+
+
+def make_history_jobs(profile: str, seed: int, quick: bool) -> tuple[list[Job], Job]:
+    """The earlier runs of one kind, and the new run to score.
+
+    A kind has a stage plan whose weights are wrong: each stage's real speed
+    differs from its weight by a factor drawn once per kind (as the multistage
+    profile draws per run); each run has its own size, report interval, noise,
+    and a small per-stage jitter of its own."""
+    rng = random.Random(f"kind-{profile}-{seed}")
+    count = rng.randint(3, 6)
+    weights = [float(rng.randint(1, 5)) for _ in range(count)]
+    log_speeds = [rng.gauss(0.0, 0.8) for _ in range(count)]
+    earlier = rng.randint(*EARLIER_RUNS)
+
+    def run(index: int, *, speed: float = 1.0, speeds: list[float] | None = None) -> Job:
+        run_rng = random.Random(f"run-{profile}-{seed}-{index}")
+        job = make_job("multistage", seed * 1000 + index, quick)
+        job.profile = profile
+        duration = sum(s.seconds for s in job.stages) / speed
+        chosen = speeds if speeds is not None else log_speeds
+        factors = [math.exp(x + run_rng.gauss(0.0, 0.15)) for x in chosen]
+        norm = sum(w * f for w, f in zip(weights, factors, strict=True))
+        job.stages = [
+            Stage(f"stage{i}", w, duration * w * f / norm, int(_loguniform(run_rng, 20, 20_000)))
+            for i, (w, f) in enumerate(zip(weights, factors, strict=True))
+        ]
+        job.seed = seed
+        return job
+
+    history = [run(i) for i in range(earlier)]
+    if profile == "faster-machine":
+        # The earlier runs' own durations, halved: the same work twice as fast.
+        new = run(earlier)
+        for stage in new.stages:
+            stage.seconds /= 2
+    elif profile == "shifted-shares":
+        new = run(earlier, speeds=[rng.gauss(0.0, 0.8) for _ in range(count)])
+    else:
+        new = run(earlier)
+    return history, new
+
+
+def replay_with_history(profile: str, seed: int, quick: bool) -> RunResult:
+    earlier, new = make_history_jobs(profile, seed, quick)
+    runs = [r for r in (finished_ratios(job) for job in earlier) if r is not None]
+    return replay(new, eta.build_history(runs))
+
+
+def summarize_history(samples: list[Sample]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """As `summarize`, for the history profiles, with "early" pooling 10-50 % done."""
+    rows: dict[str, dict[str, dict[str, float | None]]] = {}
+    for row in HISTORY_PROFILES:
+        chosen = [s for s in samples if s.profile == row]
+        rows[row] = {}
+        for method in HISTORY_METHODS:
+            cells: dict[str, float | None] = {}
+            for checkpoint in CHECKPOINTS:
+                cells[str(checkpoint)] = _median_pct(
+                    [s.errors[method] for s in chosen if s.checkpoint == checkpoint]
+                )
+            cells["early"] = _median_pct(
+                [s.errors[method] for s in chosen if s.checkpoint in EARLY]
+            )
+            cells["all"] = _median_pct([s.errors[method] for s in chosen])
+            rows[row][method] = cells
+    return rows
 
 
 # --- statistics ---------------------------------------------------------------------------
@@ -427,14 +538,17 @@ def summarize(samples: list[Sample]) -> dict[str, dict[str, dict[str, float | No
     return rows
 
 
-def format_table(rows: dict[str, dict[str, dict[str, float | None]]]) -> Iterator[str]:
-    columns = [f"{c}%" for c in CHECKPOINTS] + ["all"]
-    yield "MdAPE of the ETA (%) at each fraction done"
-    yield f"{'profile':<11} {'method':<8} " + " ".join(f"{c:>6}" for c in columns)
+def format_table(
+    rows: dict[str, dict[str, dict[str, float | None]]], *, title: str = ""
+) -> Iterator[str]:
+    first = next(iter(rows.values()))
+    columns = [f"{c}%" if c.isdigit() else c for c in next(iter(first.values()))]
+    yield f"MdAPE of the ETA (%) at each fraction done{title}"
+    yield f"{'profile':<14} {'method':<10} " + " ".join(f"{c:>6}" for c in columns)
     for row, methods in rows.items():
         for i, (method, cells) in enumerate(methods.items()):
             values = " ".join(f"{v:6.1f}" if v is not None else f"{'-':>6}" for v in cells.values())
-            yield f"{row if i == 0 else '':<11} {method:<8} {values}"
+            yield f"{row if i == 0 else '':<14} {method:<10} {values}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,6 +569,17 @@ def main(argv: list[str] | None = None) -> int:
             samples += result.samples
             quiet_confidence += result.quiet_confidence
             normal_confidence += result.normal_confidence
+    history_samples: list[Sample] = []
+    for profile in HISTORY_PROFILES:
+        for seed in range(args.seed_base, args.seed_base + seeds):
+            history_samples += replay_with_history(profile, seed, args.quick).samples
+    history_rows = summarize_history(history_samples)
+    history_goals: dict[str, dict[str, Any]] = {}
+    for profile, limit in HISTORY_GOALS.items():
+        with_history = history_rows[profile]["headway"]["early"]
+        without = history_rows[profile]["no-history"]["early"]
+        ratio = with_history / without if with_history is not None and without else math.nan
+        history_goals[profile] = {"ratio": ratio, "goal": limit, "met": ratio <= limit}
     rows = summarize(samples)
     correlation = spearman([s.confidence for s in samples], [s.errors["headway"] for s in samples])
     overall = {m: rows["overall"][m]["all"] for m in METHODS}
@@ -465,9 +590,15 @@ def main(argv: list[str] | None = None) -> int:
     # "Clearly negative": a rank correlation of -0.3 or below.
     correlation_goal = correlation <= -0.3
     elapsed = time.perf_counter() - started
+    history_correlation = spearman(
+        [s.confidence for s in history_samples], [s.errors["headway"] for s in history_samples]
+    )
 
     mode = "quick" if args.quick else "full"
-    print(f"ETA harness ({mode}): {len(PROFILES)} profiles x {seeds} seeds, {len(samples)} samples")
+    print(
+        f"ETA harness ({mode}): {len(PROFILES)} profiles x {seeds} seeds, {len(samples)} samples; "
+        f"{len(HISTORY_PROFILES)} history profiles, {len(history_samples)} samples"
+    )
     print()
     for line in format_table(rows):
         print(line)
@@ -486,7 +617,18 @@ def main(argv: list[str] | None = None) -> int:
             f"median confidence: {statistics.median(normal_confidence):.2f} after reports, "
             f"{statistics.median(quiet_confidence):.2f} while stalled"
         )
-    print(f"goal: {'met' if error_goal and correlation_goal else 'NOT met'} ({elapsed:.1f}s)")
+    print()
+    for line in format_table(history_rows, title=" (history profiles; early = 10-50 %)"):
+        print(line)
+    print()
+    for profile, goal in history_goals.items():
+        print(
+            f"{profile}: MdAPE at 10-50 % done with history / without = {goal['ratio']:.2f} "
+            f"(goal <= {goal['goal']:g}): {'met' if goal['met'] else 'NOT met'}"
+        )
+    history_met = all(goal["met"] for goal in history_goals.values())
+    met = error_goal and correlation_goal and history_met
+    print(f"goal: {'met' if met else 'NOT met'} ({elapsed:.1f}s)")
 
     output: dict[str, Any] = {
         "mode": mode,
@@ -501,7 +643,13 @@ def main(argv: list[str] | None = None) -> int:
         "goal": {
             "error_met": error_goal,
             "correlation_met": correlation_goal,
-            "met": error_goal and correlation_goal,
+            "history_met": history_met,
+            "met": met,
+        },
+        "history": {
+            "mdape_percent": history_rows,
+            "goals": history_goals,
+            "spearman_confidence_error": history_correlation,
         },
         "median_confidence": {
             "reporting": statistics.median(normal_confidence) if normal_confidence else None,

@@ -354,6 +354,12 @@ def test_producer_defaults_to_a_server_picked_id_in_project_node_demo(
     assert stored.state == State.SUCCEEDED
     assert (stored.project, stored.kind) == ("node-demo", "node-demo")
     assert dict(stored.counters) == {"fetched": 3, "processed": 3}
+    # A measure reported from Node: absolute, declared SUM at start.
+    assert dict(stored.measures) == {"cost_usd": 1.25}
+    assert [(m.name, m.aggregation) for m in stored.measure_specs] == [
+        ("cost_usd", pb.MeasureSpec.SUM)
+    ]
+    assert steps[-1]["measures"] == {"cost_usd": 1.25}
 
 
 def test_watcher_of_an_unknown_operation_fails_with_not_found(

@@ -77,9 +77,14 @@ def stage_text(op: pb.Operation) -> str:
     return op.stage
 
 
+def measures_text(op: pb.Operation) -> str:
+    """The operation's measures by name, e.g. "cost_usd=1.27 quality=0.93"."""
+    return " ".join(f"{name}={op.measures[name]:.4g}" for name in sorted(op.measures))
+
+
 def describe(op: pb.Operation) -> str:
-    """A short one-line summary: id, state, percent, units."""
-    return f"{op.id} {state_name(op)} {op.percent:.1f}% {counts(op)}".rstrip()
+    """A short one-line summary: id, state, percent, units, measures."""
+    return f"{op.id} {state_name(op)} {op.percent:.1f}% {counts(op)} {measures_text(op)}".rstrip()
 
 
 def elapsed(op: pb.Operation, now: float) -> float | None:
@@ -102,6 +107,8 @@ def line(op: pb.Operation, rates: Rates, now: float) -> str:
     if eta is not None:
         parts.append(f"eta {_duration(eta)}")
     parts.append(f"elapsed {_duration(elapsed(op, now))}")
+    if op.measures:
+        parts.append(measures_text(op))
     if op.message:
         parts.append(f"- {op.message}")
     if op.state == pb.Operation.FAILED and op.error.message:
@@ -134,6 +141,7 @@ class LiveView:
             _FieldColumn("throughput"),
             _FieldColumn("eta"),
             _FieldColumn("elapsed", "dim"),
+            _FieldColumn("measures", "green"),
             _FieldColumn("message", "italic"),
             console=console,
             auto_refresh=True,
@@ -158,6 +166,7 @@ class LiveView:
             "throughput": f"{throughput:.1f} {op.unit or 'units'}/s" if throughput else "",
             "eta": f"eta {_duration(eta)}" if eta is not None else "",
             "elapsed": _duration(elapsed(op, now)),
+            "measures": measures_text(op),
             "message": (op.error.message if op.state == pb.Operation.FAILED else op.message)[:60],
         }
         description = f"{op.id[:11]} {op.kind[:24]}"

@@ -214,6 +214,7 @@ class HandleState:
         self.stage_completed = 0
         self.latest: dict[str, Any] = {}
         self.counters: dict[str, int] = {}
+        self.measures: dict[str, float] = {}
         self.left: list[dict[str, Any]] = []  # the stages left, with their last progress
         self.pending = PendingReports(self.id, first_sequence=operation.last_sequence + 1)
         self.error: BaseException | None = None
@@ -286,6 +287,7 @@ class HandleState:
         details: Mapping[str, Any] | None,
         counters: Mapping[str, int] | None,
         checkpoint: str | None,
+        measures: Mapping[str, float] | None = None,
     ) -> bool:
         """Adds n to completed (and to the stage's); True when the sender must be woken."""
         self.check()
@@ -304,6 +306,7 @@ class HandleState:
             details=details,
             counters=counters,
             checkpoint=checkpoint,
+            measures=measures,
         )
 
     def update(
@@ -321,6 +324,7 @@ class HandleState:
         checkpoint: str | None,
         paused: bool | None,
         pause_reason: str | None,
+        measures: Mapping[str, float] | None = None,
     ) -> bool:
         """Records absolute values and counter deltas; True when the sender must be woken."""
         self.check()
@@ -353,6 +357,7 @@ class HandleState:
             checkpoint=checkpoint,
             paused=paused,
             pause_reason=pause_reason,
+            measures=measures,
         )
 
     def _check_stage(self, stage: str) -> None:
@@ -375,6 +380,12 @@ class HandleState:
                     raise InvalidArgument(f"counters: {key!r} delta must not be negative")
             for key, delta in counters.items():
                 self.counters[key] = self.counters.get(key, 0) + delta
+        measures = fields.get("measures")
+        if measures:
+            for key, value in measures.items():
+                if not math.isfinite(value):
+                    raise InvalidArgument(f"measures: {key!r} must be a finite number")
+            self.measures.update(measures)
         for name in self._ABSOLUTE:
             value = fields.get(name)
             if value is not None:
@@ -402,6 +413,8 @@ class HandleState:
             fields["stage_completed"] = self.stage_completed
         if self.counters:
             fields["counters"] = dict(self.counters)
+        if self.measures:
+            fields["measures"] = dict(self.measures)
         return [*self.left, fields]
 
     def begin_flush(self) -> None:
@@ -598,8 +611,11 @@ class ProducerHandle:
         details: Mapping[str, Any] | None = None,
         counters: Mapping[str, int] | None = None,
         checkpoint: str | None = None,
+        measures: Mapping[str, float] | None = None,
     ) -> None:
         """Adds n to completed (and to the current stage's completed when it has a stage).
+
+        `measures` are absolute values of named numbers (quality, cost_usd, ...).
 
         Raises:
             InvalidArgument: n or a counter delta is negative (at once, online or
@@ -617,6 +633,7 @@ class ProducerHandle:
                 details=details,
                 counters=counters,
                 checkpoint=checkpoint,
+                measures=measures,
             ):
                 self._sender.wake()
 
@@ -635,8 +652,9 @@ class ProducerHandle:
         checkpoint: str | None = None,
         paused: bool | None = None,
         pause_reason: str | None = None,
+        measures: Mapping[str, float] | None = None,
     ) -> None:
-        """Reports absolute values (only those given) and counter deltas.
+        """Reports absolute values (only those given, measures included) and counter deltas.
 
         Raises:
             As advance; also InvalidArgument at once for a stage outside the plan
@@ -656,6 +674,7 @@ class ProducerHandle:
                 checkpoint=checkpoint,
                 paused=paused,
                 pause_reason=pause_reason,
+                measures=measures,
             ):
                 self._sender.wake()
 

@@ -1,7 +1,7 @@
 """Coalescing of a producer's reports into few UpdateOperationRequests.
 
-Absolute values (completed, stage_completed, message, ...) keep only their
-latest value; counter deltas add up. A stage change starts a new request so the
+Absolute values (completed, stage_completed, message, measures, ...) keep only
+their latest value; counter deltas add up. A stage change starts a new request so the
 server sees every stage entered, with the progress reported within it (up to
 MAX_SEGMENTS stages a round: beyond that the oldest merge, so a producer that is
 offline for long holds a bounded amount, never a queue of every report).
@@ -77,6 +77,7 @@ class PendingReports:
         stage: str | None = None,
         counters: Mapping[str, int] | None = None,
         details: Mapping[str, Any] | None = None,
+        measures: Mapping[str, float] | None = None,
         **fields: Any,
     ) -> None:
         unknown = set(fields) - set(_ABSOLUTE)
@@ -98,6 +99,9 @@ class PendingReports:
             merged = segment.setdefault("counters", {})
             for key, delta in counters.items():
                 merged[key] = merged.get(key, 0) + delta
+        if measures:
+            # Absolute values: the latest of each wins.
+            segment.setdefault("measures", {}).update(measures)
 
     def take(self) -> list[pb.UpdateOperationRequest]:
         """The requests to send: those held unacknowledged if any (alone, so what
@@ -129,7 +133,10 @@ def _merged(older: dict[str, Any], newer: dict[str, Any]) -> dict[str, Any]:
     counters = dict(older.get("counters", {}))
     for key, delta in newer.get("counters", {}).items():
         counters[key] = counters.get(key, 0) + delta
+    measures = {**older.get("measures", {}), **newer.get("measures", {})}
     merged.update(newer)
     if counters:
         merged["counters"] = counters
+    if measures:
+        merged["measures"] = measures
     return merged

@@ -54,16 +54,19 @@ def _as_json(op: pb.Operation) -> dict[str, Any]:
     return json_format.MessageToDict(op, preserving_proto_field_name=True)
 
 
-def _key_values(pairs: Sequence[str], flag: str, *, integers: bool = False) -> dict[str, Any]:
+def _key_values(
+    pairs: Sequence[str], flag: str, *, integers: bool = False, numbers: bool = False
+) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise InvalidArgument(f"{flag} takes key=value, got {pair!r}")
         try:
-            result[key] = int(value) if integers else value
+            result[key] = int(value) if integers else float(value) if numbers else value
         except ValueError:
-            raise InvalidArgument(f"{flag} {key}: {value!r} is not a whole number") from None
+            kind = "a whole number" if integers else "a number"
+            raise InvalidArgument(f"{flag} {key}: {value!r} is not {kind}") from None
     return result
 
 
@@ -150,6 +153,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     if args.paused is not None:
         request.paused = args.paused
     request.counters.update(_key_values(args.counter, "--counter", integers=True))
+    request.measures.update(_key_values(args.measure, "--measure", numbers=True))
     with _client(args) as client:
         response = client.report(request)
     print(json.dumps(json_format.MessageToDict(response, preserving_proto_field_name=True)))
@@ -315,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--message")
     update.add_argument("--checkpoint")
     update.add_argument("--counter", action="append", default=[], help="NAME=DELTA")
+    update.add_argument("--measure", action="append", default=[], help="NAME=VALUE (absolute)")
     pause = update.add_mutually_exclusive_group()
     pause.add_argument("--pause", dest="paused", action="store_const", const=True)
     pause.add_argument("--resume", dest="paused", action="store_const", const=False)

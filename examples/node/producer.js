@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 'use strict';
 // A Headway producer: starts an operation with a stage plan, reports progress
-// with increasing sequence numbers and counter deltas, shows that a retried
-// report is acknowledged without double-counting, then completes it.
+// with increasing sequence numbers, counter deltas and a measure (cost_usd, an
+// absolute value summed over children), shows that a retried report is
+// acknowledged without double-counting, then completes it.
 // Prints one JSON line per step on stdout; errors go to stderr as JSON.
 //
 //   node producer.js ADDRESS [PROJECT] [--id OPERATION_ID] [--wait] [--interval-ms N]
@@ -25,13 +26,39 @@ const STAGES = [
   { name: 'fetch', weight: 1 },
   { name: 'process', weight: 3 },
 ];
-// Absolute stage progress; counters are deltas added by the server.
+// Measures: named numbers with how they combine over a parent's children.
+const MEASURES = [{ name: 'cost_usd', aggregation: 'SUM' }];
+// Absolute stage progress and measures; counters are deltas added by the server.
 // Percent = (finished stages' weights + current weight * completed/total) / 4.
 const REPORTS = [
-  { stage: 'fetch', stage_completed: 1, stage_total: 1, counters: { fetched: 3 } },
-  { stage: 'process', stage_completed: 1, stage_total: 3, counters: { processed: 1 } },
-  { stage: 'process', stage_completed: 2, stage_total: 3, counters: { processed: 1 } },
-  { stage: 'process', stage_completed: 3, stage_total: 3, counters: { processed: 1 } },
+  {
+    stage: 'fetch',
+    stage_completed: 1,
+    stage_total: 1,
+    counters: { fetched: 3 },
+    measures: { cost_usd: 0.25 },
+  },
+  {
+    stage: 'process',
+    stage_completed: 1,
+    stage_total: 3,
+    counters: { processed: 1 },
+    measures: { cost_usd: 0.5 },
+  },
+  {
+    stage: 'process',
+    stage_completed: 2,
+    stage_total: 3,
+    counters: { processed: 1 },
+    measures: { cost_usd: 0.75 },
+  },
+  {
+    stage: 'process',
+    stage_completed: 3,
+    stage_total: 3,
+    counters: { processed: 1 },
+    measures: { cost_usd: 1.25 },
+  },
 ];
 
 function parse(argv) {
@@ -104,6 +131,7 @@ async function run(options) {
       labels: { client: 'node' },
       unit: 'items',
       stages: STAGES,
+      measures: MEASURES,
       heartbeat_timeout: { seconds: 30, nanos: 0 },
     };
     if (!options.operationId) {
@@ -184,6 +212,7 @@ async function run(options) {
       percent: completed.percent,
       revision: completed.revision,
       counters: completed.counters,
+      measures: completed.measures,
     });
     return 0;
   } finally {

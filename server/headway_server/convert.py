@@ -13,10 +13,13 @@ from headway.v1 import progress_pb2 as pb
 from headway_server.app.watch import WatchEvent
 from headway_server.domain.errors import InvalidArgument
 from headway_server.domain.model import (
+    Aggregation,
     Alert,
+    AlertRule,
     JsonObject,
     LogEntry,
     LogLevel,
+    MeasureSpec,
     Operation,
     OperationError,
     OperationFilter,
@@ -27,7 +30,7 @@ from headway_server.domain.model import (
     TimelineEntry,
     Update,
 )
-from headway_server.domain.stats import KindStats, Percentiles, Stats
+from headway_server.domain.stats import KindStats, MeasureStats, Percentiles, Stats
 
 # Serialized operation states kept for watch fan-out (about 600 B each): the
 # states being fanned out right now, not every operation the server holds.
@@ -62,7 +65,26 @@ def start_spec(request: pb.StartOperationRequest) -> StartSpec:
         stages=tuple(StageSpec(s.name, s.weight) for s in request.stages),
         heartbeat_timeout=request.heartbeat_timeout.ToNanoseconds() / 1e9,
         parent_id=request.parent_id,
+        measures=tuple(_measure_spec(m, f"measures[{i}]") for i, m in enumerate(request.measures)),
+        alert_rules=tuple(
+            AlertRule(
+                measure=r.measure,
+                below=r.below if r.HasField("below") else None,
+                above=r.above if r.HasField("above") else None,
+            )
+            for r in request.alert_rules
+        ),
     )
+
+
+def _measure_spec(message: pb.MeasureSpec, field: str) -> MeasureSpec:
+    try:
+        rule = Aggregation(message.aggregation or Aggregation.LAST)
+    except ValueError:
+        raise InvalidArgument(
+            f"{field}.aggregation", f"{message.aggregation} is not an aggregation"
+        ) from None
+    return MeasureSpec(message.name, rule)
 
 
 # UpdateOperationRequest's fields, to look up in ListFields() by descriptor. Held
@@ -80,6 +102,7 @@ _DETAILS = _UPDATE_FIELD["details"]
 _COUNTERS = _UPDATE_FIELD["counters"]
 _CHECKPOINT = _UPDATE_FIELD["checkpoint"]
 _PAUSED = _UPDATE_FIELD["paused"]
+_MEASURES = _UPDATE_FIELD["measures"]
 
 
 def update(request: pb.UpdateOperationRequest) -> Update:
@@ -91,6 +114,7 @@ def update(request: pb.UpdateOperationRequest) -> Update:
     # A map listed only when not empty; read key by key (dict() of a protobuf
     # map goes through the Mapping ABC's Python-level views).
     counters = given.get(_COUNTERS)
+    measures = given.get(_MEASURES)
     return Update(
         sequence=request.sequence,
         stage=given.get(_STAGE),
@@ -105,6 +129,7 @@ def update(request: pb.UpdateOperationRequest) -> Update:
         checkpoint=given.get(_CHECKPOINT),
         paused=given.get(_PAUSED),
         pause_reason=request.pause_reason,
+        measures=None if measures is None else {key: measures[key] for key in measures},
     )
 
 
@@ -175,6 +200,18 @@ def _stage(stage: Stage, now: float) -> pb.Stage:
 def _alert(alert: Alert) -> pb.Alert:
     message = pb.Alert(type=int(alert.type), message=alert.message)  # type: ignore[arg-type]
     _stamp(message.since, alert.since)
+    if alert.measure:
+        message.measure = alert.measure
+        message.value = alert.value
+    return message
+
+
+def _alert_rule(rule: AlertRule) -> pb.AlertRule:
+    message = pb.AlertRule(measure=rule.measure)
+    if rule.below is not None:
+        message.below = rule.below
+    if rule.above is not None:
+        message.above = rule.above
     return message
 
 
@@ -252,6 +289,16 @@ def operation(op: Operation) -> pb.Operation:
     if op.children:
         message.children.total = sum(op.children.values())
         message.children.by_state.update(op.children)
+    if op.measures or op.children_measures:
+        message.measures.update(op.combined_measures)
+    spec = op.spec
+    if spec.measures:
+        message.measure_specs.extend(
+            pb.MeasureSpec(name=m.name, aggregation=int(m.aggregation))  # type: ignore[arg-type]
+            for m in spec.measures
+        )
+    if spec.alert_rules:
+        message.alert_rules.extend(_alert_rule(r) for r in spec.alert_rules)
     _fill_struct(message.details, op.details)
     _fill_struct(message.result, op.result)
     if op.error is not None:
@@ -370,6 +417,15 @@ def _percentiles(p: Percentiles) -> pb.Percentiles:
     return pb.Percentiles(count=p.count, p50=p.p50, p90=p.p90, p99=p.p99)
 
 
+def _measure_stats(measure: MeasureStats) -> pb.MeasureStats:
+    return pb.MeasureStats(
+        name=measure.name,
+        aggregation=int(measure.aggregation),  # type: ignore[arg-type]
+        values=_percentiles(measure.values),
+        total=measure.total,
+    )
+
+
 def _kind_stats(kind: KindStats) -> pb.KindStats:
     return pb.KindStats(
         kind=kind.kind,
@@ -386,6 +442,7 @@ def _kind_stats(kind: KindStats) -> pb.KindStats:
             )
             for stage in kind.stages
         ],
+        measures=[_measure_stats(m) for m in kind.measures],
     )
 
 

@@ -539,3 +539,39 @@ async def test_list_filters(service: OperationService) -> None:
     assert await ids(OperationFilter(active_only=True)) == ["a", "c"]
     assert await ids(OperationFilter(states=frozenset({State.SUCCEEDED}))) == ["b"]
     assert await ids(OperationFilter(project="q")) == []
+
+
+# --- ETA history (issue 14) -------------------------------------------------------------
+
+
+async def test_finished_runs_of_a_kind_teach_the_eta_of_the_next(
+    service: OperationService, clock: Clock
+) -> None:
+    """Equal weights, but stage c takes three times as long as a or b: after three
+    runs the next one's ETA halfway through b expects it."""
+    spec = StartSpec(
+        kind="learned", stages=(StageSpec("a", 1), StageSpec("b", 1), StageSpec("c", 1))
+    )
+
+    async def run(until: float | None = None) -> float | None:
+        op = await service.start(spec)
+        sequence, elapsed = 0, 0.0
+        for name, seconds in (("a", 10), ("b", 10), ("c", 30)):
+            for i in range(seconds + 1):
+                if until is not None and elapsed + i > until:
+                    return (await service.get(op.id)).estimate.eta
+                sequence += 1
+                done = round(10 * i / seconds)
+                update = Update(sequence=sequence, stage=name, stage_completed=done, stage_total=10)
+                await service.update(op.id, update)
+                clock.advance(1.0 if i < seconds else 0.0)
+            elapsed += seconds
+        await service.complete(op.id)
+        return None
+
+    before = await run(until=15)
+    for _ in range(3):
+        await run()
+    after = await run(until=15)
+    assert before is not None and after is not None
+    assert abs(after - 35) < 0.15 * 35 < abs(before - 35)

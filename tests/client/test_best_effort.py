@@ -163,9 +163,11 @@ def test_killed_mid_run_and_restarted_empty_registers_again_exactly(servers, war
                     server.start()  # a memory store: it comes back empty
                 if i == 60:
                     op.stage("index", total=40)
-                op.advance(1, counters={"rows": 1, "bytes": 10})
+                op.advance(1, counters={"rows": 1, "bytes": 10}, measures={"cost": i / 2})
                 time.sleep(0.01)
     [final] = stored(server.address, "restarted")
+    # Measures are absolute: the server that lost them gets the latest again.
+    assert dict(final.measures) == {"cost": 49.5}
     assert final.id == op.id
     assert (final.state, final.completed, final.total) == (pb.Operation.SUCCEEDED, 100, 100)
     # Counters are exact: every report counted once, across the lost server and the new one.

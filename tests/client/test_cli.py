@@ -165,3 +165,30 @@ def test_unknown_id_and_invalid_argument_are_one_line_errors(target):
     invalid = headway(target, "update", "bad id!", "--completed", "1")
     assert invalid.returncode == 64
     assert "operation_id" in invalid.stderr and "Traceback" not in invalid.stderr
+
+
+def test_measures_shown_by_get_and_watch_rows_and_reported_by_update(target):
+    op_id = headway(target, "start", "--kind", "cli", "--project", "cli-measures").stdout.strip()
+    updated = headway(
+        target,
+        "update",
+        op_id,
+        "--sequence",
+        "1",
+        "--measure",
+        "quality=0.93",
+        "--measure",
+        "cost_usd=1.27",
+    )
+    assert updated.returncode == 0, updated.stderr
+    got = headway(target, "get", op_id)
+    assert "cost_usd=1.27 quality=0.93" in got.stdout
+    bad = headway(target, "update", op_id, "--measure", "quality=high")
+    assert bad.returncode != 0 and "--measure quality" in bad.stderr
+    with HeadwayClient(target) as client:
+        timer = threading.Timer(0.5, lambda: client.complete(op_id))
+        timer.start()
+        watched = headway(target, "watch", op_id)
+        timer.join()
+    assert watched.returncode == 0, watched.stderr
+    assert all("cost_usd=1.27 quality=0.93" in line for line in watched.stdout.splitlines())

@@ -79,7 +79,12 @@ def every_field_set() -> Operation:
         last_report_at=1795445899.0,
         error_count=3,
         warning_count=7,
-        alerts=(Alert(AlertType.HIGH_ERROR_RATE, "3 errors in 420 items", 1795445898.5),),
+        alerts=(
+            Alert(AlertType.HIGH_ERROR_RATE, "3 errors in 420 items", 1795445898.5),
+            Alert(
+                AlertType.MEASURE_THRESHOLD, "quality 0.5 below 0.8", 1795445898.6, "quality", 0.5
+            ),
+        ),
         children={"SUCCEEDED": 2, "FAILED": 1},
         children_percent=66.6,
         depth=2,
@@ -87,6 +92,8 @@ def every_field_set() -> Operation:
         eta_state=None,
         peak_throughput=99.9,
         eta_baseline=(1795445890.0, 1795445999.0),
+        measures={"quality": 0.93, "cost_usd": 1.27},
+        children_measures={"cost_usd": 10.5, "tokens": 48210.0},
     )
 
 
@@ -106,6 +113,7 @@ def test_every_field_round_trips_exactly() -> None:
     assert unpacked.state is State.FAILED
     assert unpacked.stages[1].state is StageState.INTERRUPTED
     assert unpacked.alerts[0].type is AlertType.HIGH_ERROR_RATE
+    assert unpacked.alerts[1].measure == "quality"
 
 
 def test_a_typical_finished_operation_packs_small() -> None:

@@ -180,6 +180,26 @@ class Operation(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class MeasuresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     PROJECT_FIELD_NUMBER: _builtins.int
@@ -220,6 +240,9 @@ class Operation(_message.Message):
     WARNING_COUNT_FIELD_NUMBER: _builtins.int
     ALERTS_FIELD_NUMBER: _builtins.int
     CHILDREN_FIELD_NUMBER: _builtins.int
+    MEASURES_FIELD_NUMBER: _builtins.int
+    MEASURE_SPECS_FIELD_NUMBER: _builtins.int
+    ALERT_RULES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: _builtins.str
     project: _builtins.str
@@ -296,6 +319,19 @@ class Operation(_message.Message):
     def children(self) -> Global___ChildrenSummary:
         """For a parent: how many children it has, by state."""
 
+    @_builtins.property
+    def measures(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Named numbers the producer reports (quality, cost, tokens, ...): its own
+        latest values and, for a parent, its children's combined by each measure's
+        aggregation (a measure the parent reports itself is its own).
+        """
+
+    @_builtins.property
+    def measure_specs(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeasureSpec]:
+        """As given at start: how measures combine, and the threshold alert rules."""
+
+    @_builtins.property
+    def alert_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___AlertRule]: ...
     def __init__(
         self,
         *,
@@ -339,14 +375,108 @@ class Operation(_message.Message):
         warning_count: _builtins.int = ...,
         alerts: _abc.Iterable[Global___Alert] | None = ...,
         children: Global___ChildrenSummary | None = ...,
+        measures: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        measure_specs: _abc.Iterable[Global___MeasureSpec] | None = ...,
+        alert_rules: _abc.Iterable[Global___AlertRule] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "created_at", b"created_at", "details", b"details", "error", b"error", "estimated_completion_time", b"estimated_completion_time", "eta", b"eta", "finished_at", b"finished_at", "heartbeat_timeout", b"heartbeat_timeout", "result", b"result", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "cancel_reason", b"cancel_reason", "cancel_requested", b"cancel_requested", "checkpoint", b"checkpoint", "children", b"children", "completed", b"completed", "counters", b"counters", "created_at", b"created_at", "created_revision", b"created_revision", "dataset", b"dataset", "details", b"details", "error", b"error", "error_count", b"error_count", "estimated_completion_time", b"estimated_completion_time", "eta", b"eta", "eta_confidence", b"eta_confidence", "finished_at", b"finished_at", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "kind", b"kind", "labels", b"labels", "last_sequence", b"last_sequence", "message", b"message", "parent_id", b"parent_id", "pause_reason", b"pause_reason", "percent", b"percent", "project", b"project", "result", b"result", "revision", b"revision", "stage", b"stage", "stages", b"stages", "stalled", b"stalled", "started_at", b"started_at", "state", b"state", "throughput", b"throughput", "throughput_unit", b"throughput_unit", "total", b"total", "unit", b"unit", "updated_at", b"updated_at", "warning_count", b"warning_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_rules", b"alert_rules", "alerts", b"alerts", "cancel_reason", b"cancel_reason", "cancel_requested", b"cancel_requested", "checkpoint", b"checkpoint", "children", b"children", "completed", b"completed", "counters", b"counters", "created_at", b"created_at", "created_revision", b"created_revision", "dataset", b"dataset", "details", b"details", "error", b"error", "error_count", b"error_count", "estimated_completion_time", b"estimated_completion_time", "eta", b"eta", "eta_confidence", b"eta_confidence", "finished_at", b"finished_at", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "kind", b"kind", "labels", b"labels", "last_sequence", b"last_sequence", "measure_specs", b"measure_specs", "measures", b"measures", "message", b"message", "parent_id", b"parent_id", "pause_reason", b"pause_reason", "percent", b"percent", "project", b"project", "result", b"result", "revision", b"revision", "stage", b"stage", "stages", b"stages", "stalled", b"stalled", "started_at", b"started_at", "state", b"state", "throughput", b"throughput", "throughput_unit", b"throughput_unit", "total", b"total", "unit", b"unit", "updated_at", b"updated_at", "warning_count", b"warning_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Operation: _TypeAlias = Operation  # noqa: Y015
+
+@_typing.final
+class MeasureSpec(_message.Message):
+    """How a measure combines over a parent's children and in statistics. Measures
+    not declared at start are LAST.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Aggregation:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _AggregationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[MeasureSpec._Aggregation.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        AGGREGATION_UNSPECIFIED: MeasureSpec._Aggregation.ValueType  # 0
+        """Treated as LAST."""
+        LAST: MeasureSpec._Aggregation.ValueType  # 1
+        """A gauge (quality): the latest value; over children, the value of the
+        child that changed last.
+        """
+        SUM: MeasureSpec._Aggregation.ValueType  # 2
+        """Additive (cost, tokens): summed over children, and totalled in GetStats."""
+        MEAN: MeasureSpec._Aggregation.ValueType  # 3
+        """Averaged over the children that report it."""
+
+    class Aggregation(_Aggregation, metaclass=_AggregationEnumTypeWrapper): ...
+    AGGREGATION_UNSPECIFIED: MeasureSpec.Aggregation.ValueType  # 0
+    """Treated as LAST."""
+    LAST: MeasureSpec.Aggregation.ValueType  # 1
+    """A gauge (quality): the latest value; over children, the value of the
+    child that changed last.
+    """
+    SUM: MeasureSpec.Aggregation.ValueType  # 2
+    """Additive (cost, tokens): summed over children, and totalled in GetStats."""
+    MEAN: MeasureSpec.Aggregation.ValueType  # 3
+    """Averaged over the children that report it."""
+
+    NAME_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    aggregation: Global___MeasureSpec.Aggregation.ValueType
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        aggregation: Global___MeasureSpec.Aggregation.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MeasureSpec: _TypeAlias = MeasureSpec  # noqa: Y015
+
+@_typing.final
+class AlertRule(_message.Message):
+    """Raises a MEASURE_THRESHOLD alert while the measure is below `below` or
+    above `above` (at least one set); it clears when the value comes back.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEASURE_FIELD_NUMBER: _builtins.int
+    BELOW_FIELD_NUMBER: _builtins.int
+    ABOVE_FIELD_NUMBER: _builtins.int
+    measure: _builtins.str
+    below: _builtins.float
+    above: _builtins.float
+    def __init__(
+        self,
+        *,
+        measure: _builtins.str = ...,
+        below: _builtins.float | None = ...,
+        above: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_above", b"_above", "_below", b"_below", "above", b"above", "below", b"below"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_above", b"_above", "_below", b"_below", "above", b"above", "below", b"below", "measure", b"measure"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__above: _TypeAlias = _typing.Literal["above"]  # noqa: Y015
+    _WhichOneofArgType__above: _TypeAlias = _typing.Literal["_above", b"_above"]  # noqa: Y015
+    _WhichOneofReturnType__below: _TypeAlias = _typing.Literal["below"]  # noqa: Y015
+    _WhichOneofArgType__below: _TypeAlias = _typing.Literal["_below", b"_below"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__above) -> _WhichOneofReturnType__above | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__below) -> _WhichOneofReturnType__below | None: ...
+
+Global___AlertRule: _TypeAlias = AlertRule  # noqa: Y015
 
 @_typing.final
 class Alert(_message.Message):
@@ -369,6 +499,10 @@ class Alert(_message.Message):
         """Errors per completed unit above the threshold."""
         ETA_SLIPPING: Alert._Type.ValueType  # 4
         """The estimated completion moved later by more than the threshold."""
+        MEASURE_THRESHOLD: Alert._Type.ValueType  # 5
+        """A measure crossed a threshold of one of the operation's alert rules
+        (one alert per measure; `measure` and `value` name it).
+        """
 
     class Type(_Type, metaclass=_TypeEnumTypeWrapper): ...
     TYPE_UNSPECIFIED: Alert.Type.ValueType  # 0
@@ -382,12 +516,21 @@ class Alert(_message.Message):
     """Errors per completed unit above the threshold."""
     ETA_SLIPPING: Alert.Type.ValueType  # 4
     """The estimated completion moved later by more than the threshold."""
+    MEASURE_THRESHOLD: Alert.Type.ValueType  # 5
+    """A measure crossed a threshold of one of the operation's alert rules
+    (one alert per measure; `measure` and `value` name it).
+    """
 
     TYPE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
+    MEASURE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
     type: Global___Alert.Type.ValueType
     message: _builtins.str
+    measure: _builtins.str
+    """MEASURE_THRESHOLD: the measure and its value when the alert was last judged."""
+    value: _builtins.float
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -396,10 +539,12 @@ class Alert(_message.Message):
         type: Global___Alert.Type.ValueType = ...,
         message: _builtins.str = ...,
         since: _timestamp_pb2.Timestamp | None = ...,
+        measure: _builtins.str = ...,
+        value: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "since", b"since", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["measure", b"measure", "message", b"message", "since", b"since", "type", b"type", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -619,6 +764,8 @@ class StartOperationRequest(_message.Message):
     HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
     PARENT_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MEASURES_FIELD_NUMBER: _builtins.int
+    ALERT_RULES_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
     """Optional; the server generates an unguessable id when empty."""
     kind: _builtins.str
@@ -635,6 +782,14 @@ class StartOperationRequest(_message.Message):
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageSpec]: ...
     @_builtins.property
     def heartbeat_timeout(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def measures(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeasureSpec]:
+        """How measures combine (undeclared ones are LAST); at most 32, names unique."""
+
+    @_builtins.property
+    def alert_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___AlertRule]:
+        """Threshold alerts on measures; at most 16."""
+
     def __init__(
         self,
         *,
@@ -649,10 +804,12 @@ class StartOperationRequest(_message.Message):
         heartbeat_timeout: _duration_pb2.Duration | None = ...,
         parent_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        measures: _abc.Iterable[Global___MeasureSpec] | None = ...,
+        alert_rules: _abc.Iterable[Global___AlertRule] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_timeout", b"heartbeat_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "heartbeat_timeout", b"heartbeat_timeout", "kind", b"kind", "labels", b"labels", "operation_id", b"operation_id", "parent_id", b"parent_id", "project", b"project", "request_id", b"request_id", "stages", b"stages", "total", b"total", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_rules", b"alert_rules", "dataset", b"dataset", "heartbeat_timeout", b"heartbeat_timeout", "kind", b"kind", "labels", b"labels", "measures", b"measures", "operation_id", b"operation_id", "parent_id", b"parent_id", "project", b"project", "request_id", b"request_id", "stages", b"stages", "total", b"total", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -682,6 +839,26 @@ class UpdateOperationRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class MeasuresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     OPERATION_ID_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     STAGE_FIELD_NUMBER: _builtins.int
@@ -696,6 +873,7 @@ class UpdateOperationRequest(_message.Message):
     CHECKPOINT_FIELD_NUMBER: _builtins.int
     PAUSED_FIELD_NUMBER: _builtins.int
     PAUSE_REASON_FIELD_NUMBER: _builtins.int
+    MEASURES_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
     sequence: _builtins.int
     """Producer's increasing report number; 0 = none."""
@@ -716,6 +894,12 @@ class UpdateOperationRequest(_message.Message):
     def counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Deltas, added to the operation's counters."""
 
+    @_builtins.property
+    def measures(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Absolute values of measures (finite numbers; at most 32 names of 1-63
+        characters per operation); the ones not given keep their value.
+        """
+
     def __init__(
         self,
         *,
@@ -733,10 +917,11 @@ class UpdateOperationRequest(_message.Message):
         checkpoint: _builtins.str | None = ...,
         paused: _builtins.bool | None = ...,
         pause_reason: _builtins.str = ...,
+        measures: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_checkpoint", b"_checkpoint", "_completed", b"_completed", "_message", b"_message", "_paused", b"_paused", "_percent", b"_percent", "_stage", b"_stage", "_stage_completed", b"_stage_completed", "_stage_total", b"_stage_total", "_total", b"_total", "checkpoint", b"checkpoint", "completed", b"completed", "details", b"details", "message", b"message", "paused", b"paused", "percent", b"percent", "stage", b"stage", "stage_completed", b"stage_completed", "stage_total", b"stage_total", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint", b"_checkpoint", "_completed", b"_completed", "_message", b"_message", "_paused", b"_paused", "_percent", b"_percent", "_stage", b"_stage", "_stage_completed", b"_stage_completed", "_stage_total", b"_stage_total", "_total", b"_total", "checkpoint", b"checkpoint", "completed", b"completed", "counters", b"counters", "details", b"details", "message", b"message", "operation_id", b"operation_id", "pause_reason", b"pause_reason", "paused", b"paused", "percent", b"percent", "sequence", b"sequence", "stage", b"stage", "stage_completed", b"stage_completed", "stage_total", b"stage_total", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint", b"_checkpoint", "_completed", b"_completed", "_message", b"_message", "_paused", b"_paused", "_percent", b"_percent", "_stage", b"_stage", "_stage_completed", b"_stage_completed", "_stage_total", b"_stage_total", "_total", b"_total", "checkpoint", b"checkpoint", "completed", b"completed", "counters", b"counters", "details", b"details", "measures", b"measures", "message", b"message", "operation_id", b"operation_id", "pause_reason", b"pause_reason", "paused", b"paused", "percent", b"percent", "sequence", b"sequence", "stage", b"stage", "stage_completed", b"stage_completed", "stage_total", b"stage_total", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__checkpoint: _TypeAlias = _typing.Literal["checkpoint"]  # noqa: Y015
     _WhichOneofArgType__checkpoint: _TypeAlias = _typing.Literal["_checkpoint", b"_checkpoint"]  # noqa: Y015
@@ -1577,6 +1762,7 @@ class KindStats(_message.Message):
     DURATION_FIELD_NUMBER: _builtins.int
     THROUGHPUT_FIELD_NUMBER: _builtins.int
     STAGES_FIELD_NUMBER: _builtins.int
+    MEASURES_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     finished: _builtins.int
     succeeded: _builtins.int
@@ -1591,6 +1777,10 @@ class KindStats(_message.Message):
 
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageStats]: ...
+    @_builtins.property
+    def measures(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeasureStats]:
+        """One per measure reported by operations of this kind, by name."""
+
     def __init__(
         self,
         *,
@@ -1601,14 +1791,47 @@ class KindStats(_message.Message):
         duration: Global___Percentiles | None = ...,
         throughput: Global___Percentiles | None = ...,
         stages: _abc.Iterable[Global___StageStats] | None = ...,
+        measures: _abc.Iterable[Global___MeasureStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "throughput", b"throughput"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "finished", b"finished", "kind", b"kind", "stages", b"stages", "succeeded", b"succeeded", "success_rate", b"success_rate", "throughput", b"throughput"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "finished", b"finished", "kind", b"kind", "measures", b"measures", "stages", b"stages", "succeeded", b"succeeded", "success_rate", b"success_rate", "throughput", b"throughput"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KindStats: _TypeAlias = KindStats  # noqa: Y015
+
+@_typing.final
+class MeasureStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    aggregation: Global___MeasureSpec.Aggregation.ValueType
+    total: _builtins.float
+    """SUM measures: the total over those operations (0 for the others)."""
+    @_builtins.property
+    def values(self) -> Global___Percentiles:
+        """Final values of the finished operations that reported it."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        aggregation: Global___MeasureSpec.Aggregation.ValueType = ...,
+        values: Global___Percentiles | None = ...,
+        total: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "name", b"name", "total", b"total", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MeasureStats: _TypeAlias = MeasureStats  # noqa: Y015
 
 @_typing.final
 class GetStatsResponse(_message.Message):

@@ -157,8 +157,14 @@ class OperationService:
         """Estimate and alerts of a value just built by a change (and changed in
         place); `reported`: the change was an applied report."""
         typical = self.aggregate.typical_throughput(op.kind) if op.kind else None
+        history = self.aggregate.stage_history(op.kind) if op.planned else None
         return progress.refresh_built(
-            op, now, self.thresholds, typical_throughput=typical, reported=reported
+            op,
+            now,
+            self.thresholds,
+            typical_throughput=typical,
+            reported=reported,
+            history=history,
         )
 
     async def _after_write(self, old: Operation | None, new: Operation) -> None:
@@ -171,12 +177,12 @@ class OperationService:
             self.observer.operation_finished(new)
             await self.journal.seal(new.id)
         if new.alerts:
-            raised = progress.alert_types(new) - (progress.alert_types(old) if old else set())
-            for alert_type in raised:
+            for alert_type in progress.raised_alerts(old, new):
                 self.observer.alert_raised(alert_type.name)
         if new.parent_id and (
             old is None
-            or (old.state, old.percent, old.estimate) != (new.state, new.percent, new.estimate)
+            or (old.state, old.percent, old.estimate, old.measures, old.children_measures)
+            != (new.state, new.percent, new.estimate, new.measures, new.children_measures)
         ):
             await self._roll_up(new.parent_id)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from headway_server.domain import measures
 from headway_server.domain.model import Alert, AlertType, Operation, State
 
 
@@ -81,9 +82,15 @@ def evaluate(
                 f"estimated completion moved {slip:.0f}s later since "
                 f"{now - op.eta_baseline[0]:.0f}s ago"
             )
-    if not found:
+    # Most operations have no alert rules: no call for them (every report passes here).
+    crossed = (
+        measures.threshold_alerts(op.spec.alert_rules, op.combined_measures, op.alerts, now)
+        if op.spec.alert_rules
+        else None
+    )
+    if not found and not crossed:
         return ()
     since = {alert.type: alert.since for alert in op.alerts}
-    return tuple(
-        Alert(kind, message, since.get(kind, now)) for kind, message in sorted(found.items())
-    )
+    raised = [Alert(kind, message, since.get(kind, now)) for kind, message in sorted(found.items())]
+    # MEASURE_THRESHOLD is the highest type, so these stay in type order.
+    return (*raised, *crossed) if crossed else tuple(raised)

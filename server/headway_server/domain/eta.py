@@ -51,12 +51,32 @@ estimate departs from the plain average, and (d) a stage just entered, whose
 pace is about to be revised. It is halved while paused, and falls further while
 stalled or silent for longer than the usual report interval.
 
+History of the kind
+-------------------
+A stage plan's weights are often wrong, and the same kind of job has usually run
+before. When an operation with a plan succeeds, `run_ratios` keeps how long each
+stage took relative to its weight: log((share of the run's time) / (share of
+the plan's weight)), which does not depend on how fast the machine was. The
+stats aggregate holds the last runs per kind and summarises them with
+`build_history` (per stage the median, and a pooled robust spread). With a
+`StageHistory`, the time shares of this operation's stages are known up to a
+scale; the scale is this run's own: its active time over the shares of the
+stages it has done (and of the running one, as far as it got). Stages not
+started yet are then costed from the history, and a young stage's prior pace
+too, blended with the run's average pace by a weight that grows with the number
+of runs and falls when they disagree. Confidence uses the history's spread in
+place of the spread of stage speeds seen so far: higher when earlier runs agree,
+lower when they are erratic. Without history (or for a job resumed from a
+checkpoint, whose early time is unknown) nothing changes.
+
 Everything here is pure: no clock, no I/O, no grpc.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -107,6 +127,14 @@ CONFIDENCE_SCALE = 0.25
 PAUSED_CONFIDENCE = 0.5
 STALLED_CONFIDENCE = 0.3
 
+# History: runs kept per kind (by the stats aggregate), the blend weight's
+# prior (runs / (runs + HISTORY_PRIOR_RUNS)), the spread at which an erratic
+# history is trusted half as much, and the floor of the spread assumed.
+HISTORY_RUNS = 32
+HISTORY_PRIOR_RUNS = 1.0
+HISTORY_SPREAD_SCALE = 0.5
+MIN_HISTORY_SPREAD = 0.05
+
 _LN2 = math.log(2.0)
 _FINISHED = (StageState.DONE, StageState.SKIPPED)
 
@@ -156,6 +184,114 @@ class EtaState:
     stages_seen: int = 0
     stage_log_mean: float = 0.0
     stage_log_m2: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StageHistory:
+    """What earlier successful runs of a kind say about its stages."""
+
+    # Stage name -> median of log((share of the run's time) / (share of weight)).
+    ratios: Mapping[str, float]
+    # Robust spread of those logs around their stage's median, pooled.
+    spread: float
+    runs: int
+
+
+def run_ratios(op: Operation) -> dict[str, float] | None:
+    """log(time share / weight share) per stage of a finished run, over the stages
+    it ran (skipped ones left out); None when it has nothing to learn from."""
+    if not op.planned or op.state is not State.SUCCEEDED:
+        return None
+    ran = [
+        (s.name, s.weight, s.finished_at - s.started_at)
+        for s in op.stages
+        if s.state is StageState.DONE and s.started_at is not None and s.finished_at is not None
+    ]
+    if len(ran) < 2 or any(seconds <= 0 or weight <= 0 for _, weight, seconds in ran):
+        return None
+    time = sum(seconds for _, _, seconds in ran)
+    weights = sum(weight for _, weight, _ in ran)
+    return {name: math.log((seconds / time) / (weight / weights)) for name, weight, seconds in ran}
+
+
+def build_history(runs: Sequence[Mapping[str, float]]) -> StageHistory | None:
+    """The median per stage and the pooled spread (1.4826 x the median absolute
+    deviation) of some runs' `run_ratios`; None without runs."""
+    if not runs:
+        return None
+    by_stage: dict[str, list[float]] = {}
+    for ratios in runs:
+        for name, value in ratios.items():
+            by_stage.setdefault(name, []).append(value)
+    medians = {name: statistics.median(values) for name, values in by_stage.items()}
+    deviations = [
+        abs(value - medians[name]) for name, values in by_stage.items() for value in values
+    ]
+    # A single run says nothing of the spread: assume the no-history prior.
+    spread = 1.4826 * statistics.median(deviations) if len(runs) > 1 else STAGE_SPREAD_PRIOR
+    return StageHistory(medians, max(MIN_HISTORY_SPREAD, spread), len(runs))
+
+
+class _Costing(NamedTuple):
+    """What a history says about the operation at hand."""
+
+    # Weight of the history against the run's average pace, in [0, 1).
+    weight: float
+    # Active seconds of the whole run, and the time shares of the running stage
+    # and of the stages not started yet.
+    scale: float
+    current: float
+    future: float
+    # Expected spread of log stage time (for confidence).
+    spread: float
+
+
+def _costing(state: EtaState, op: Operation, plan: _Plan, history: StageHistory) -> _Costing | None:
+    if state.base_fraction > 0 or state.active <= 0:
+        return None  # resumed from a checkpoint: the time its progress took is unknown
+    stages = op.stages
+    ratios = history.ratios
+    sizes = [s.weight * math.exp(ratios.get(s.name, 0.0)) for s in stages]
+    norm = sum(sizes)
+    if norm <= 0:
+        return None
+    done = future = current = 0.0
+    # How this run's finished stages fit the history: log(seconds / share),
+    # whose spread around its mean is 0 when the shares are right.
+    fit: list[float] = []
+    for i, stage in enumerate(stages):
+        if stage.state is StageState.DONE:
+            done += sizes[i]
+            if stage.started_at is not None and stage.finished_at is not None:
+                seconds = stage.finished_at - stage.started_at
+                if seconds > 0 and sizes[i] > 0:
+                    fit.append(math.log(seconds / sizes[i]))
+        elif stage.state is StageState.PENDING:
+            future += sizes[i]
+    if plan.stage_index >= 0 and stages[plan.stage_index].state is StageState.RUNNING:
+        current = sizes[plan.stage_index]
+        if plan.progress is not None and plan.share > 0:
+            done += current * plan.progress / plan.share
+            active = state.active
+        else:
+            # How far the running stage got is unknown: scale by the stages before it.
+            active = state.segment_start
+    else:
+        active = state.active
+    if done <= 0 or active <= 0:
+        return None
+    spread = history.spread
+    if len(fit) >= 2:
+        # The run's own stages so far disagree with the history: trust it less.
+        mean = sum(fit) / len(fit)
+        misfit = math.sqrt(sum((x - mean) ** 2 for x in fit) / (len(fit) - 1))
+        spread = max(spread, misfit)
+    consistency = 1.0 / (1.0 + (spread / HISTORY_SPREAD_SCALE) ** 2)
+    trust = history.runs / (history.runs + HISTORY_PRIOR_RUNS)
+    spread = math.sqrt(spread**2 + STAGE_SPREAD_PRIOR**2 / (history.runs + 1))
+    return _Costing(
+        trust * consistency, active * norm / done, current / norm, future / norm, spread
+    )
 
 
 class _Plan(NamedTuple):
@@ -235,12 +371,14 @@ def observe(state: EtaState, op: Operation, now: float) -> EtaState:
     return _observe(state, op, now, _plan(op))
 
 
-def observe_and_estimate(state: EtaState, op: Operation, now: float) -> tuple[EtaState, Estimate]:
+def observe_and_estimate(
+    state: EtaState, op: Operation, now: float, history: StageHistory | None = None
+) -> tuple[EtaState, Estimate]:
     """`observe`, then `estimate` at the same time: what every applied report
     needs (it is on the path of every report), with their shared work done once."""
     plan = _plan(op)
     observed = _observe(state, op, now, plan)
-    return observed, _estimate(observed, op, now, plan)
+    return observed, _estimate(observed, op, now, plan, history)
 
 
 def _observe(state: EtaState, op: Operation, now: float, plan: _Plan) -> EtaState:
@@ -368,12 +506,21 @@ def _finished_log_pace(state: EtaState, op: Operation, active: float) -> float |
     return math.log(elapsed * weights / stage.weight)
 
 
-def estimate(state: EtaState, op: Operation, now: float) -> Estimate:
-    """Throughput, seconds remaining from `now`, and confidence."""
-    return _estimate(state, op, now, None)
+def estimate(
+    state: EtaState, op: Operation, now: float, history: StageHistory | None = None
+) -> Estimate:
+    """Throughput, seconds remaining from `now`, and confidence; `history`:
+    earlier runs of the operation's kind, if any."""
+    return _estimate(state, op, now, None, history)
 
 
-def _estimate(state: EtaState, op: Operation, now: float, plan: _Plan | None) -> Estimate:
+def _estimate(
+    state: EtaState,
+    op: Operation,
+    now: float,
+    plan: _Plan | None,
+    history: StageHistory | None = None,
+) -> Estimate:
     """`estimate`, with `_plan(op)` if the caller has it."""
     per_percent = not _counts_units(op)
     if op.state.terminal:
@@ -402,7 +549,7 @@ def _estimate(state: EtaState, op: Operation, now: float, plan: _Plan | None) ->
             # Nothing idle to decay (as right after a report): the same figure
             # with keep = 1, without the exponential.
             throughput = state.run_amount / state.run_time * (100.0 if per_percent else 1.0)
-    forecast = _remaining(state, op, _plan(op) if plan is None else plan)
+    forecast = _remaining(state, op, _plan(op) if plan is None else plan, history)
     if forecast is None:
         return Estimate(throughput, per_percent, None, 0.0, now)
     remaining, uncertainty = forecast
@@ -420,7 +567,9 @@ def _estimate(state: EtaState, op: Operation, now: float, plan: _Plan | None) ->
     return Estimate(throughput, per_percent, remaining, min(1.0, max(0.0, confidence)), now)
 
 
-def _remaining(state: EtaState, op: Operation, plan: _Plan) -> tuple[float, float] | None:
+def _remaining(
+    state: EtaState, op: Operation, plan: _Plan, history: StageHistory | None
+) -> tuple[float, float] | None:
     """Active seconds remaining as of the last observation, and its expected
     relative error; None without progress since the first observation to go by."""
     done = state.fraction - state.base_fraction
@@ -428,30 +577,50 @@ def _remaining(state: EtaState, op: Operation, plan: _Plan) -> tuple[float, floa
         return None
     run_pace = state.active / done
     future = plan.future * run_pace
+    costing = None
+    if history is not None and op.planned:
+        costing = _costing(state, op, plan, history)
+        if costing is not None:
+            trust = costing.weight
+            future = trust * costing.scale * costing.future + (1.0 - trust) * future
     age = state.active - state.segment_start
     if plan.progress is None or plan.stage_index != state.stage_index:
-        # The stage's size is unknown: expect it to take its weight's share.
+        # The stage's size is unknown: expect it to take its weight's share
+        # (its share of earlier runs' time, with history).
         expected = plan.share * run_pace
+        if costing is not None:
+            trust = costing.weight
+            expected = trust * costing.scale * costing.current + (1.0 - trust) * expected
         current, noise, prior = max(expected - age, 0.1 * expected), 0.0, 1.0
     else:
         left = max(0.0, plan.share - plan.progress)
         current, noise = _segment(state, left, age, run_pace)
         prior = 0.0
         if op.planned:
-            # Shrink a young stage's pace towards the run's.
+            # Shrink a young stage's pace towards the run's (with history:
+            # towards its share of earlier runs' time, at this run's scale).
             evidence = max(0.0, state.segment_progress - state.segment_base) / plan.share
             prior = STAGE_PRIOR / (evidence + STAGE_PRIOR)
-            current = (1.0 - prior) * current + prior * left * run_pace
+            expected = left * run_pace
+            if costing is not None and plan.share > 0:
+                trust = costing.weight
+                from_history = costing.scale * costing.current * left / plan.share
+                expected = trust * from_history + (1.0 - trust) * expected
+            current = (1.0 - prior) * current + prior * expected
     total = current + future
     if total <= 0:
         return 0.0, 0.0
     # The spread of stage speeds: the finished stages' sample variance, with the
-    # prior counted as STAGE_SPREAD_PRIOR_WEIGHT more stages.
+    # prior counted as STAGE_SPREAD_PRIOR_WEIGHT more stages; with history, the
+    # history's own spread weighs in as its runs do.
     freedom = max(0, state.stages_seen - 1)
     stage_spread = math.sqrt(
         (state.stage_log_m2 + STAGE_SPREAD_PRIOR_WEIGHT * STAGE_SPREAD_PRIOR**2)
         / (freedom + STAGE_SPREAD_PRIOR_WEIGHT)
     )
+    if costing is not None and history is not None:
+        runs = history.runs / (history.runs + HISTORY_PRIOR_RUNS)
+        stage_spread = runs * costing.spread + (1.0 - runs) * stage_spread
     # The parts of the error: early in the run, resting on the run's average
     # (unseen stages, a young stage), the segment's noise, a stage just entered.
     early = EARLY_UNCERTAINTY * math.sqrt(total / state.active)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from headway_server.domain import measures as m
 from headway_server.domain import validation as v
 from headway_server.domain.errors import FailedPrecondition, InvalidArgument
 from headway_server.domain.model import (
@@ -55,6 +56,7 @@ def validate_start(spec: StartSpec, operation_id: str, request_id: str) -> Start
         seen.add(stage.name)
         v.check_number(f"{field}.weight", stage.weight, low=0, high=1e9)
         stages.append(StageSpec(stage.name, stage.weight or 1.0))
+    m.validate_spec(spec)
     return evolve(spec, stages=tuple(stages))
 
 
@@ -104,6 +106,8 @@ def validate_update(update: Update) -> None:
         v.check_struct("details", update.details)
     if update.counters:
         v.check_counter_deltas("counters", update.counters)
+    if update.measures:
+        m.validate_reported(update.measures)
 
 
 def is_duplicate(op: Operation, update: Update) -> bool:
@@ -193,6 +197,8 @@ def apply_update(op: Operation, update: Update, now: float) -> Operation:
         if len(merged) > v.MAX_COUNTERS:
             raise InvalidArgument("counters", f"more than {v.MAX_COUNTERS} counter names")
         counters = merged
+    # Most reports carry no measures: the copy below keeps the operation's.
+    measures = m.merged(op.measures, update.measures) if update.measures else None
 
     state = op.state
     pause_reason = op.pause_reason
@@ -220,6 +226,8 @@ def apply_update(op: Operation, update: Update, now: float) -> Operation:
         last_report_at=now,
         last_sequence=max(op.last_sequence, update.sequence),
     )
+    if measures is not None:
+        amend(new, measures=measures)
     return amend(new, percent=compute_percent(new))
 
 

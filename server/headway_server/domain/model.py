@@ -83,6 +83,7 @@ class AlertType(enum.IntEnum):
     SLOW = 2
     HIGH_ERROR_RATE = 3
     ETA_SLIPPING = 4
+    MEASURE_THRESHOLD = 5
 
 
 @fast_init
@@ -91,6 +92,32 @@ class Alert:
     type: AlertType
     message: str
     since: float
+    # MEASURE_THRESHOLD: the measure (one alert per measure) and its value.
+    measure: str = ""
+    value: float = 0.0
+
+
+class Aggregation(enum.IntEnum):
+    """How a measure combines over children and in statistics; the proto's numbers."""
+
+    LAST = 1
+    SUM = 2
+    MEAN = 3
+
+
+@dataclass(frozen=True, slots=True)
+class MeasureSpec:
+    name: str
+    aggregation: Aggregation = Aggregation.LAST
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRule:
+    """MEASURE_THRESHOLD while `measure` is below `below` or above `above`."""
+
+    measure: str
+    below: float | None = None
+    above: float | None = None
 
 
 class LogLevel(enum.IntEnum):
@@ -172,6 +199,9 @@ class StartSpec:
     stages: tuple[StageSpec, ...] = ()
     heartbeat_timeout: float = 0.0
     parent_id: str = ""
+    # Measures declared at start (undeclared ones are LAST) and threshold rules.
+    measures: tuple[MeasureSpec, ...] = ()
+    alert_rules: tuple[AlertRule, ...] = ()
 
 
 def shared(table: dict[Any, Any], key: Any, value: Any, limit: int) -> Any:
@@ -200,6 +230,8 @@ class SharedSpecs:
         self._labels: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
         self._stages: dict[tuple[StageSpec, ...], tuple[StageSpec, ...]] = {}
         self._strings: dict[str, str] = {}
+        self._measures: dict[tuple[MeasureSpec, ...], tuple[MeasureSpec, ...]] = {}
+        self._rules: dict[tuple[AlertRule, ...], tuple[AlertRule, ...]] = {}
 
     def _shared(self, table: dict[Any, Any], key: Any, value: Any) -> Any:
         return shared(table, key, value, self._limit)
@@ -216,6 +248,8 @@ class SharedSpecs:
             stages=self._shared(self._stages, spec.stages, spec.stages),
             heartbeat_timeout=spec.heartbeat_timeout,
             parent_id=spec.parent_id,
+            measures=self._shared(self._measures, spec.measures, spec.measures),
+            alert_rules=self._shared(self._rules, spec.alert_rules, spec.alert_rules),
         )
 
 
@@ -237,6 +271,8 @@ class Update:
     checkpoint: str | None = None
     paused: bool | None = None
     pause_reason: str = ""
+    # Absolute values of measures (None: none reported).
+    measures: Mapping[str, float] | None = None
 
 
 @fast_init
@@ -289,6 +325,10 @@ class Operation:
     peak_throughput: float = 0.0
     # (when, estimated completion) the ETA_SLIPPING alert compares against.
     eta_baseline: tuple[float, float] | None = None
+    # Measures (issue 14): the producer's own latest values, and for a parent
+    # its children's combined (see combined_measures).
+    measures: Mapping[str, float] = field(default_factory=dict)
+    children_measures: Mapping[str, float] = field(default_factory=dict)
 
     # The start parameters are fixed for life; these read through to them.
     @property
@@ -322,6 +362,13 @@ class Operation:
     @property
     def planned(self) -> bool:
         return bool(self.spec.stages)
+
+    @property
+    def combined_measures(self) -> Mapping[str, float]:
+        """What the operation shows: its children's measures, and its own over them."""
+        if not self.children_measures:
+            return self.measures
+        return {**self.children_measures, **self.measures}
 
     @property
     def has_own_progress(self) -> bool:
@@ -375,6 +422,8 @@ class FinishedOperation:
     total: int
     percent: float
     packed: bytes
+    # Its combined measures (for a parent's roll-up).
+    measures: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:

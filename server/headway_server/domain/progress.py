@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from headway_server.domain import alerts, eta
+from headway_server.domain import alerts, eta, measures
 from headway_server.domain.model import (
     AlertType,
     Estimate,
@@ -40,9 +40,12 @@ def refresh(
     thresholds: alerts.AlertThresholds,
     *,
     typical_throughput: float | None = None,
+    history: eta.StageHistory | None = None,
 ) -> Operation:
     """Recomputes the estimate and the alerts that depend on it."""
-    return refresh_built(evolve(op), now, thresholds, typical_throughput=typical_throughput)
+    return refresh_built(
+        evolve(op), now, thresholds, typical_throughput=typical_throughput, history=history
+    )
 
 
 def refresh_built(
@@ -52,20 +55,22 @@ def refresh_built(
     *,
     typical_throughput: float | None = None,
     reported: bool = False,
+    history: eta.StageHistory | None = None,
 ) -> Operation:
     """`refresh` of a value the caller has just built and not yet shared: sets the
     fields in place rather than copying the operation once more. `reported`: the
-    value is what an applied report left, to feed to the ETA estimator first."""
+    value is what an applied report left, to feed to the ETA estimator first;
+    `history`: earlier runs of the operation's kind (eta.StageHistory)."""
     estimate: Estimate | None = None
     if reported:
         state = op.eta_state if op.eta_state is not None else eta.EtaState()
         if op.has_own_progress:
-            observed, estimate = eta.observe_and_estimate(state, op, now)
+            observed, estimate = eta.observe_and_estimate(state, op, now, history)
         else:
             observed = eta.observe(state, op, now)
         amend(op, eta_state=observed)
     elif op.eta_state is not None and op.has_own_progress:
-        estimate = eta.estimate(op.eta_state, op, now)
+        estimate = eta.estimate(op.eta_state, op, now, history)
     if estimate is None:
         estimate = op.estimate
     elif estimate.eta is not None and estimate.eta > MAX_ETA:
@@ -89,8 +94,11 @@ def refresh_built(
     return op
 
 
-def alert_types(op: Operation) -> set[AlertType]:
-    return {a.type for a in op.alerts}
+def raised_alerts(old: Operation | None, new: Operation) -> list[AlertType]:
+    """The types of the alerts `new` has that `old` had not (one per measure for
+    MEASURE_THRESHOLD, which may be raised for several measures at once)."""
+    before = {(a.type, a.measure) for a in old.alerts} if old is not None else set()
+    return [a.type for a in new.alerts if (a.type, a.measure) not in before]
 
 
 def roll_up(parent: Operation, children: Sequence[HeldOperation], now: float) -> Operation | None:
@@ -123,6 +131,15 @@ def roll_up(parent: Operation, children: Sequence[HeldOperation], now: float) ->
             estimate = Estimate(at=now) if active else Estimate(eta=0.0, confidence=1.0, at=now)
         if (estimate.eta, estimate.confidence) != (parent.estimate.eta, parent.estimate.confidence):
             changes["estimate"] = estimate
+    if parent.children_measures or any(
+        c.combined_measures if isinstance(c, Operation) else c.measures for c in children
+    ):
+        combined = measures.combine(parent.spec, children)
+        if combined != parent.children_measures:
+            changes["children_measures"] = combined
     if not changes:
         return None
-    return evolve(parent, updated_at=now, **changes)
+    rolled = evolve(parent, updated_at=now, **changes)
+    if "children_measures" in changes and parent.spec.alert_rules:
+        amend(rolled, alerts=measures.with_threshold_alerts(rolled, now))
+    return rolled

@@ -2,8 +2,10 @@
 
 Individual operations leave the store when their retention ends; what stats need
 of a finished one (identity, state, duration, throughput, per-stage duration and
-rate) is kept here in a bounded aggregate, oldest dropped first, so stats reach
-further back than retention does. Pure: no I/O, no clock of its own.
+rate, final measures) is kept here in a bounded aggregate, oldest dropped first,
+so stats reach further back than retention does. So is the ETA's history of each
+kind (how long each stage of its successful runs took relative to its weight:
+domain.eta). Pure: no I/O, no clock of its own.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import math
 import struct
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from sortedcontainers import SortedList
 
+from headway_server.domain import eta, measures
 from headway_server.domain.model import (
+    Aggregation,
     HeldOperation,
     Operation,
     OperationFilter,
@@ -30,6 +34,8 @@ DEFAULT_MAX_SUMMARIES = 100_000
 _SHARED_NAMES = 1000
 # typical_throughput answers only with at least this many successful samples.
 MIN_TYPICAL_SAMPLES = 3
+# Kinds whose ETA history is kept (the oldest kind is dropped beyond).
+MAX_HISTORY_KINDS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +58,16 @@ class StageStats:
 
 
 @dataclass(frozen=True, slots=True)
+class MeasureStats:
+    name: str
+    aggregation: Aggregation
+    # Final values of the finished operations that reported it.
+    values: Percentiles
+    # SUM measures: the total of those values (0.0 for the others).
+    total: float
+
+
+@dataclass(frozen=True, slots=True)
 class KindStats:
     kind: str
     finished: int
@@ -62,6 +78,7 @@ class KindStats:
     # Operation units per second (operations that reported completed).
     throughput: Percentiles
     stages: list[StageStats]
+    measures: list[MeasureStats]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +118,18 @@ class _Summary:
     state: State
     # Stage names, shared between summaries with the same stages.
     stage_names: tuple[str, ...]
-    # finished_at, duration, throughput, then each stage's duration and rate.
+    # finished_at, duration, throughput, then each stage's duration and rate,
+    # then each measure's final value.
     numbers: bytes
+    # Names of the measures it ended with (shared like stage_names).
+    measure_names: tuple[str, ...] = ()
+
+    @property
+    def measures(self) -> dict[str, float]:
+        if not self.measure_names:
+            return {}
+        values = self._values[3 + 2 * len(self.stage_names) :]
+        return dict(zip(self.measure_names, values, strict=True))
 
     @property
     def _values(self) -> tuple[float, ...]:
@@ -173,16 +200,23 @@ def _summarize(op: Operation, names: dict[tuple[str, ...], tuple[str, ...]]) -> 
         stage_names.append(stage.name)
         numbers += [max(0.0, seconds), _NO_RATE if rate is None else rate]
     key = tuple(stage_names)
+    values = op.combined_measures
+    measure_names: tuple[str, ...] = ()
+    if values:
+        ordered = tuple(sorted(values))
+        numbers += [values[name] for name in ordered]
+        measure_names = shared(names, ordered, ordered, _SHARED_NAMES)
     return _Summary(
         op.spec,
         op.state,
         shared(names, key, key, _SHARED_NAMES),
         struct.pack(f"<{len(numbers)}d", *numbers),
+        measure_names,
     )
 
 
 class _KindAccumulator:
-    __slots__ = ("durations", "finished", "stages", "succeeded", "throughputs")
+    __slots__ = ("durations", "finished", "measures", "stages", "succeeded", "throughputs")
 
     def __init__(self) -> None:
         self.finished = 0
@@ -191,6 +225,8 @@ class _KindAccumulator:
         self.throughputs: list[float] = []
         # name -> (durations, rates); dicts keep first-seen order.
         self.stages: dict[str, tuple[list[float], list[float]]] = {}
+        # measure name -> (aggregation, final values).
+        self.measures: dict[str, tuple[Aggregation, list[float]]] = {}
 
     def add(self, summary: _Summary) -> None:
         self.finished += 1
@@ -204,6 +240,13 @@ class _KindAccumulator:
             durations.append(stage.duration)
             if stage.rate is not None:
                 rates.append(stage.rate)
+        if summary.measure_names:
+            for name, value in summary.measures.items():
+                found = self.measures.get(name)
+                if found is None:
+                    rule = measures.aggregation(summary.spec, name)
+                    found = self.measures[name] = (rule, [])
+                found[1].append(value)
 
     def build(self, kind: str) -> KindStats:
         return KindStats(
@@ -216,6 +259,15 @@ class _KindAccumulator:
             stages=[
                 StageStats(name, percentiles(durations), percentiles(rates))
                 for name, (durations, rates) in self.stages.items()
+            ],
+            measures=[
+                MeasureStats(
+                    name,
+                    rule,
+                    percentiles(list(values)),
+                    math.fsum(values) if rule is Aggregation.SUM else 0.0,
+                )
+                for name, (rule, values) in sorted(self.measures.items())
             ],
         )
 
@@ -234,6 +286,9 @@ class StatsAggregate:
         # kind -> throughputs of the SUCCEEDED summaries held, sorted (for the median).
         self._typical: dict[str, SortedList] = {}
         self._stage_names: dict[tuple[str, ...], tuple[str, ...]] = {}
+        # kind -> the last runs' eta.run_ratios, and their summary.
+        self._runs: dict[str, deque[Mapping[str, float]]] = {}
+        self._histories: dict[str, eta.StageHistory] = {}
 
     def __len__(self) -> int:
         return len(self._summaries)
@@ -246,6 +301,27 @@ class StatsAggregate:
         self._summaries.append(summary)
         if summary.state is State.SUCCEEDED and summary.throughput is not None:
             self._typical.setdefault(summary.spec.kind, SortedList()).add(summary.throughput)
+        ratios = eta.run_ratios(op)
+        if ratios is not None:
+            self._learn(op.kind, ratios)
+
+    def _learn(self, kind: str, ratios: Mapping[str, float]) -> None:
+        runs = self._runs.get(kind)
+        if runs is None:
+            if len(self._runs) >= MAX_HISTORY_KINDS:
+                oldest = next(iter(self._runs))
+                del self._runs[oldest]
+                self._histories.pop(oldest, None)
+            runs = self._runs[kind] = deque(maxlen=eta.HISTORY_RUNS)
+        runs.append(ratios)
+        history = eta.build_history(list(runs))
+        if history is not None:
+            self._histories[kind] = history
+
+    def stage_history(self, kind: str) -> eta.StageHistory | None:
+        """What the successful runs of `kind` say about its stages (for the ETA);
+        None before the first. Kept per kind, apart from the summaries."""
+        return self._histories.get(kind)
 
     def _forget(self, summary: _Summary) -> None:
         if summary.state is not State.SUCCEEDED or summary.throughput is None:

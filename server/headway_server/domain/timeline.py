@@ -41,11 +41,16 @@ def entries(old: Operation | None, new: Operation) -> list[TimelineEntry]:
     if new.cancel_requested and not old.cancel_requested:
         found.append(entry(TimelineType.CANCEL_REQUESTED, new.cancel_reason))
     if old.alerts or new.alerts:
-        old_alerts = {a.type: a for a in old.alerts}
-        new_alerts = {a.type: a for a in new.alerts}
-        for kind, alert in new_alerts.items():
-            if kind not in old_alerts:
-                found.append(entry(TimelineType.ALERT_RAISED, f"{kind.name}: {alert.message}"))
-        for kind in old_alerts.keys() - new_alerts.keys():
-            found.append(entry(TimelineType.ALERT_CLEARED, kind.name))
+        # One alert per type, and per measure for MEASURE_THRESHOLD.
+        old_alerts = {(a.type, a.measure): a for a in old.alerts}
+        new_alerts = {(a.type, a.measure): a for a in new.alerts}
+        for key, alert in new_alerts.items():
+            if key not in old_alerts:
+                found.append(
+                    entry(TimelineType.ALERT_RAISED, f"{alert.type.name}: {alert.message}")
+                )
+        for key, alert in old_alerts.items():
+            if key not in new_alerts:
+                name = f"{alert.type.name} {alert.measure}" if alert.measure else alert.type.name
+                found.append(entry(TimelineType.ALERT_CLEARED, name))
     return found

@@ -84,6 +84,8 @@ _PACKED_FIELDS = (
     "eta_state",
     "peak_throughput",
     "eta_baseline",
+    "measures",
+    "children_measures",
 )
 _missing = {f.name for f in fields(Operation)} - {"id", "spec"} - set(_PACKED_FIELDS)
 assert not _missing, f"packing.py does not pack Operation fields {_missing}"
@@ -140,7 +142,7 @@ def _row(op: Operation) -> tuple[Any, ...]:
         op.last_report_at,
         op.error_count,
         op.warning_count,
-        tuple((int(a.type), a.message, a.since) for a in op.alerts),
+        tuple((int(a.type), a.message, a.since, a.measure, a.value) for a in op.alerts),
         dict(op.children),
         op.children_percent,
         op.depth,
@@ -148,6 +150,8 @@ def _row(op: Operation) -> tuple[Any, ...]:
         None,
         op.peak_throughput,
         op.eta_baseline,
+        dict(op.measures),
+        dict(op.children_measures),
     )
 
 
@@ -161,7 +165,8 @@ def _operation(op_id: str, spec: StartSpec, row: tuple[Any, ...]) -> Operation:
     if values["error"] is not None:
         values["error"] = OperationError(*values["error"])
     values["alerts"] = tuple(
-        Alert(AlertType(kind), message, since) for kind, message, since in values["alerts"]
+        Alert(AlertType(kind), message, since, measure, value)
+        for kind, message, since, measure, value in values["alerts"]
     )
     values["estimate"] = Estimate(*values["estimate"])
     return Operation(id=op_id, spec=spec, **values)
