@@ -305,11 +305,7 @@ class OperationService:
             log.info("cancel requested", extra={"operation_id": op.id, "state": op.state.name})
             # Cancelling a parent asks its running children (and theirs) to stop too.
             for child in await self.store.children(op.id):
-                if (
-                    isinstance(child, Operation)
-                    and child.state.active
-                    and not child.cancel_requested
-                ):
+                if child.state.active and not child.cancel_requested:
                     try:
                         await self.cancel(child.id, f"parent {op.id} cancelled: {reason}"[:4000])
                     except (NotFound, FailedPrecondition):

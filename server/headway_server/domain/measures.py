@@ -18,7 +18,7 @@ from headway_server.domain.model import (
     Alert,
     AlertRule,
     AlertType,
-    HeldOperation,
+    ChildProgress,
     Operation,
     StartSpec,
 )
@@ -87,19 +87,7 @@ def aggregation(spec: StartSpec, name: str) -> Aggregation:
     return Aggregation.LAST
 
 
-def _child_values(child: HeldOperation) -> Mapping[str, float]:
-    if isinstance(child, Operation):
-        return child.combined_measures
-    return child.measures
-
-
-def _child_time(child: HeldOperation) -> float:
-    if isinstance(child, Operation):
-        return child.updated_at
-    return child.finished_at or 0.0
-
-
-def combine(parent: StartSpec, children: Sequence[HeldOperation]) -> dict[str, float]:
+def combine(parent: StartSpec, children: Sequence[ChildProgress]) -> dict[str, float]:
     """The children's measures combined by each measure's aggregation: the parent's
     declaration, else the first child's that declares it, else LAST."""
     sums: dict[str, float] = {}
@@ -107,10 +95,10 @@ def combine(parent: StartSpec, children: Sequence[HeldOperation]) -> dict[str, f
     latest: dict[str, tuple[float, float]] = {}
     rules: dict[str, Aggregation] = {}
     for child in children:
-        values = _child_values(child)
+        values = child.measures
         if not values:
             continue
-        at = _child_time(child)
+        at = child.changed_at
         for name, value in values.items():
             sums[name] = sums.get(name, 0.0) + value
             counts[name] = counts.get(name, 0) + 1

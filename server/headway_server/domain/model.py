@@ -443,6 +443,43 @@ class FinishedOperation:
 HeldOperation = Operation | FinishedOperation
 
 
+@dataclass(frozen=True, slots=True)
+class ChildProgress:
+    """What a parent's roll-up and its cancel cascade read of one child: what
+    a store's `children()` answers, however the store holds the child."""
+
+    id: str
+    spec: StartSpec
+    state: State
+    revision: int
+    total: int
+    percent: float
+    # A running child's estimate; None once it has finished.
+    estimate: Estimate | None
+    # A cancel request not acted on yet (False once it has finished).
+    cancel_requested: bool
+    # Its measures as it shows them (its own over its children's), and when
+    # they last changed (its last update, or when it finished).
+    measures: Mapping[str, float]
+    changed_at: float
+
+    @classmethod
+    def of(cls, op: Operation) -> ChildProgress:
+        active = op.state.active
+        return cls(
+            op.id,
+            op.spec,
+            op.state,
+            op.revision,
+            op.total,
+            op.percent,
+            op.estimate if active else None,
+            op.cancel_requested and active,
+            op.combined_measures,
+            op.updated_at if active or op.finished_at is None else op.finished_at,
+        )
+
+
 @fast_init
 @dataclass(frozen=True, slots=True)
 class Change:

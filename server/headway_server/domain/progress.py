@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from headway_server.domain import alerts, eta, measures
 from headway_server.domain.model import (
     AlertType,
+    ChildProgress,
     Estimate,
-    HeldOperation,
     Operation,
     State,
     amend,
@@ -101,7 +101,7 @@ def raised_alerts(old: Operation | None, new: Operation) -> list[AlertType]:
     return [a.type for a in new.alerts if (a.type, a.measure) not in before]
 
 
-def roll_up(parent: Operation, children: Sequence[HeldOperation], now: float) -> Operation | None:
+def roll_up(parent: Operation, children: Sequence[ChildProgress], now: float) -> Operation | None:
     """The parent with its children summary (and, without progress of its own, their
     percent and ETA), or None when nothing changed."""
     by_state = dict(sorted(Counter(child.state.name for child in children).items()))
@@ -118,9 +118,9 @@ def roll_up(parent: Operation, children: Sequence[HeldOperation], now: float) ->
         if percent != parent.children_percent:
             changes["children_percent"] = percent
             changes["percent"] = percent
-        # Finished children are held as heads without an estimate; only running ones count.
-        active = [c for c in children if isinstance(c, Operation) and c.state.active]
-        etas = [c.estimate for c in active if c.estimate.eta is not None]
+        # Only running children have an estimate, and count.
+        active = [c for c in children if c.state.active]
+        etas = [c.estimate for c in active if c.estimate is not None and c.estimate.eta is not None]
         # Children run side by side: the parent ends when the last one does.
         if active and len(etas) == len(active):
             last = max(etas, key=lambda e: e.at + e.eta if e.eta is not None else 0.0)
@@ -131,9 +131,7 @@ def roll_up(parent: Operation, children: Sequence[HeldOperation], now: float) ->
             estimate = Estimate(at=now) if active else Estimate(eta=0.0, confidence=1.0, at=now)
         if (estimate.eta, estimate.confidence) != (parent.estimate.eta, parent.estimate.confidence):
             changes["estimate"] = estimate
-    if parent.children_measures or any(
-        c.combined_measures if isinstance(c, Operation) else c.measures for c in children
-    ):
+    if parent.children_measures or any(c.measures for c in children):
         combined = measures.combine(parent.spec, children)
         if combined != parent.children_measures:
             changes["children_measures"] = combined

@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from headway_server.domain.model import Change, HeldOperation, Operation, OperationFilter
+from headway_server.domain.model import (
+    Change,
+    ChildProgress,
+    HeldOperation,
+    Operation,
+    OperationFilter,
+)
 from headway_server.store.journal import Journal
 
 
@@ -105,9 +111,9 @@ class OperationStore(Protocol):
         """Waits until the revision is above `after` and returns it (callers bound the wait)."""
         ...
 
-    async def children(self, parent_id: str) -> list[HeldOperation]:
-        """The operations started with this parent_id, in creation order (for
-        roll-ups: a finished one may come as its FinishedOperation head)."""
+    async def children(self, parent_id: str) -> list[ChildProgress]:
+        """What roll-ups read of the operations started with this parent_id,
+        in creation order."""
         ...
 
     async def scan(self) -> list[HeldOperation]:

@@ -20,6 +20,7 @@ from headway_server.domain.errors import (
 )
 from headway_server.domain.model import (
     Change,
+    ChildProgress,
     FinishedOperation,
     HeldOperation,
     Operation,
@@ -148,6 +149,8 @@ class MemoryStore:
         self._children: dict[str, dict[str, None]] = {}
         self._secret = secrets.token_bytes(32)
         self.journal: Journal = MemoryJournal()
+        # id -> what children() last answered for it (see _child).
+        self._child_views: dict[str, ChildProgress] = {}
         # Indexes for sweeps and counts (see _index): lease deadline by id of
         # the operations that can stall; finish time by id of the terminal
         # ones, with a heap in finish order (entries of operations deleted or
@@ -299,6 +302,7 @@ class MemoryStore:
             raise NotFound(f"operation {operation_id!r} not found")
         revision = self._next()
         self._index(current, None)
+        self._child_views.pop(operation_id, None)
         siblings = self._children.get(current.parent_id)
         if siblings is not None:
             siblings.pop(operation_id, None)
@@ -370,9 +374,33 @@ class MemoryStore:
             await self._changed.wait()
         return self._revision
 
-    async def children(self, parent_id: str) -> list[HeldOperation]:
+    async def children(self, parent_id: str) -> list[ChildProgress]:
         ids = self._children.get(parent_id, {})
-        return [self._operations[i] for i in ids if i in self._operations]
+        return [self._child(self._operations[i]) for i in ids if i in self._operations]
+
+    def _child(self, held: HeldOperation) -> ChildProgress:
+        # Cached per child until it changes: a roll-up reads every child of a
+        # parent (up to 10,000) on each child's change.
+        view = self._child_views.get(held.id)
+        if view is not None and view.revision == held.revision:
+            return view
+        if isinstance(held, Operation):
+            view = ChildProgress.of(held)
+        else:
+            view = ChildProgress(
+                held.id,
+                held.spec,
+                held.state,
+                held.revision,
+                held.total,
+                held.percent,
+                None,
+                False,
+                held.measures,
+                held.finished_at or 0.0,
+            )
+        self._child_views[held.id] = view
+        return view
 
     async def scan(self) -> list[HeldOperation]:
         return list(self._operations.values())
