@@ -592,3 +592,28 @@ async def test_a_quiet_watcher_gets_its_bookmarks_while_other_projects_are_busy(
         assert hub.wakeups() == 0
     finally:
         hub.stop()
+
+
+async def test_a_failed_store_read_does_not_stop_the_pump(streams: Any) -> None:
+    class FlakyStore(MemoryStore):
+        failures = 0
+
+        async def changes(self, after: int, *, limit: int) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("store unreachable for a moment")
+            return await super().changes(after, limit=limit)
+
+    store = FlakyStore()
+    hub = WatchHub(store, bookmark_interval=30.0, min_interval=0)
+    try:
+        await create(store, "a")
+        stream = watch(hub, streams)
+        await nxt(stream)  # SNAPSHOT
+        await nxt(stream)  # SYNCED
+        store.failures = 2
+        await change(store, "a", message="after the blip")
+        assert kinds(await nxt(stream)) == [(EventType.CHANGED, 2, "a")]
+        assert store.failures == 0
+    finally:
+        hub.stop()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from headway_server.domain.errors import HistoryCompacted, NotFound
 from headway_server.domain.model import Change, Operation, OperationFilter
 from headway_server.store.base import OperationStore
+
+log = logging.getLogger("headway.watch")
 
 # Changes read from the store per round; a watcher that is further behind
 # catches up over several rounds, each one message or a few.
@@ -40,6 +43,8 @@ CHANGES_PER_ROUND = 1000
 DEFAULT_YIELD_RATIO = 0.5
 MAX_PAUSE = 0.1
 MIN_PAUSE = 0.001
+# After a failed read of the store, the pump tries again this much later.
+PUMP_RETRY = 0.1
 # Pacing: a watcher gets at most one change message per interval (tqdm's
 # `mininterval` is 0.1 s too): fresh at the pace people read a dashboard, and a
 # watcher that reads slowly is never more than about a message behind, because
@@ -191,29 +196,41 @@ class WatchHub:
 
     async def _pump_changes(self) -> None:
         while not self._stopping:
-            if await self.store.revision() <= self.dispatched:
-                await self.store.wait_for_change(self.dispatched)
-            started = time.perf_counter()
             try:
-                changes = await self.store.changes(self.dispatched, limit=CHANGES_PER_ROUND)
-            except HistoryCompacted:
-                # More deletions in one round than the store keeps tombstones
-                # for: nobody can be told what they missed, so all start over.
-                self.dispatched = await self.store.revision()
-                for watchers in self._index.values():
-                    for watcher in watchers:
-                        watcher.reset = True
-                        watcher.wake.set()
-                continue
-            for change in changes.changes:
-                self._route(change)
-            self.dispatched = changes.revision
-            # The watchers just woken were scheduled first: this resumes after
-            # each has built and handed its message to grpc.
-            await asyncio.sleep(0)
-            pause = min(self.max_pause, (time.perf_counter() - started) * self.yield_ratio)
-            if pause >= MIN_PAUSE:
-                await asyncio.sleep(pause)
+                await self._pump_round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A store that failed a read (say a Redis blip) must not leave
+                # every watcher waiting forever: try again shortly.
+                log.exception("watch pump failed; retrying")
+                await asyncio.sleep(PUMP_RETRY)
+
+    async def _pump_round(self) -> None:
+        """One round: read what changed since `dispatched` and route it."""
+        if await self.store.revision() <= self.dispatched:
+            await self.store.wait_for_change(self.dispatched)
+        started = time.perf_counter()
+        try:
+            changes = await self.store.changes(self.dispatched, limit=CHANGES_PER_ROUND)
+        except HistoryCompacted:
+            # More deletions in one round than the store keeps tombstones
+            # for: nobody can be told what they missed, so all start over.
+            self.dispatched = await self.store.revision()
+            for watchers in self._index.values():
+                for watcher in watchers:
+                    watcher.reset = True
+                    watcher.wake.set()
+            return
+        for change in changes.changes:
+            self._route(change)
+        self.dispatched = changes.revision
+        # The watchers just woken were scheduled first: this resumes after
+        # each has built and handed its message to grpc.
+        await asyncio.sleep(0)
+        pause = min(self.max_pause, (time.perf_counter() - started) * self.yield_ratio)
+        if pause >= MIN_PAUSE:
+            await asyncio.sleep(pause)
 
     def _route(self, change: Change) -> None:
         op = change.operation
