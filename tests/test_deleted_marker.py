@@ -80,3 +80,21 @@ def test_report_progress_acks_tell_deleted_from_never_seen(grpc_stub: Stub) -> N
 def test_deleted_maps_as_not_found_along_the_class_hierarchy() -> None:
     assert issubclass(errors.Deleted, errors.NotFound)
     assert servicer.status_of(errors.Deleted("gone")) == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_child_of_a_deleted_parent_is_not_found_marked_deleted(grpc_stub: Stub) -> None:
+    def start_child(parent_id: str) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as info:
+            grpc_stub.StartOperation(
+                pb.StartOperationRequest(kind="k", project="tomb", parent_id=parent_id),
+                timeout=5,
+            )
+        return info.value
+
+    deleted = start_child(deleted_operation(grpc_stub))
+    assert deleted.code() == grpc.StatusCode.NOT_FOUND
+    assert "parent_id" in (deleted.details() or "")
+    assert marker(deleted) == ["true"]
+    unknown = start_child(never_seen())
+    assert unknown.code() == grpc.StatusCode.NOT_FOUND
+    assert marker(unknown) == []

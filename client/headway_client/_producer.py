@@ -56,6 +56,9 @@ log = logging.getLogger("headway_client")
 
 # The server's limit on reports per BatchUpdateOperations call (progress.proto).
 MAX_BATCH_REPORTS = 1000
+# Bytes of reports per BatchUpdateOperations call: well under the 4 MiB a
+# server accepts by default (a report may carry 16 KiB of details).
+MAX_BATCH_BYTES = 2 << 20
 # How long, by default, complete()/fail() (and a best-effort start()) may hold the job.
 FINISH_TIMEOUT = 5.0
 
@@ -797,8 +800,8 @@ class Round:
             call = Call(CallKind.REPORTS, Route.UNARY, reports=[self.requests[len(self.results)]])
         elif len(self.results) < len(self.requests):
             route, rest = self.scheduler.route, self.requests[len(self.results) :]
-            size = MAX_BATCH_REPORTS if route is Route.BATCH else 1
-            call = Call(CallKind.REPORTS, route, shared=True, reports=rest[:size])
+            reports = _within_bytes(rest[:MAX_BATCH_REPORTS]) if route is Route.BATCH else rest[:1]
+            call = Call(CallKind.REPORTS, route, shared=True, reports=reports)
         elif len(self.ending_results) < len(batch.endings):
             call = Call(CallKind.ENDING, ending=batch.endings[len(self.ending_results)][1])
         self._call = call
@@ -822,6 +825,11 @@ class Round:
             self.results.append(ack)
         else:
             self.results.extend([result] * len(call.reports))
+            if call.shared:
+                # Later calls of this round may carry later reports of the same
+                # operations: applied first, they would make these look like
+                # duplicates when resent (their deltas lost). All go again.
+                self._skip = result
 
 
 class ReportScheduler:
@@ -1013,7 +1021,11 @@ class ReportScheduler:
     def _failed(self, state: HandleState, error: BaseException, now: float) -> None:
         """A StartOperation of `state` failed."""
         code = _code_of(error)
-        if code == grpc.StatusCode.NOT_FOUND:
+        if isinstance(error, OperationDeleted) and not state.strict:
+            # Its parent was deleted on purpose: it stays deleted, and a child
+            # of it cannot be registered.
+            self._abandon(state, f"its parent was deleted on the server: {error}")
+        elif code == grpc.StatusCode.NOT_FOUND:
             # Its parent is unknown: registered again first if it is a handle here.
             parent = self._find(state.spec.parent_id)
             if parent is not None and not parent.abandoned and not parent.needs_start:
@@ -1174,6 +1186,18 @@ def _link(error: BaseException) -> BaseException | None:
 def _describe(error: BaseException) -> str:
     details = error.details if isinstance(error, HeadwayError) else str(error)
     return f"{_code_of(error).name}: {details}"
+
+
+def _within_bytes(
+    reports: list[pb.UpdateOperationRequest], limit: int = MAX_BATCH_BYTES
+) -> list[pb.UpdateOperationRequest]:
+    """The longest prefix of `reports` (at least one) whose encoding fits in `limit`."""
+    total = 0
+    for i, report in enumerate(reports):
+        total += report.ByteSize() + 8  # and the field's tag and length
+        if total > limit and i > 0:
+            return reports[:i]
+    return reports
 
 
 def chunks(requests: list[pb.UpdateOperationRequest]) -> Iterator[list[pb.UpdateOperationRequest]]:

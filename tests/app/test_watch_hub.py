@@ -617,3 +617,23 @@ async def test_a_failed_store_read_does_not_stop_the_pump(streams: Any) -> None:
         assert store.failures == 0
     finally:
         hub.stop()
+
+
+async def test_a_resumed_stream_releases_a_non_matching_operation_once(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    """After a resume the client may hold any operation that existed then: one
+    that does not match is delivered once, so the client drops it, then never
+    again (a fresh stream with the same filter gets nothing at all)."""
+    await create(store, "a", project="p")  # 1
+    await change(store, "a", state=State.RUNNING)  # 2
+    stream = watch(hub, streams, OperationFilter(project="p", states=frozenset({State.FAILED})), 2)
+    assert kinds(await nxt(stream)) == [(EventType.SYNCED, 2, "")]
+    await change(store, "a", completed=1)  # 3
+    assert kinds(await next_non_bookmark(stream)) == [(EventType.CHANGED, 3, "a")]
+    await change(store, "a", completed=2)  # 4
+    await change(store, "a", completed=3)  # 5
+    await store.delete("a")  # 6
+    await create(store, "b", project="p")  # 7: a change the stream does not show
+    await change(store, "b", state=State.FAILED)  # 8: one it does
+    assert kinds(await next_non_bookmark(stream)) == [(EventType.CHANGED, 8, "b")]

@@ -224,7 +224,12 @@ class OperationService:
             return 0
         parent = await self.store.get(parent_id)
         if parent is None:
-            raise NotFound(f"parent_id: operation {parent_id!r} not found")
+            # Deleted (a tombstone) or never seen: best-effort clients register
+            # a parent they started again only in the second case.
+            deleted = await self.store.tombstone(parent_id) is not None
+            raise (Deleted if deleted else NotFound)(
+                f"parent_id: operation {parent_id!r} not found"
+            )
         if parent.depth + 1 > progress.MAX_DEPTH:
             raise InvalidArgument(
                 "parent_id", f"would nest operations deeper than {progress.MAX_DEPTH} levels"

@@ -326,6 +326,7 @@ class WatchHub:
             # After a resume the client may hold any operation that matched by
             # identity and existed at from_revision; we cannot know which.
             resumed_at = from_revision
+            released: set[str] = set()
             last = from_revision
             restart = False
             if from_revision > 0:
@@ -339,7 +340,9 @@ class WatchHub:
                         restart = True
                         break
                     batch = [
-                        e for c in changes.changes if (e := _select(c, where, known, resumed_at))
+                        e
+                        for c in changes.changes
+                        if (e := _select(c, where, known, resumed_at, released))
                     ]
                     last = changes.revision
                     if last >= read_at:
@@ -378,7 +381,9 @@ class WatchHub:
                         (c for c in pending.values() if c.revision > last),
                         key=_by_revision,
                     )
-                    batch = [e for c in fresh if (e := _select(c, where, known, resumed_at))]
+                    batch = [
+                        e for c in fresh if (e := _select(c, where, known, resumed_at, released))
+                    ]
                     last = max(last, caught_up)
                     if batch:
                         yield batch
@@ -481,20 +486,36 @@ def _by_revision(change: Change) -> int:
 
 
 def _select(
-    change: Change, where: OperationFilter, known: set[str], resumed_at: int
+    change: Change,
+    where: OperationFilter,
+    known: set[str],
+    resumed_at: int,
+    released: set[str],
 ) -> WatchEvent | None:
-    """The event this change makes on a stream watching `where`, if any."""
+    """The event this change makes on a stream watching `where`, if any.
+
+    `released`: operations a resumed stream has since told the client to drop
+    (delivered once more as no longer matching, or deleted), which it no longer
+    holds whatever it held at `resumed_at`.
+    """
     op = change.operation
     held = op.id in known or (
-        resumed_at > 0 and op.created_revision <= resumed_at and where.matches_spec(op.spec)
+        resumed_at > 0
+        and op.created_revision <= resumed_at
+        and op.id not in released
+        and where.matches_spec(op.spec)
     )
     if change.deleted:
         known.discard(op.id)
+        if resumed_at > 0:
+            released.add(op.id)
         return WatchEvent(EventType.DELETED, change.revision, op) if held else None
     if where.matches(op):
         known.add(op.id)
     elif held:
         known.discard(op.id)
+        if resumed_at > 0:
+            released.add(op.id)
     else:
         return None
     return WatchEvent(EventType.CHANGED, change.revision, op)

@@ -155,7 +155,7 @@ class MemoryStore:
         # the operations that can stall; finish time by id of the terminal
         # ones, with a heap in finish order (entries of operations deleted or
         # finished again since are skipped when they come up); counts.
-        self._leases: dict[str, float] = {}
+        self._leases: dict[str, tuple[float, float]] = {}
         self._finish_times: dict[str, float] = {}
         self._finish_heap: list[tuple[float, str]] = []
         self._counts: Counter[tuple[str, str]] = Counter()
@@ -173,6 +173,11 @@ class MemoryStore:
             self._counts[previous.state.name, previous.kind] -= 1
             if previous.state.terminal and (stored is None or not stored.state.terminal):
                 self._finish_times.pop(previous.id, None)
+                # Its heap entry is now stale; rebuild when stale ones dominate,
+                # so the heap follows what is held, not every finish ever made.
+                if len(self._finish_heap) > 2 * len(self._finish_times) + 1024:
+                    self._finish_heap = [(t, i) for i, t in self._finish_times.items()]
+                    heapq.heapify(self._finish_heap)
         if stored is None:
             if previous is not None:
                 self._leases.pop(previous.id, None)
@@ -184,7 +189,7 @@ class MemoryStore:
                 and not stored.stalled
                 and stored.heartbeat_timeout > 0
             ):
-                self._leases[stored.id] = stored.last_report_at + stored.heartbeat_timeout
+                self._leases[stored.id] = (stored.last_report_at, stored.heartbeat_timeout)
             else:
                 self._leases.pop(stored.id, None)
         else:
@@ -406,7 +411,8 @@ class MemoryStore:
         return list(self._operations.values())
 
     async def lapsed_leases(self, now: float) -> list[str]:
-        return [op_id for op_id, deadline in self._leases.items() if deadline <= now]
+        # The same comparison as lifecycle.mark_stalled, rounding included.
+        return [op_id for op_id, (last, timeout) in self._leases.items() if now - last >= timeout]
 
     async def finished_before(self, cutoff: float, *, limit: int) -> list[str]:
         found: list[str] = []
