@@ -104,7 +104,9 @@ class OperationService:
         # Logs and timelines live with the store's data, so every replica
         # sharing a store sees the same ones.
         self.journal: Journal = journal or store.journal
-        self.aggregate = stats or StatsAggregate()
+        # Statistics (and the ETA's per-kind history) live with the store's
+        # data too: they outlive retention, and replicas share them.
+        self.aggregate: StatsAggregate = stats or store.stats
         self.thresholds = thresholds or AlertThresholds()
         self.observer: Observer = observer or _NoObserver()
         # Server-generated ids derived from a request_id must not be guessable

@@ -18,6 +18,7 @@ from headway_server.domain.model import (
     Operation,
     OperationFilter,
 )
+from headway_server.domain.stats import StatsAggregate
 from headway_server.store.journal import Journal
 
 
@@ -44,6 +45,9 @@ class OperationStore(Protocol):
 
     # Each operation's bounded log and timeline, kept with the store's data.
     journal: Journal
+    # Summaries of finished operations (statistics, typical throughput, the
+    # ETA's stage history), kept with the store's data.
+    stats: StatsAggregate
 
     async def revision(self) -> int:
         """The store's current revision (0 when empty and new)."""

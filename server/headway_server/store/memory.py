@@ -28,6 +28,7 @@ from headway_server.domain.model import (
     State,
     evolve,
 )
+from headway_server.domain.stats import StatsAggregate
 from headway_server.store.base import Changes, Page
 from headway_server.store.journal import Journal, MemoryJournal
 from headway_server.store.packing import Unpackable, pack_operation, unpack_operation
@@ -149,6 +150,7 @@ class MemoryStore:
         self._children: dict[str, dict[str, None]] = {}
         self._secret = secrets.token_bytes(32)
         self.journal: Journal = MemoryJournal()
+        self.stats = StatsAggregate()
         # id -> what children() last answered for it (see _child).
         self._child_views: dict[str, ChildProgress] = {}
         # Indexes for sweeps and counts (see _index): lease deadline by id of
