@@ -142,6 +142,8 @@ class AsyncHeadwayClient:
         parent_id: str = "",
         operation_id: str = "",
         request_id: str = "",
+        measures: Mapping[str, str] | None = None,
+        alert_rules: Mapping[str, Mapping[str, float]] | None = None,
         min_interval: float = 0.1,
         raise_on_cancel: bool = False,
         streaming: bool = True,
@@ -160,6 +162,8 @@ class AsyncHeadwayClient:
             parent_id=parent_id,
             operation_id=operation_id,
             request_id=request_id or _common.new_request_id(),
+            measures=measures,
+            alert_rules=alert_rules,
         )
         plan = StartPlan.of(
             self._reports.core,

@@ -10,6 +10,7 @@ from typing import Any
 
 from headway.v1 import progress_pb2 as pb
 
+from headway_client._errors import InvalidArgument
 from headway_client._reports import struct
 from headway_client._retry import RetryPolicy
 
@@ -61,6 +62,8 @@ def start_request(
     parent_id: str,
     operation_id: str,
     request_id: str,
+    measures: Mapping[str, str] | None = None,
+    alert_rules: Mapping[str, Mapping[str, float]] | None = None,
 ) -> pb.StartOperationRequest:
     request = pb.StartOperationRequest(
         operation_id=operation_id,
@@ -76,7 +79,28 @@ def start_request(
     )
     if heartbeat_timeout:
         request.heartbeat_timeout.FromNanoseconds(int(heartbeat_timeout * 1e9))
+    for name, how in (measures or {}).items():
+        request.measures.add(name=name, aggregation=_aggregation(name, how))
+    for name, bounds in (alert_rules or {}).items():
+        unknown = set(bounds) - {"below", "above"}
+        if unknown or not bounds:
+            raise InvalidArgument(
+                f"alert_rules[{name!r}]: give 'below' and/or 'above' (got {sorted(bounds)})"
+            )
+        rule = request.alert_rules.add(measure=name)
+        if "below" in bounds:
+            rule.below = bounds["below"]
+        if "above" in bounds:
+            rule.above = bounds["above"]
     return request
+
+
+def _aggregation(name: str, how: str) -> pb.MeasureSpec.Aggregation.ValueType:
+    """ "last", "sum" or "mean" (any case) as the proto's aggregation."""
+    try:
+        return pb.MeasureSpec.Aggregation.Value(how.upper())
+    except ValueError:
+        raise InvalidArgument(f"measures[{how!r}]: aggregation must be last, sum or mean") from None
 
 
 def operation_filter(

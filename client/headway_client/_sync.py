@@ -151,6 +151,8 @@ class HeadwayClient:
         parent_id: str = "",
         operation_id: str = "",
         request_id: str = "",
+        measures: Mapping[str, str] | None = None,
+        alert_rules: Mapping[str, Mapping[str, float]] | None = None,
         min_interval: float = 0.1,
         raise_on_cancel: bool = False,
         streaming: bool = True,
@@ -158,6 +160,9 @@ class HeadwayClient:
     ) -> OperationHandle:
         """Starts an operation and returns the handle a producer reports through.
 
+        `measures` declares how measures combine in roll-ups and statistics
+        ({"cost_usd": "sum", "quality": "mean"}; undeclared ones are "last"), and
+        `alert_rules` raises MEASURE_THRESHOLD alerts ({"quality": {"below": 0.8}}).
         Retried starts are safe: the operation has an id (chosen here unless
         given; with strict=True or a request_id, by the server), or a request_id.
         Best effort (the default): when the server does not answer within
@@ -180,6 +185,8 @@ class HeadwayClient:
             parent_id=parent_id,
             operation_id=operation_id,
             request_id=request_id or _common.new_request_id(),
+            measures=measures,
+            alert_rules=alert_rules,
         )
         with self._reports.lock:
             plan = StartPlan.of(
@@ -225,6 +232,8 @@ class HeadwayClient:
         parent_id: str = "",
         operation_id: str = "",
         request_id: str = "",
+        measures: Mapping[str, str] | None = None,
+        alert_rules: Mapping[str, Mapping[str, float]] | None = None,
     ) -> pb.Operation:
         """Starts an operation and returns it, without a reporting handle (e.g. for scripts)."""
         request = _common.start_request(
@@ -239,6 +248,8 @@ class HeadwayClient:
             parent_id=parent_id,
             operation_id=operation_id,
             request_id=request_id or _common.new_request_id(),
+            measures=measures,
+            alert_rules=alert_rules,
         )
         return self._call(self.stub.StartOperation, request)
 

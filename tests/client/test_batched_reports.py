@@ -224,17 +224,16 @@ def test_a_batch_committed_then_lost_is_retried_without_double_counting(client, 
 
 
 def test_more_than_a_thousand_reports_are_split_across_calls(client, calls):
-    # An interval long enough for the 1,100 starts and both loops below to
-    # finish before the first round even on a loaded machine (CI took over 2 s
-    # for the starts; a round that takes a handle between its advance and its
-    # update makes it send twice).
-    handles = [client.start(kind="wide", project="split", min_interval=8.0) for _ in range(1100)]
+    # Each handle's first report goes out at the next round and its next one
+    # only min_interval later, all of them together (handles fall into step):
+    # whenever the sender ran during the loops, some round carries over 1,000.
+    handles = [client.start(kind="wide", project="split", min_interval=2.0) for _ in range(1100)]
     for op in handles:
         op.advance(1)
     for op in handles:
         op.update(counters={"rows": 1})
     # No flush: each would send its handle at once, alone.
-    wait_until(lambda: all(op.rpcs == 1 for op in handles), timeout=30)
+    wait_until(lambda: all(op._state.idle for op in handles), timeout=30)
     assert max(len(batch) for batch in calls.batches) == 1000
     assert sum(len(batch) for batch in calls.batches) >= 1100
     for op in handles:

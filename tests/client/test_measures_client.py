@@ -49,3 +49,33 @@ def test_pending_reports_keep_the_latest_measures_across_merged_stages():
     assert requests[-1].measures["cost"] == 199.0
     merged = requests[0]  # the oldest segments merged into one
     assert set(merged.measures) >= {"cost"}
+
+
+def test_start_declares_measures_and_alert_rules(grpc_server):
+    with HeadwayClient(grpc_server.address, timeout=5) as client:
+        parent = client.start(
+            kind="batch",
+            project="client-declared",
+            measures={"cost_usd": "sum", "quality": "MEAN"},
+            alert_rules={"quality": {"below": 0.8}, "cost_usd": {"above": 50}},
+        )
+        children = [
+            client.start(kind="doc", project="client-declared", parent_id=parent.id)
+            for _ in range(2)
+        ]
+        for child, (cost, quality) in zip(children, [(1.5, 0.9), (2.5, 0.5)], strict=True):
+            child.update(measures={"cost_usd": cost, "quality": quality})
+            assert child.flush()
+        rolled = client.get(parent.id)
+        assert dict(rolled.measures) == pytest.approx({"cost_usd": 4.0, "quality": 0.7})
+        alerts = [(a.type, a.measure) for a in rolled.alerts]
+        assert alerts == [(pb.Alert.MEASURE_THRESHOLD, "quality")]
+        assert [(m.name, m.aggregation) for m in rolled.measure_specs] == [
+            ("cost_usd", pb.MeasureSpec.SUM),
+            ("quality", pb.MeasureSpec.MEAN),
+        ]
+        for bad in ({"measures": {"x": "median"}}, {"alert_rules": {"x": {"under": 1.0}}}):
+            with pytest.raises(InvalidArgument):
+                client.start(kind="doc", project="client-declared", **bad)
+        for op in (*children, parent):
+            op.complete()
