@@ -1,6 +1,6 @@
 """A private redis-server for tests: on a free port in a temporary directory.
 
-Tests never touch the machine's shared Redis (127.0.0.1:6379): they start their
+Tests never touch the machine's shared Redis: they start their
 own, so they can kill it, restart it on the same port and data directory, and
 flush it. Where redis-server is not installed the tests that need it are
 skipped with a message saying how to get it, except under CI=true, where its
