@@ -11,7 +11,7 @@
 //                          [--include-unknown]
 
 const { parseArgs } = require('node:util');
-const { grpc, createClient, unary, describeError, emit } = require('./headway');
+const { grpc, createClient, unary, emit, runMain } = require('./headway');
 
 const USAGE =
   'usage: node batch_producer.js ADDRESS [PROJECT] [--count N] [--rounds N] [--interval-ms N]\n' +
@@ -210,26 +210,4 @@ async function run(options) {
   }
 }
 
-async function main() {
-  let options;
-  try {
-    options = parse(process.argv.slice(2));
-  } catch (error) {
-    process.stderr.write(`${error.message}\n`);
-    options = null;
-  }
-  if (options === null) {
-    process.stderr.write(USAGE);
-    return 2;
-  }
-  try {
-    return await run(options);
-  } catch (error) {
-    process.stderr.write(`${JSON.stringify({ step: 'error', ...describeError(error) })}\n`);
-    return 1;
-  }
-}
-
-main().then((code) => {
-  process.exitCode = code;
-});
+runMain({ parse, usage: USAGE, run });

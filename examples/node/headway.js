@@ -132,6 +132,42 @@ function emit(record) {
   process.stdout.write(`${JSON.stringify(record)}\n`);
 }
 
+/**
+ * Runs an example from the command line: `parse` reads the arguments (null, or
+ * a thrown error, prints the usage: exit 2), then the process exits with what
+ * `run` returns; if `run` throws, one JSON line from `errorRecord` on stderr
+ * and exit 1.
+ */
+function runMain({
+  parse,
+  usage,
+  run,
+  errorRecord = (error) => ({ step: 'error', ...describeError(error) }),
+}) {
+  async function main() {
+    let options;
+    try {
+      options = parse(process.argv.slice(2));
+    } catch (error) {
+      process.stderr.write(`${error.message}\n`);
+      options = null;
+    }
+    if (options === null) {
+      process.stderr.write(usage);
+      return 2;
+    }
+    try {
+      return await run(options);
+    } catch (error) {
+      process.stderr.write(`${JSON.stringify(errorRecord(error))}\n`);
+      return 1;
+    }
+  }
+  main().then((code) => {
+    process.exitCode = code;
+  });
+}
+
 module.exports = {
   PROTO_ROOT,
   LOADER_OPTIONS,
@@ -143,4 +179,5 @@ module.exports = {
   unary,
   describeError,
   emit,
+  runMain,
 };

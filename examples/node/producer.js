@@ -10,7 +10,7 @@
 
 const readline = require('node:readline');
 const { parseArgs } = require('node:util');
-const { grpc, createClient, unary, describeError, emit } = require('./headway');
+const { grpc, createClient, unary, emit, runMain } = require('./headway');
 
 const USAGE =
   'usage: node producer.js ADDRESS [PROJECT] [--id OPERATION_ID] [--wait] [--interval-ms N]\n' +
@@ -220,26 +220,4 @@ async function run(options) {
   }
 }
 
-async function main() {
-  let options;
-  try {
-    options = parse(process.argv.slice(2));
-  } catch (error) {
-    process.stderr.write(`${error.message}\n`);
-    options = null;
-  }
-  if (options === null) {
-    process.stderr.write(USAGE);
-    return 2;
-  }
-  try {
-    return await run(options);
-  } catch (error) {
-    process.stderr.write(`${JSON.stringify({ step: 'error', ...describeError(error) })}\n`);
-    return 1;
-  }
-}
-
-main().then((code) => {
-  process.exitCode = code;
-});
+runMain({ parse, usage: USAGE, run });

@@ -7,7 +7,7 @@
 //   node tracked_job.js ADDRESS [PROJECT] [--items N] [--interval-ms N] [--finish-timeout-ms N]
 
 const { parseArgs } = require('node:util');
-const { createClient, emit } = require('./headway');
+const { createClient, emit, runMain } = require('./headway');
 const { Tracker } = require('./tracker');
 
 const USAGE =
@@ -91,21 +91,4 @@ async function run(options) {
   }
 }
 
-async function main() {
-  let options;
-  try {
-    options = parse(process.argv.slice(2));
-  } catch (error) {
-    process.stderr.write(`${error.message}\n`);
-    options = null;
-  }
-  if (options === null) {
-    process.stderr.write(USAGE);
-    return 2;
-  }
-  return run(options);
-}
-
-main().then((code) => {
-  process.exitCode = code;
-});
+runMain({ parse, usage: USAGE, run });

@@ -16,6 +16,7 @@ const {
   unary,
   describeError,
   emit,
+  runMain,
 } = require('./headway');
 
 const USAGE =
@@ -116,26 +117,9 @@ function watch(options) {
   });
 }
 
-async function main() {
-  let options;
-  try {
-    options = parse(process.argv.slice(2));
-  } catch (error) {
-    process.stderr.write(`${error.message}\n`);
-    options = null;
-  }
-  if (options === null) {
-    process.stderr.write(USAGE);
-    return 2;
-  }
-  try {
-    return options.mode === 'health' ? await health(options) : await watch(options);
-  } catch (error) {
-    process.stderr.write(`${JSON.stringify({ error: 'call failed', ...describeError(error) })}\n`);
-    return 1;
-  }
-}
-
-main().then((code) => {
-  process.exitCode = code;
+runMain({
+  parse,
+  usage: USAGE,
+  run: (options) => (options.mode === 'health' ? health(options) : watch(options)),
+  errorRecord: (error) => ({ error: 'call failed', ...describeError(error) }),
 });
