@@ -1200,12 +1200,6 @@ def _within_bytes(
     return reports
 
 
-def chunks(requests: list[pb.UpdateOperationRequest]) -> Iterator[list[pb.UpdateOperationRequest]]:
-    """The reports split into BatchUpdateOperations calls the server accepts."""
-    for start in range(0, len(requests), MAX_BATCH_REPORTS):
-        yield requests[start : start + MAX_BATCH_REPORTS]
-
-
 def batch_results(
     requests: list[pb.UpdateOperationRequest], response: pb.BatchUpdateOperationsResponse
 ) -> list[pb.ReportProgressResponse]:

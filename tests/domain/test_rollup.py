@@ -60,10 +60,11 @@ def test_finished_children_leave_a_finished_estimate():
 def test_an_eta_beyond_ten_years_is_reported_unknown():
     from headway_server.domain import alerts
 
+    thresholds = alerts.AlertThresholds()
     op = lifecycle.new_operation("slow", StartSpec(total=10**12), 0.0)
 
     def observe(op: Operation, t: float) -> Operation:
-        return evolve(op, eta_state=progress.observed_eta(op, t))
+        return progress.refresh_built(op, t, thresholds, reported=True)
 
     op = observe(lifecycle.apply_update(op, Update(sequence=1), 1.0), 1.0)
     for i in range(2, 12):
@@ -71,5 +72,5 @@ def test_an_eta_beyond_ten_years_is_reported_unknown():
         op = observe(lifecycle.apply_update(op, Update(sequence=i, completed=i), t), t)
     raw = eta.estimate(op.eta_state, op, 120.0)
     assert raw.eta is not None and raw.eta > progress.MAX_ETA  # what the clamp is for
-    refreshed = progress.refresh(op, 120.0, alerts.AlertThresholds())
+    refreshed = progress.refresh_built(evolve(op), 120.0, thresholds)
     assert refreshed.estimate.eta is None

@@ -358,8 +358,8 @@ class WatchHub:
                 if events:
                     yield events
                 yield [WatchEvent(EventType.SYNCED, last)]
-            sent_at = paced_until = loop.time()
-            paced_until += interval
+            sent_at = loop.time()
+            paced_until = sent_at + interval
             while True:
                 if watcher.reset:
                     watcher.reset = False

@@ -28,26 +28,6 @@ MAX_DEPTH = 8
 MAX_ETA = 10 * 365 * 86400.0
 
 
-def observed_eta(op: Operation, now: float) -> eta.EtaState:
-    """The ETA estimator's state after an applied report left the operation as `op`."""
-    state = op.eta_state if op.eta_state is not None else eta.EtaState()
-    return eta.observe(state, op, now)
-
-
-def refresh(
-    op: Operation,
-    now: float,
-    thresholds: alerts.AlertThresholds,
-    *,
-    typical_throughput: float | None = None,
-    history: eta.StageHistory | None = None,
-) -> Operation:
-    """Recomputes the estimate and the alerts that depend on it."""
-    return refresh_built(
-        evolve(op), now, thresholds, typical_throughput=typical_throughput, history=history
-    )
-
-
 def refresh_built(
     op: Operation,
     now: float,
@@ -57,8 +37,9 @@ def refresh_built(
     reported: bool = False,
     history: eta.StageHistory | None = None,
 ) -> Operation:
-    """`refresh` of a value the caller has just built and not yet shared: sets the
-    fields in place rather than copying the operation once more. `reported`: the
+    """Recomputes the estimate and the alerts that depend on it, on a value the
+    caller has just built and not yet shared: sets the fields in place rather
+    than copying the operation once more. `reported`: the
     value is what an applied report left, to feed to the ETA estimator first;
     `history`: earlier runs of the operation's kind (eta.StageHistory)."""
     estimate: Estimate | None = None
