@@ -131,12 +131,16 @@ class OperationService:
         if op is None:
             # Only valid ids are ever stored: one found needs no check.
             check_id("operation_id", operation_id)
-            # Off the hot path: tells a producer "deleted, leave it" from "never
-            # seen" (a restarted store), which it registers again.
-            if await self.store.tombstone(operation_id) is not None:
-                raise Deleted(f"operation {operation_id!r} not found")
-            raise NotFound(f"operation {operation_id!r} not found")
+            raise await self._not_found(operation_id)
         return op
+
+    async def _not_found(self, operation_id: str, field: str = "") -> NotFound:
+        """The error for an operation the store does not hold. Off the hot path,
+        it tells a producer "deleted, leave it" (Deleted) from "never seen" (a
+        restarted store), which a best-effort client registers again."""
+        deleted = await self.store.tombstone(operation_id) is not None
+        prefix = f"{field}: " if field else ""
+        return (Deleted if deleted else NotFound)(f"{prefix}operation {operation_id!r} not found")
 
     async def _modify(
         self, operation_id: str, change: Callable[[Operation], Operation | None]
@@ -226,12 +230,7 @@ class OperationService:
             return 0
         parent = await self.store.get(parent_id)
         if parent is None:
-            # Deleted (a tombstone) or never seen: best-effort clients register
-            # a parent they started again only in the second case.
-            deleted = await self.store.tombstone(parent_id) is not None
-            raise (Deleted if deleted else NotFound)(
-                f"parent_id: operation {parent_id!r} not found"
-            )
+            raise await self._not_found(parent_id, "parent_id")
         if parent.depth + 1 > progress.MAX_DEPTH:
             raise InvalidArgument(
                 "parent_id", f"would nest operations deeper than {progress.MAX_DEPTH} levels"
