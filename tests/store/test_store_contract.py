@@ -549,3 +549,18 @@ async def test_counts_follow_every_write(store: OperationStore) -> None:
     await store.delete("z")
     await store.delete("y")
     assert await store.counts() == {("RUNNING", "crawl"): 1}
+
+
+async def test_a_finish_is_recorded_in_the_statistics_once(store: OperationStore) -> None:
+    await store.create(new_op("a", kind="crawl"))
+    await bump(store, "a", state=State.RUNNING)
+    assert len(store.stats) == 0
+    await bump(store, "a", state=State.SUCCEEDED, finished_at=10.0, completed=5)
+    assert len(store.stats) == 1
+    # A finished operation written again (its log counted, say) is not a new finish.
+    await bump(store, "a", error_count=1)
+    await store.delete("a")
+    assert len(store.stats) == 1
+    # Statistics outlive the operations they summarize.
+    where = OperationFilter(kind="crawl")
+    assert store.stats.compute([], where, window=None, now=20.0).finished == 1

@@ -94,7 +94,6 @@ class OperationService:
         retention: float = 3600.0,
         clock: Callable[[], float] = time.time,
         journal: Journal | None = None,
-        stats: StatsAggregate | None = None,
         thresholds: AlertThresholds | None = None,
         observer: Observer | None = None,
     ) -> None:
@@ -105,8 +104,10 @@ class OperationService:
         # sharing a store sees the same ones.
         self.journal: Journal = journal or store.journal
         # Statistics (and the ETA's per-kind history) live with the store's
-        # data too: they outlive retention, and replicas share them.
-        self.aggregate: StatsAggregate = stats or store.stats
+        # data too: they outlive retention, and replicas share them. The store
+        # records each operation's finish as it stores it, so that a finish is
+        # recorded once whichever replica wrote it.
+        self.aggregate: StatsAggregate = store.stats
         self.thresholds = thresholds or AlertThresholds()
         self.observer: Observer = observer or _NoObserver()
         # Server-generated ids derived from a request_id must not be guessable
@@ -179,7 +180,6 @@ class OperationService:
         if entries:
             await self.journal.append_timeline(new.id, entries)
         if new.state.terminal and (old is None or not old.state.terminal):
-            self.aggregate.record_finished(new)
             self.observer.operation_finished(new)
             await self.journal.seal(new.id)
         if new.alerts:

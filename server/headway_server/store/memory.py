@@ -263,7 +263,10 @@ class MemoryStore:
         if previous_revision is not None:
             del self._log[previous_revision]
         held = self._hold(stored)
-        self._index(self._operations.get(stored.id), held)
+        previous = self._operations.get(stored.id)
+        if stored.state.terminal and (previous is None or not previous.state.terminal):
+            self.stats.record_finished(stored)
+        self._index(previous, held)
         self._operations[stored.id] = held
         self._log.append(
             stored.revision,
