@@ -483,7 +483,7 @@ async def test_wait_for_change_can_be_cancelled(store: OperationStore) -> None:
     assert await asyncio.wait_for(waiter, 1.0) == 1
 
 
-# --- indexed sweeps, counts and the store's secret ----------------------------------------
+# --- indexed sweeps, counts, the store's secret and epoch ---------------------------------
 
 
 async def test_secret_is_stable_and_random_per_store(store_factory: StoreFactory) -> None:
@@ -492,6 +492,15 @@ async def test_secret_is_stable_and_random_per_store(store_factory: StoreFactory
     assert len(first) >= 32
     assert await store.secret() == first
     assert await store_factory().secret() != first
+
+
+async def test_epoch_is_stable_and_random_per_store(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    first = await store.epoch()
+    assert 0 < len(first) <= 64
+    await store.create(new_op("a"))
+    assert await store.epoch() == first  # writes do not start a new epoch
+    assert await store_factory().epoch() != first
 
 
 async def test_lapsed_leases_come_from_the_lease_index(store: OperationStore) -> None:

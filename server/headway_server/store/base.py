@@ -59,6 +59,15 @@ class OperationStore(Protocol):
         sharing the store and after a restart."""
         ...
 
+    async def epoch(self) -> str:
+        """A random id created with the store's keyspace (at most 64 characters).
+
+        Revisions only mean something within one epoch: a store whose data was
+        lost (a memory store's process restarted, a Redis flushed) counts from
+        0 again under a new epoch, so a resume position from another epoch
+        means nothing here, whatever its revision."""
+        ...
+
     async def get(self, operation_id: str) -> Operation | None:
         """Returns the operation, or None when there is none with that id."""
         ...

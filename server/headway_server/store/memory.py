@@ -149,6 +149,7 @@ class MemoryStore:
         # parent id -> child ids (dict as an ordered set), for roll-ups.
         self._children: dict[str, dict[str, None]] = {}
         self._secret = secrets.token_bytes(32)
+        self._epoch = secrets.token_hex(8)
         self.journal: Journal = MemoryJournal()
         self.stats = StatsAggregate()
         # id -> what children() last answered for it (see _child).
@@ -168,6 +169,10 @@ class MemoryStore:
     async def secret(self) -> bytes:
         # This store's data lives and dies with the process, and so does its key.
         return self._secret
+
+    async def epoch(self) -> str:
+        # A new process is a new keyspace: revisions start again from 0.
+        return self._epoch
 
     def _index(self, previous: HeldOperation | None, stored: HeldOperation | None) -> None:
         """Keeps the lease, finish-time and count indexes in step with a write."""
