@@ -1236,9 +1236,16 @@ class WatchOperationRequest(_message.Message):
     OPERATION_ID_FIELD_NUMBER: _builtins.int
     FROM_REVISION_FIELD_NUMBER: _builtins.int
     MIN_INTERVAL_FIELD_NUMBER: _builtins.int
+    FROM_EPOCH_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
     from_revision: _builtins.int
     """0 = start with a SNAPSHOT; N = resume after revision N."""
+    from_epoch: _builtins.str
+    """The epoch from_revision belongs to (OperationEvent.epoch), at most 64
+    characters. Empty = trust from_revision as is (clients from before epochs);
+    set and not the server's epoch (its store was reset or replaced since) =
+    RESET, then a SNAPSHOT, whatever from_revision says.
+    """
     @_builtins.property
     def min_interval(self) -> _duration_pb2.Duration:
         """Pacing: the server sends this stream at most one change message per
@@ -1255,10 +1262,11 @@ class WatchOperationRequest(_message.Message):
         operation_id: _builtins.str = ...,
         from_revision: _builtins.int = ...,
         min_interval: _duration_pb2.Duration | None = ...,
+        from_epoch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["min_interval", b"min_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_revision", b"from_revision", "min_interval", b"min_interval", "operation_id", b"operation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_epoch", b"from_epoch", "from_revision", b"from_revision", "min_interval", b"min_interval", "operation_id", b"operation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1271,7 +1279,12 @@ class WatchOperationsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     FROM_REVISION_FIELD_NUMBER: _builtins.int
     MIN_INTERVAL_FIELD_NUMBER: _builtins.int
+    FROM_EPOCH_FIELD_NUMBER: _builtins.int
     from_revision: _builtins.int
+    from_epoch: _builtins.str
+    """As WatchOperationRequest.from_epoch: set and not the server's epoch =
+    RESET, then a fresh snapshot and SYNCED.
+    """
     @_builtins.property
     def filter(self) -> Global___OperationFilter: ...
     @_builtins.property
@@ -1284,10 +1297,11 @@ class WatchOperationsRequest(_message.Message):
         filter: Global___OperationFilter | None = ...,
         from_revision: _builtins.int = ...,
         min_interval: _duration_pb2.Duration | None = ...,
+        from_epoch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "min_interval", b"min_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "from_revision", b"from_revision", "min_interval", b"min_interval"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "from_epoch", b"from_epoch", "from_revision", b"from_revision", "min_interval", b"min_interval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1329,8 +1343,15 @@ class OperationEvent(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     OPERATION_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     type: Global___OperationEvent.Type.ValueType
+    epoch: _builtins.str
+    """The store's epoch, a random id made with its keyspace: revisions count
+    within one epoch only. Set on SYNCED, BOOKMARK and RESET, and on the first
+    event of a WatchOperation stream (which has no SYNCED); empty on the others.
+    A client resuming sends it back as from_epoch with the revision it kept.
+    """
     @_builtins.property
     def operation(self) -> Global___Operation: ...
     def __init__(
@@ -1339,10 +1360,11 @@ class OperationEvent(_message.Message):
         revision: _builtins.int = ...,
         type: Global___OperationEvent.Type.ValueType = ...,
         operation: Global___Operation | None = ...,
+        epoch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation", "revision", b"revision", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "operation", b"operation", "revision", b"revision", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
