@@ -9,11 +9,13 @@ absence is a failure (the machine kind CI runs on has it).
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,3 +108,23 @@ class RedisServer:
     def restart(self, *, kill: bool = False) -> None:
         self.stop(kill=kill)
         self.start()
+
+
+_session_server: RedisServer | None = None
+
+
+def session_redis() -> RedisServer:
+    """One private redis-server for the whole test session (started on first
+    use, stopped at exit); tests on it use their own namespaces."""
+    global _session_server
+    if _session_server is None:
+        directory = Path(tempfile.mkdtemp(prefix="headway-test-redis-"))
+        server = RedisServer(directory).start()
+
+        def stop() -> None:
+            server.stop()
+            shutil.rmtree(directory, ignore_errors=True)
+
+        atexit.register(stop)
+        _session_server = server
+    return _session_server

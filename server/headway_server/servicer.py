@@ -17,7 +17,7 @@ from headway_server.app.service import OperationService, UpdateResult
 from headway_server.app.watch import MAX_MIN_INTERVAL, ShuttingDown, WatchEvent, WatchHub
 from headway_server.domain import errors
 from headway_server.domain.model import LogLevel
-from headway_server.domain.validation import check_id
+from headway_server.domain.validation import MAX_EPOCH_LENGTH, check_id, check_name
 
 log = logging.getLogger("headway.servicer")
 
@@ -42,6 +42,7 @@ STATUS_BY_ERROR: dict[type[errors.HeadwayError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Conflict: grpc.StatusCode.ABORTED,
     errors.HistoryCompacted: grpc.StatusCode.OUT_OF_RANGE,
+    errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     # A domain error with no more specific entry: a server defect, not the caller's.
     errors.HeadwayError: grpc.StatusCode.INTERNAL,
 }
@@ -286,9 +287,12 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
         # operation's bytes are shared by every watcher of it.
         try:
             check_id("operation_id", request.operation_id)
-            _check_revision(request.from_revision)
+            _check_resume(request)
             async for event in self.hub.watch_operation(
-                request.operation_id, request.from_revision, min_interval=_min_interval(request)
+                request.operation_id,
+                request.from_revision,
+                from_epoch=request.from_epoch,
+                min_interval=_min_interval(request),
             ):
                 yield convert.event_bytes(event)
         except ShuttingDown as exc:
@@ -301,9 +305,12 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
     ) -> AsyncIterator[bytes]:
         try:
             where = convert.operation_filter(request.filter)
-            _check_revision(request.from_revision)
+            _check_resume(request)
             async for batch in self.hub.watch_operations(
-                where, request.from_revision, min_interval=_min_interval(request)
+                where,
+                request.from_revision,
+                from_epoch=request.from_epoch,
+                min_interval=_min_interval(request),
             ):
                 for message in _messages(batch):
                     yield message
@@ -313,9 +320,13 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
             await _abort(context, exc, "WatchOperations")
 
 
-def _check_revision(revision: int) -> None:
-    if revision < 0:
-        raise errors.InvalidArgument("from_revision", f"must not be negative (got {revision})")
+def _check_resume(request: pb.WatchOperationRequest | pb.WatchOperationsRequest) -> None:
+    """Checks a watch's resume position (from_revision, from_epoch)."""
+    if request.from_revision < 0:
+        raise errors.InvalidArgument(
+            "from_revision", f"must not be negative (got {request.from_revision})"
+        )
+    check_name("from_epoch", request.from_epoch, MAX_EPOCH_LENGTH)
 
 
 def _min_interval(request: pb.WatchOperationRequest | pb.WatchOperationsRequest) -> float | None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from headway_server.domain.errors import (
@@ -29,6 +30,12 @@ from headway_server.domain.model import (
 )
 from headway_server.store.base import OperationStore
 from headway_server.store.memory import MemoryStore
+from headway_server.store.redis import RedisStore
+
+if TYPE_CHECKING:  # mypy knows the helpers as tests.redis_support, pytest as redis_support
+    from tests.redis_support import session_redis
+else:
+    from redis_support import session_redis
 
 StoreFactory = Callable[..., OperationStore]
 
@@ -46,10 +53,33 @@ def memory_store_unpacked(
     )
 
 
+_redis_stores: list[RedisStore] = []
+
+
+def redis_store(*, max_operations: int = 100_000, history_size: int = 10_000) -> OperationStore:
+    """A Redis store in a namespace of its own on the session's private redis-server."""
+    store = RedisStore(
+        session_redis().url,
+        namespace="test-" + secrets.token_hex(6),
+        max_operations=max_operations,
+        history_size=history_size,
+    )
+    _redis_stores.append(store)
+    return store
+
+
 STORE_FACTORIES: dict[str, StoreFactory] = {
     "memory": memory_store,
     "memory-unpacked": memory_store_unpacked,
+    "redis": redis_store,
 }
+
+
+@pytest.fixture(autouse=True)
+async def _close_redis_stores() -> AsyncIterator[None]:
+    yield
+    while _redis_stores:
+        await _redis_stores.pop().close()
 
 
 @pytest.fixture(params=sorted(STORE_FACTORIES))

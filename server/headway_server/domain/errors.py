@@ -44,3 +44,8 @@ class Conflict(HeadwayError):
 
 class HistoryCompacted(HeadwayError):
     """A watcher asked for changes the store no longer holds."""
+
+
+class StoreUnavailable(HeadwayError):
+    """The shared store (Redis) cannot be reached; the call may be retried, on
+    this server or another. Nothing was written unless the store said so."""

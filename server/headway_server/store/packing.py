@@ -19,15 +19,20 @@ import zlib
 from dataclasses import fields
 from typing import Any
 
+from headway_server.domain.eta import EtaState
 from headway_server.domain.model import (
+    Aggregation,
     Alert,
+    AlertRule,
     AlertType,
     Estimate,
     LogEntry,
     LogLevel,
+    MeasureSpec,
     Operation,
     OperationError,
     Stage,
+    StageSpec,
     StageState,
     StartSpec,
     State,
@@ -87,6 +92,7 @@ _PACKED_FIELDS = (
     "measures",
     "children_measures",
 )
+_ETA_FIELDS = tuple(f.name for f in fields(EtaState))
 _missing = {f.name for f in fields(Operation)} - {"id", "spec"} - set(_PACKED_FIELDS)
 assert not _missing, f"packing.py does not pack Operation fields {_missing}"
 
@@ -95,12 +101,15 @@ class Unpackable(ValueError):
     """The operation holds a value marshal cannot write; the store keeps it as is."""
 
 
-def _row(op: Operation) -> tuple[Any, ...]:
+def _row(op: Operation, *, whole: bool = False) -> tuple[Any, ...]:
     error = op.error
     est = op.estimate
+    eta_state: tuple[Any, ...] | None = None
     if op.eta_state is not None:
-        # Only finished operations are packed, and they have dropped it.
-        raise Unpackable("the ETA estimator's state is not packed")
+        if not whole:
+            # Only finished operations are packed here, and they have dropped it.
+            raise Unpackable("the ETA estimator's state is not packed")
+        eta_state = tuple(getattr(op.eta_state, name) for name in _ETA_FIELDS)
     return (
         int(op.state),
         op.stalled,
@@ -147,7 +156,7 @@ def _row(op: Operation) -> tuple[Any, ...]:
         op.children_percent,
         op.depth,
         (est.throughput, est.per_percent, est.eta, est.confidence, est.at),
-        None,
+        eta_state,
         op.peak_throughput,
         op.eta_baseline,
         dict(op.measures),
@@ -169,6 +178,8 @@ def _operation(op_id: str, spec: StartSpec, row: tuple[Any, ...]) -> Operation:
         for kind, message, since, measure, value in values["alerts"]
     )
     values["estimate"] = Estimate(*values["estimate"])
+    if values["eta_state"] is not None:
+        values["eta_state"] = EtaState(*values["eta_state"])
     return Operation(id=op_id, spec=spec, **values)
 
 
@@ -292,3 +303,144 @@ def unpack_logs(data: bytes) -> tuple[list[LogEntry], int, int]:
         for level, message, stage, item, code, recoverable, details, at, index in rows
     ]
     return entries, dropped, appended
+
+
+# --- records: whole operations for a store that outlives the process ---------------------
+
+# The first byte of every record; a later layout gets a new number, and readers
+# refuse numbers they do not know rather than misread them.
+RECORD_VERSION = 1
+# A dictionary fixed for all time (unlike _DICTIONARY, made from this process's
+# start): records are read back by other processes and after restarts.
+_RECORD_DICTIONARY_TIME = 1_800_000_000.0
+
+
+def _record_dictionary() -> bytes:
+    t = _RECORD_DICTIONARY_TIME
+    typical = Operation(
+        id="op-0123456789abcdef0123456789abcdef",
+        spec=StartSpec(kind="ingest", project="default", unit="files", total=1000),
+        state=State.RUNNING,
+        percent=50.0,
+        completed=500,
+        total=1000,
+        stage="index",
+        message="indexing",
+        counters={"files": 500, "errors": 0, "bytes": 0},
+        created_at=t,
+        started_at=t + 0.1,
+        updated_at=t + 10,
+        revision=100_000,
+        created_revision=100_000,
+        last_sequence=10,
+        last_report_at=t + 9,
+        estimate=Estimate(100.0, False, 5.0, 1.0, t + 10),
+        eta_state=EtaState(last_at=t + 9, observations=10, active=9.0, fraction=0.5, units=500),
+        peak_throughput=100.0,
+    )
+    return marshal.dumps(_record_row(typical), _MARSHAL_VERSION)
+
+
+def _spec_row(spec: StartSpec) -> tuple[Any, ...]:
+    return (
+        spec.kind,
+        spec.project,
+        spec.dataset,
+        dict(spec.labels),
+        spec.total,
+        spec.unit,
+        tuple((s.name, s.weight) for s in spec.stages),
+        spec.heartbeat_timeout,
+        spec.parent_id,
+        tuple((m.name, int(m.aggregation)) for m in spec.measures),
+        tuple((r.measure, r.below, r.above) for r in spec.alert_rules),
+    )
+
+
+def _spec(row: tuple[Any, ...]) -> StartSpec:
+    kind, project, dataset, labels, total, unit, stages, timeout, parent, measures, rules = row
+    return StartSpec(
+        kind=kind,
+        project=project,
+        dataset=dataset,
+        labels=labels,
+        total=total,
+        unit=unit,
+        stages=tuple(StageSpec(name, weight) for name, weight in stages),
+        heartbeat_timeout=timeout,
+        parent_id=parent,
+        measures=tuple(MeasureSpec(name, Aggregation(agg)) for name, agg in measures),
+        alert_rules=tuple(AlertRule(measure, below, above) for measure, below, above in rules),
+    )
+
+
+def _record_row(op: Operation) -> tuple[Any, ...]:
+    return (op.id, _spec_row(op.spec), _row(op, whole=True))
+
+
+_RECORD_DICTIONARY = _record_dictionary()
+
+
+def pack_record(op: Operation) -> bytes:
+    """The whole operation (id, spec and the ETA's state included) as bytes that
+    any process of any later version reads back with unpack_record.
+
+    Raises:
+        Unpackable: a JSON field holds a value marshal cannot write.
+    """
+    try:
+        raw = marshal.dumps(_record_row(op), _MARSHAL_VERSION)
+    except ValueError as exc:
+        raise Unpackable(str(exc)) from exc
+    compressor = zlib.compressobj(
+        _LEVEL, zlib.DEFLATED, _WBITS, _MEM_LEVEL, zdict=_RECORD_DICTIONARY
+    )
+    return bytes((RECORD_VERSION,)) + compressor.compress(raw) + compressor.flush()
+
+
+def unpack_record(data: bytes) -> Operation:
+    """The operation pack_record packed, equal to it field for field.
+
+    Raises:
+        ValueError: the bytes are not a record this version can read.
+    """
+    if not data or data[0] != RECORD_VERSION:
+        raise ValueError(f"not a version {RECORD_VERSION} operation record")
+    try:
+        raw = zlib.decompressobj(_WBITS, zdict=_RECORD_DICTIONARY).decompress(data[1:])
+        op_id, spec, row = marshal.loads(raw)
+    except (zlib.error, EOFError, TypeError) as exc:
+        raise ValueError(f"corrupt operation record: {exc}") from exc
+    return _operation(op_id, _spec(spec), row)
+
+
+def pack_entry(entry: LogEntry | TimelineEntry) -> bytes:
+    """One log or timeline entry (a log entry without its index, which the
+    store gives by position) as marshal bytes."""
+    if isinstance(entry, LogEntry):
+        row: tuple[Any, ...] = (
+            int(entry.level),
+            entry.message,
+            entry.stage,
+            entry.item,
+            entry.code,
+            entry.recoverable,
+            entry.details,
+            entry.time,
+        )
+    else:
+        row = (int(entry.type), entry.time, entry.revision, entry.stage, entry.message)
+    try:
+        return marshal.dumps(row, _MARSHAL_VERSION)
+    except ValueError as exc:
+        raise Unpackable(str(exc)) from exc
+
+
+def unpack_log_entry(data: bytes, index: int) -> LogEntry:
+    level, message, stage, item, code, recoverable, details, at = marshal.loads(data)
+    return LogEntry(LogLevel(level), message, stage, item, code, recoverable, details, at, index)
+
+
+def unpack_timeline_entry(data: bytes) -> TimelineEntry:
+    kind, at, revision, stage, message = marshal.loads(data)
+    return TimelineEntry(TimelineType(kind), at, revision, stage, message)

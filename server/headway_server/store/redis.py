@@ -1,0 +1,680 @@
+"""The Redis store: operations shared by every server process, kept across restarts.
+
+Each write is one Lua script (store/redis_scripts.py): compare-and-set on the
+operation's revision, the next value of the store-wide revision counter, the new
+state, its indexes and the change index, in one round trip. The change index
+holds each operation once, at its latest revision, as the memory store's
+history does, so "what changed after N" is one range read and conflation holds
+by construction.
+
+Each process runs one tailer: it follows the namespace's notification channel
+(every write publishes its revision) so that `wait_for_change` wakes within a
+round trip of a write made through any process, and it feeds this process's
+statistics with the operations other processes finished. The watch hub's one
+pump then reads the change index once per round for all of its watchers.
+
+An epoch, a random id created with the keyspace, tells a flushed or replaced
+Redis from the one a revision came from: `changes()` refuses to answer across
+epochs (HistoryCompacted), so no watcher resumes at a position that means
+something else now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from headway_server.domain.errors import (
+    AlreadyExists,
+    Conflict,
+    HistoryCompacted,
+    NotFound,
+    ResourceExhausted,
+    StoreUnavailable,
+)
+from headway_server.domain.model import (
+    Change,
+    ChildProgress,
+    HeldOperation,
+    LogEntry,
+    Operation,
+    OperationFilter,
+    State,
+    TimelineEntry,
+    evolve,
+)
+from headway_server.domain.stats import DEFAULT_MAX_SUMMARIES, StatsAggregate
+from headway_server.store import redis_scripts as lua
+from headway_server.store.base import Changes, Page
+from headway_server.store.journal import MAX_LOG_ENTRIES, MAX_TIMELINE_ENTRIES
+from headway_server.store.packing import (
+    pack_entry,
+    pack_record,
+    unpack_log_entry,
+    unpack_record,
+    unpack_timeline_entry,
+)
+
+log = logging.getLogger("headway.store.redis")
+
+DEFAULT_NAMESPACE = "headway"
+# Operations kept unpacked in this process, by id, at the revision last read or
+# written: a report's read-modify-write then costs one round trip (the write's
+# compare-and-set catches a stale copy), and watchers of an operation share one
+# unpacked value.
+CACHE_SIZE = 4096
+# Ids read per round trip when listing.
+_PAGE_CHUNK = 500
+# The tailer reads the revision at least this often even if no notification
+# came (a notification lost with a connection must not stall watchers).
+_POLL = 1.0
+# How long a failed store call may take before callers hear UNAVAILABLE.
+_SOCKET_TIMEOUT = 5.0
+_CONNECT_TIMEOUT = 2.0
+
+_UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+T = TypeVar("T")
+
+
+def _text(url: str) -> str:
+    """The store's URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class RedisStore:
+    """Operations, their journals and statistics in Redis, under one namespace."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        max_operations: int = 100_000,
+        history_size: int = 10_000,
+        max_summaries: int = DEFAULT_MAX_SUMMARIES,
+    ) -> None:
+        query = parse_qs(urlsplit(url).query)
+        namespace = query.pop("namespace", [namespace])[-1]
+        if not namespace or any(c in namespace for c in "{}"):
+            raise ValueError(f"invalid Redis namespace {namespace!r}")
+        self.url = url
+        self.name = _text(url)
+        # Typed loosely: redis-py's replies are unions of every reply shape.
+        self._client: Any = aioredis.Redis.from_url(
+            urlunsplit(urlsplit(url)._replace(query="")),
+            socket_timeout=_SOCKET_TIMEOUT,
+            socket_connect_timeout=_CONNECT_TIMEOUT,
+            health_check_interval=30,
+        )
+        self._max_operations = max_operations
+        self._history_size = history_size
+        self._max_summaries = max_summaries
+        # One hash tag for every key: one Cluster slot, so scripts may touch them all.
+        prefix = "{" + namespace + "}:"
+        self._prefix = prefix
+        self._k = {
+            name: prefix + name
+            for name in (
+                "meta",
+                "rec",
+                "rev",
+                "made",
+                "idx",
+                "changes",
+                "tombs",
+                "created",
+                "leases",
+                "finished",
+                "counts",
+                "finishes",
+                "logsn",
+                "timelinen",
+            )
+        }
+        self.channel = prefix + "notify"
+        register = self._client.register_script
+        self._init = register(lua.INIT)
+        self._write = register(lua.WRITE)
+        self._delete = register(lua.DELETE)
+        self._changes = register(lua.CHANGES)
+        self._get = register(lua.GET)
+        self._tombstone = register(lua.TOMBSTONE)
+        self._read_members = register(lua.MEMBERS)
+        self._append = register(lua.APPEND)
+        self._entries = register(lua.ENTRIES)
+        self._epoch: str | None = None
+        self._secret = b""
+        self._cache: OrderedDict[str, Operation] = OrderedDict()
+        self._child_views: dict[str, ChildProgress] = {}
+        # The highest revision this process knows the store has reached.
+        self._known = 0
+        self._changed = asyncio.Event()
+        self.stats = StatsAggregate(max_summaries=max_summaries)
+        # Finishes this process recorded itself (by stream entry id), which the
+        # tailer then skips; and the last entry it has read.
+        self._own_finishes: set[bytes] = set()
+        self._finishes_read = b"0-0"
+        self._tailer: asyncio.Task[None] | None = None
+        self._closed = False
+        self.journal = RedisJournal(self)
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def key(self, name: str) -> str:
+        return self._prefix + name
+
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Runs a Redis call; an unreachable Redis is StoreUnavailable, never a crash."""
+        try:
+            return await call()
+        except _UNREACHABLE as exc:
+            raise StoreUnavailable(f"store {self.name} is unavailable: {exc}") from exc
+
+    async def _run(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if self._epoch is None:
+            await self.open()
+        result = await self._call(lambda: script(keys=keys, args=args))
+        if isinstance(result, list) and result and result[0] == lua.NO_EPOCH:
+            # The keyspace was flushed under us: it is a new store now.
+            log.warning("store keyspace is new (flushed?); starting a new epoch")
+            await self.open()
+            result = await self._call(lambda: script(keys=keys, args=args))
+        return result
+
+    async def open(self) -> None:
+        """Creates the keyspace's epoch and secret if it has none, reads them,
+        replays the statistics and starts the tailer (idempotent)."""
+        epoch, secret, rev = await self._call(
+            lambda: self._init(
+                keys=[self._k["meta"]],
+                args=[secrets.token_hex(8), secrets.token_bytes(32)],
+            )
+        )
+        new_epoch = epoch.decode()
+        if self._epoch is not None and new_epoch != self._epoch:
+            self._forget_local()
+        self._epoch = new_epoch
+        self._secret = secret
+        self._see(int(rev or 0))
+        await self._read_finishes()
+        if self._tailer is None and not self._closed:
+            self._tailer = asyncio.create_task(self._tail(), name="headway-redis-tailer")
+
+    def _forget_local(self) -> None:
+        self._cache.clear()
+        self._child_views.clear()
+        self._known = 0
+        # Statistics stay: they summarize what finished, which stays true (and
+        # a new stream's entry ids continue past the old ones: they are times).
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._tailer is not None:
+            self._tailer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._tailer
+            self._tailer = None
+        await self._client.aclose()
+
+    async def check(self) -> None:
+        """Raises StoreUnavailable unless Redis answers now."""
+        await self._call(self._client.ping)
+
+    def _see(self, revision: int) -> None:
+        if revision > self._known:
+            self._known = revision
+            event, self._changed = self._changed, asyncio.Event()
+            event.set()
+
+    async def _tail(self) -> None:
+        """Follows the notification channel: wakes waiters, feeds statistics."""
+        while not self._closed:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                # Anything written before the subscription took hold.
+                self._see(await self.revision())
+                await self._read_finishes()
+                while not self._closed:
+                    message = await pubsub.get_message(timeout=_POLL)
+                    if message is None:
+                        self._see(await self.revision())
+                        continue
+                    note = message["data"].split()
+                    self._see(int(note[0]))
+                    if len(note) > 1:
+                        await self._read_finishes()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the tailer must outlive any failure
+                log.warning("store tailer lost Redis; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _read_finishes(self) -> None:
+        """Records in this process's statistics the finishes other processes wrote."""
+        while True:
+            entries = await self._call(
+                lambda: self._client.xrange(
+                    self._k["finishes"], min="(" + self._finishes_read.decode(), count=1000
+                )
+            )
+            for entry_id, fields in entries:
+                self._finishes_read = entry_id
+                if entry_id in self._own_finishes:
+                    self._own_finishes.discard(entry_id)
+                    continue
+                try:
+                    self.stats.record_finished(unpack_record(fields[b"r"]))
+                except ValueError:
+                    log.warning("unreadable finish record skipped", extra={"entry": entry_id})
+            if len(entries) < 1000:
+                return
+
+    def _cached_op(self, op_id: str, record: bytes, revision: Any, created: Any) -> Operation:
+        rev, made = int(revision), int(created)
+        cached = self._cache.get(op_id)
+        if cached is not None and cached.revision == rev and cached.created_revision == made:
+            self._cache.move_to_end(op_id)
+            return cached
+        op = evolve(unpack_record(record), revision=rev, created_revision=made)
+        self._remember(op)
+        return op
+
+    def _remember(self, op: Operation) -> None:
+        self._cache[op.id] = op
+        self._cache.move_to_end(op.id)
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    # --- the store interface ------------------------------------------------------------
+
+    async def revision(self) -> int:
+        raw = await self._call(lambda: self._client.hget(self._k["meta"], "rev"))
+        revision = int(raw or 0)
+        self._see(revision)
+        return revision
+
+    async def epoch(self) -> str:
+        if self._epoch is None:
+            await self.open()
+        assert self._epoch is not None
+        return self._epoch
+
+    async def secret(self) -> bytes:
+        if self._epoch is None:
+            await self.open()
+        return self._secret
+
+    async def get(self, operation_id: str) -> Operation | None:
+        k = self._k
+        found = await self._run(
+            self._get, [k["rec"], k["rev"], k["made"], k["idx"]], [operation_id]
+        )
+        record, revision, created = found
+        if record is None:
+            self._cache.pop(operation_id, None)
+            return None
+        return self._cached_op(operation_id, record, revision, created)
+
+    async def get_cached(self, operation_id: str) -> Operation | None:
+        """The operation as this process last saw it, else read: for
+        compare-and-set writes, which catch a stale copy."""
+        cached = self._cache.get(operation_id)
+        if cached is not None:
+            return cached
+        return await self.get(operation_id)
+
+    def _write_keys(self, op: Operation) -> list[str]:
+        k = self._k
+        parent = op.spec.parent_id
+        return [
+            k["meta"],
+            k["rec"],
+            k["rev"],
+            k["made"],
+            k["idx"],
+            k["changes"],
+            k["created"],
+            self.key("children:" + parent) if parent else k["created"],
+            k["leases"],
+            k["finished"],
+            k["counts"],
+            k["tombs"],
+            k["finishes"],
+        ]
+
+    async def _store(self, op: Operation, mode: str, expected: int) -> Operation:
+        lease = ""
+        if op.state is State.RUNNING and not op.stalled and op.heartbeat_timeout > 0:
+            lease = repr(op.last_report_at + op.heartbeat_timeout)
+        terminal = op.state.terminal
+        finish = repr(op.finished_at) if terminal and op.finished_at is not None else ""
+        record = pack_record(evolve(op, revision=0, created_revision=0))
+        result = await self._run(
+            self._write,
+            self._write_keys(op),
+            [
+                mode,
+                op.id,
+                str(expected),
+                record,
+                "1" if terminal else "0",
+                f"{op.state.name}\0{op.kind}",
+                lease,
+                finish,
+                self._max_operations,
+                self.channel,
+                self._max_summaries,
+                "1" if op.spec.parent_id else "0",
+            ],
+        )
+        code = result[0]
+        if code == lua.EXISTS:
+            raise AlreadyExists(f"operation {op.id!r} already exists")
+        if code == lua.FULL:
+            raise ResourceExhausted(
+                f"the store holds its maximum of {self._max_operations} operations"
+            )
+        if code == lua.NOT_FOUND:
+            self._cache.pop(op.id, None)
+            raise NotFound(f"operation {op.id!r} not found")
+        if code == lua.CONFLICT:
+            self._cache.pop(op.id, None)
+            raise Conflict(f"operation {op.id!r} changed concurrently")
+        revision, created, entry = result
+        stored = evolve(op, revision=revision, created_revision=created)
+        self._remember(stored)
+        self._see(revision)
+        if entry:
+            self._own_finishes.add(entry)
+            self.stats.record_finished(stored)
+        return stored
+
+    async def create(self, operation: Operation) -> Operation:
+        return await self._store(operation, "c", 0)
+
+    async def replace(self, operation: Operation, *, expected_revision: int) -> Operation:
+        return await self._store(operation, "r", expected_revision)
+
+    async def delete(self, operation_id: str) -> int:
+        # The parent names the children index to leave; a spec never changes.
+        current = await self.get_cached(operation_id)
+        if current is None:
+            raise NotFound(f"operation {operation_id!r} not found")
+        k = self._k
+        parent = current.spec.parent_id
+        keys = [
+            k["meta"],
+            k["rec"],
+            k["rev"],
+            k["made"],
+            k["idx"],
+            k["changes"],
+            k["created"],
+            self.key("children:" + parent) if parent else self.key("children:"),
+            k["leases"],
+            k["finished"],
+            k["counts"],
+            k["tombs"],
+            self.key("logs:" + operation_id),
+            self.key("timeline:" + operation_id),
+            k["logsn"],
+            k["timelinen"],
+        ]
+        result = await self._run(
+            self._delete, keys, [operation_id, self.channel, self._history_size]
+        )
+        self._cache.pop(operation_id, None)
+        self._child_views.pop(operation_id, None)
+        if result[0] == lua.NOT_FOUND:
+            raise NotFound(f"operation {operation_id!r} not found")
+        revision: int = result[0]
+        self._see(revision)
+        return revision
+
+    async def _read_changes(
+        self, after: int, limit: int, live_only: bool
+    ) -> tuple[int, list[Change]]:
+        k = self._k
+        epoch = await self.epoch()
+        result = await self._run(
+            self._changes,
+            [k["meta"], k["changes"], k["rec"], k["rev"], k["made"], k["idx"]],
+            [after, limit, "1" if live_only else "0", epoch],
+        )
+        code = result[0]
+        if code == lua.OTHER_EPOCH:
+            # Flushed, or another Redis: nothing this process holds is valid.
+            await self.open()
+            raise HistoryCompacted(
+                f"the store's epoch changed ({epoch} -> {self._epoch}); start over"
+            )
+        if code == lua.OUT_OF_RANGE:
+            raise HistoryCompacted(
+                f"revision {after} is outside the history held ({result[2]}..{result[1]})"
+            )
+        revision = int(code)
+        self._see(revision)
+        found: list[Change] = []
+        rows = result[3:]
+        for i in range(0, len(rows), 6):
+            op_id, at, record, state_rev, created, live = rows[i : i + 6]
+            op = self._cached_op(op_id.decode(), record, state_rev, created)
+            found.append(Change(int(float(at)), op, deleted=not live))
+        return revision, found
+
+    async def changes(self, after: int, *, limit: int) -> Changes:
+        revision, found = await self._read_changes(after, limit + 1, live_only=False)
+        if len(found) > limit:
+            del found[limit:]
+            return Changes(found, found[-1].revision if found else after)
+        return Changes(found, revision)
+
+    async def snapshot(self, where: OperationFilter) -> Changes:
+        revision, found = await self._read_changes(0, -1, live_only=True)
+        return Changes([c for c in found if where.matches(c.operation)], revision)
+
+    async def tombstone(self, operation_id: str) -> Change | None:
+        k = self._k
+        found = await self._run(
+            self._tombstone, [k["rec"], k["rev"], k["made"], k["tombs"]], [operation_id]
+        )
+        if not found:
+            return None
+        deleted, record, revision, created = found
+        op = self._cached_op(operation_id, record, revision, created)
+        return Change(int(float(deleted)), op, deleted=True)
+
+    async def _ops(self, ids: Iterable[str]) -> list[Operation]:
+        """The live operations among `ids`, in that order, read at one revision."""
+        wanted = list(ids)
+        if not wanted:
+            return []
+        k = self._k
+        rows = await self._run(self._get, [k["rec"], k["rev"], k["made"], k["idx"]], wanted)
+        ops = []
+        for i, op_id in enumerate(wanted):
+            record, revision, created = rows[3 * i : 3 * i + 3]
+            if record is not None:
+                ops.append(self._cached_op(op_id, record, revision, created))
+        return ops
+
+    async def _members(
+        self, index: str, after: float, limit: int
+    ) -> tuple[int, list[tuple[str, int, int]]]:
+        """(store revision, [(id, score, revision)]) of an index ZSET's members
+        scored above `after`, in score order."""
+        k = self._k
+        result = await self._run(self._read_members, [k["meta"], index, k["rev"]], [after, limit])
+        rows = result[1:]
+        return int(result[0]), [
+            (rows[i].decode(), int(float(rows[i + 1])), int(rows[i + 2] or 0))
+            for i in range(0, len(rows), 3)
+        ]
+
+    async def list_page(self, where: OperationFilter, *, after: int = 0, limit: int = 100) -> Page:
+        found: list[Operation] = []
+        revision = 0
+        cursor = after
+        while len(found) <= limit:
+            revision, members = await self._members(self._k["created"], cursor, _PAGE_CHUNK)
+            if not members:
+                break
+            found.extend(op for op in await self._ops(m[0] for m in members) if where.matches(op))
+            cursor = members[-1][1]
+            if len(members) < _PAGE_CHUNK:
+                break
+        more = len(found) > limit
+        del found[limit:]
+        return Page(found, found[-1].created_revision if more else None, revision)
+
+    async def children(self, parent_id: str) -> list[ChildProgress]:
+        _, members = await self._members(self.key("children:" + parent_id), -1, -1)
+        views: list[ChildProgress | None] = []
+        missing = []
+        for op_id, _, revision in members:
+            view = self._child_views.get(op_id)
+            if view is not None and view.revision == revision:
+                views.append(view)
+            else:
+                views.append(None)
+                missing.append(op_id)
+        fresh = {op.id: ChildProgress.of(op) for op in await self._ops(missing)}
+        self._child_views.update(fresh)
+        result = []
+        for (op_id, _, _), view in zip(members, views, strict=True):
+            found = view or fresh.get(op_id)
+            if found is not None:
+                result.append(found)
+        return result
+
+    async def scan(self) -> list[HeldOperation]:
+        # Statistics read this with the aggregate: bring it up to date first.
+        await self._read_finishes()
+        _, members = await self._members(self._k["created"], -1, -1)
+        ops: list[HeldOperation] = []
+        for start in range(0, len(members), _PAGE_CHUNK):
+            chunk = members[start : start + _PAGE_CHUNK]
+            ops.extend(await self._ops(m[0] for m in chunk))
+        return ops
+
+    async def wait_for_change(self, after: int) -> int:
+        if self._tailer is None:
+            await self.open()
+        while self._known <= after:
+            await self._changed.wait()
+        return self._known
+
+    async def lapsed_leases(self, now: float) -> list[str]:
+        ids = await self._call(
+            lambda: self._client.zrangebyscore(self._k["leases"], "-inf", repr(now))
+        )
+        return [i.decode() for i in ids]
+
+    async def finished_before(self, cutoff: float, *, limit: int) -> list[str]:
+        ids = await self._call(
+            lambda: self._client.zrangebyscore(
+                self._k["finished"], "-inf", repr(cutoff), start=0, num=limit
+            )
+        )
+        return [i.decode() for i in ids]
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        raw = await self._call(lambda: self._client.hgetall(self._k["counts"]))
+        counts = {}
+        for key, n in raw.items():
+            state, _, kind = key.decode().partition("\0")
+            if int(n) > 0:
+                counts[state, kind] = int(n)
+        return counts
+
+
+class RedisJournal:
+    """Logs and timelines as capped Redis lists beside the operations.
+
+    A log entry's index is its position counted from the first ever appended
+    (appended - held + position), so entries need not be rewritten when the
+    oldest are dropped.
+    """
+
+    def __init__(
+        self,
+        store: RedisStore,
+        *,
+        max_logs: int = MAX_LOG_ENTRIES,
+        max_timeline: int = MAX_TIMELINE_ENTRIES,
+    ) -> None:
+        self._store = store
+        self._max = {"logs": max_logs, "timeline": max_timeline}
+
+    async def _append(self, kind: str, operation_id: str, entries: Iterable[Any]) -> int:
+        packed = [pack_entry(e) for e in entries]
+        if not packed:
+            return await self._dropped(kind, operation_id)
+        store = self._store
+        appended, held = await store._run(
+            store._append,
+            [store.key(f"{kind}:{operation_id}"), store.key(f"{kind}n")],
+            [operation_id, self._max[kind], *packed],
+        )
+        return int(appended) - int(held)
+
+    async def _read(self, kind: str, operation_id: str) -> tuple[int, list[bytes]]:
+        store = self._store
+        result = await store._run(
+            store._entries,
+            [store.key(f"{kind}:{operation_id}"), store.key(f"{kind}n")],
+            [operation_id],
+        )
+        return int(result[0]), result[1:]
+
+    async def _dropped(self, kind: str, operation_id: str) -> int:
+        appended, held = await self._read(kind, operation_id)
+        return appended - len(held)
+
+    async def append_logs(self, operation_id: str, entries: Iterable[LogEntry]) -> int:
+        return await self._append("logs", operation_id, entries)
+
+    async def logs(self, operation_id: str) -> tuple[list[LogEntry], int]:
+        appended, held = await self._read("logs", operation_id)
+        first = appended - len(held)
+        return [unpack_log_entry(e, first + i + 1) for i, e in enumerate(held)], first
+
+    async def append_timeline(self, operation_id: str, entries: Iterable[TimelineEntry]) -> None:
+        await self._append("timeline", operation_id, entries)
+
+    async def timeline(self, operation_id: str) -> tuple[list[TimelineEntry], int]:
+        appended, held = await self._read("timeline", operation_id)
+        return [unpack_timeline_entry(e) for e in held], appended - len(held)
+
+    async def seal(self, operation_id: str) -> None:
+        pass  # entries are already held packed
+
+    async def forget(self, operation_id: str) -> None:
+        # The store's delete script drops them with the operation, atomically;
+        # this covers an operation deleted by a version that did not.
+        store = self._store
+        await store._call(
+            lambda: store._client.delete(
+                store.key(f"logs:{operation_id}"), store.key(f"timeline:{operation_id}")
+            )
+        )
+        await store._call(lambda: store._client.hdel(store.key("logsn"), operation_id))
+        await store._call(lambda: store._client.hdel(store.key("timelinen"), operation_id))

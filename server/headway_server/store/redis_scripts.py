@@ -1,0 +1,231 @@
+"""The Redis store's Lua scripts: each write, and each read that must see one
+revision, is one script, so it is atomic and costs one round trip.
+
+Keys (all under one hash tag, the namespace, so they share a Cluster slot):
+  meta      HASH  rev (the store-wide revision counter), epoch, secret, compacted
+  rec       HASH  id -> packed operation (store.packing.pack_record), live or
+                  the last state of a deleted one (its tombstone)
+  rev       HASH  id -> revision of that state
+  made      HASH  id -> created revision
+  idx       HASH  id -> "1"/"0" (terminal) .. count key, for live operations only
+  changes   ZSET  id -> latest revision (write or delete): "what changed after N"
+  tombs     ZSET  id -> revision of its delete, oldest trimmed past the history size
+  created   ZSET  id -> created revision, live operations (creation order, paging)
+  children:<parent>  ZSET child id -> created revision
+  leases    ZSET  id -> lease deadline (last report + heartbeat timeout)
+  finished  ZSET  id -> finish time (retention)
+  counts    HASH  "STATE\\0kind" -> operations held
+  finishes  STREAM  packed record of each operation as it first finished (statistics)
+  logs:<id>, timeline:<id>  LIST  packed entries; logsn / timelinen HASH id -> appended
+Writes PUBLISH the new revision on the namespace's channel ("<rev>" or
+"<rev> f" when the write finished an operation), which every server process's
+tailer follows.
+"""
+
+from __future__ import annotations
+
+# Error codes the scripts return as {code}; positive values are revisions.
+NOT_FOUND = -1
+CONFLICT = -2
+EXISTS = -3
+FULL = -4
+# The keyspace has no epoch: it is new, or was flushed; the caller initializes it.
+NO_EPOCH = -5
+# changes(): the epoch differs from the caller's, or the revision is outside
+# what the store holds.
+OTHER_EPOCH = -6
+OUT_OF_RANGE = -7
+
+# KEYS: meta. ARGV: epoch, secret (used only if the keyspace has none).
+INIT = """
+redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'secret', ARGV[2])
+return redis.call('HMGET', KEYS[1], 'epoch', 'secret', 'rev')
+"""
+
+# KEYS: meta rec rev made idx changes created children leases finished counts
+#       tombs finishes
+# ARGV: 1 mode (c: create, r: replace), 2 id, 3 expected revision, 4 record,
+#       5 terminal (1/0), 6 count key, 7 lease deadline or '', 8 finish time or '',
+#       9 max operations, 10 channel, 11 max finishes kept, 12 has parent (1/0)
+# Returns {revision, created revision, finishes entry id or ''} or {error}.
+WRITE = """
+local meta, id = KEYS[1], ARGV[2]
+if redis.call('HEXISTS', meta, 'epoch') == 0 then return {-5} end
+local old = redis.call('HGET', KEYS[5], id)
+local created
+if ARGV[1] == 'c' then
+  if old then return {-3} end
+  if redis.call('ZCARD', KEYS[7]) >= tonumber(ARGV[9]) then return {-4} end
+else
+  if not old then return {-1} end
+  if redis.call('HGET', KEYS[3], id) ~= ARGV[3] then return {-2} end
+end
+local rev = redis.call('HINCRBY', meta, 'rev', 1)
+if ARGV[1] == 'c' then
+  created = rev
+  redis.call('HSET', KEYS[4], id, rev)
+  redis.call('ZADD', KEYS[7], rev, id)
+  -- an id deleted earlier and created again is live, not a tombstone
+  redis.call('ZREM', KEYS[12], id)
+  if ARGV[12] == '1' then redis.call('ZADD', KEYS[8], rev, id) end
+else
+  created = tonumber(redis.call('HGET', KEYS[4], id))
+  local key = string.sub(old, 2)
+  if redis.call('HINCRBY', KEYS[11], key, -1) <= 0 then redis.call('HDEL', KEYS[11], key) end
+end
+redis.call('HSET', KEYS[2], id, ARGV[4])
+redis.call('HSET', KEYS[3], id, rev)
+redis.call('HSET', KEYS[5], id, ARGV[5] .. ARGV[6])
+redis.call('HINCRBY', KEYS[11], ARGV[6], 1)
+redis.call('ZADD', KEYS[6], rev, id)
+if ARGV[7] ~= '' then
+  redis.call('ZADD', KEYS[9], ARGV[7], id)
+else
+  redis.call('ZREM', KEYS[9], id)
+end
+if ARGV[8] ~= '' then
+  -- the first finish time stays (retention counts from it)
+  redis.call('ZADD', KEYS[10], 'NX', ARGV[8], id)
+elseif ARGV[5] == '0' then
+  redis.call('ZREM', KEYS[10], id)
+end
+local entry = ''
+local note = tostring(rev)
+if ARGV[5] == '1' and (not old or string.sub(old, 1, 1) ~= '1') then
+  entry = redis.call('XADD', KEYS[13], 'MAXLEN', '~', ARGV[11], '*', 'r', ARGV[4])
+  note = note .. ' f'
+end
+redis.call('PUBLISH', ARGV[10], note)
+return {rev, created, entry}
+"""
+
+# KEYS: meta rec rev made idx changes created children leases finished counts
+#       tombs logs timeline logn timelinen
+# ARGV: 1 id, 2 channel, 3 history size (tombstones kept)
+# Returns {revision} or {error}.
+DELETE = """
+local meta, id = KEYS[1], ARGV[1]
+if redis.call('HEXISTS', meta, 'epoch') == 0 then return {-5} end
+local old = redis.call('HGET', KEYS[5], id)
+if not old then return {-1} end
+local rev = redis.call('HINCRBY', meta, 'rev', 1)
+local key = string.sub(old, 2)
+if redis.call('HINCRBY', KEYS[11], key, -1) <= 0 then redis.call('HDEL', KEYS[11], key) end
+redis.call('HDEL', KEYS[5], id)
+redis.call('ZREM', KEYS[7], id)
+redis.call('ZREM', KEYS[8], id)
+redis.call('ZREM', KEYS[9], id)
+redis.call('ZREM', KEYS[10], id)
+redis.call('ZADD', KEYS[6], rev, id)
+redis.call('ZADD', KEYS[12], rev, id)
+redis.call('DEL', KEYS[13], KEYS[14])
+redis.call('HDEL', KEYS[15], id)
+redis.call('HDEL', KEYS[16], id)
+local limit = tonumber(ARGV[3])
+while redis.call('ZCARD', KEYS[12]) > limit do
+  local dropped = redis.call('ZPOPMIN', KEYS[12])
+  local tid, trev = dropped[1], tonumber(dropped[2])
+  redis.call('ZREM', KEYS[6], tid)
+  redis.call('HDEL', KEYS[2], tid)
+  redis.call('HDEL', KEYS[3], tid)
+  redis.call('HDEL', KEYS[4], tid)
+  local compacted = tonumber(redis.call('HGET', meta, 'compacted') or '0')
+  if trev > compacted then redis.call('HSET', meta, 'compacted', trev) end
+end
+redis.call('PUBLISH', ARGV[2], tostring(rev))
+return {rev}
+"""
+
+# KEYS: meta changes rec rev made idx
+# ARGV: 1 after, 2 limit, 3 live only (1/0), 4 the caller's epoch
+# Returns {store revision, compacted, n, then per change: id, revision, record,
+# state revision, created revision, live (1/0)} or {error, ...}.
+CHANGES = """
+local meta = KEYS[1]
+local head = redis.call('HMGET', meta, 'epoch', 'rev', 'compacted')
+if head[1] ~= ARGV[4] then return {-6, head[1] or ''} end
+local rev = tonumber(head[2] or '0')
+local compacted = tonumber(head[3] or '0')
+local after = tonumber(ARGV[1])
+if after > rev or after < compacted then return {-7, rev, compacted} end
+local found = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'WITHSCORES',
+  'LIMIT', 0, tonumber(ARGV[2]))
+local out = {rev, compacted, 0}
+local n = 0
+for i = 1, #found, 2 do
+  local id = found[i]
+  local live = redis.call('HEXISTS', KEYS[6], id)
+  if live == 1 or ARGV[3] ~= '1' then
+    out[#out + 1] = id
+    out[#out + 1] = found[i + 1]
+    out[#out + 1] = redis.call('HGET', KEYS[3], id)
+    out[#out + 1] = redis.call('HGET', KEYS[4], id)
+    out[#out + 1] = redis.call('HGET', KEYS[5], id)
+    out[#out + 1] = live
+    n = n + 1
+  end
+end
+out[3] = n
+return out
+"""
+
+# KEYS: rec rev made idx. ARGV: ids.
+# Returns per id: record, revision, created revision (false when not live).
+GET = """
+local out = {}
+for i = 1, #ARGV do
+  local id = ARGV[i]
+  if redis.call('HEXISTS', KEYS[4], id) == 1 then
+    out[#out + 1] = redis.call('HGET', KEYS[1], id)
+    out[#out + 1] = redis.call('HGET', KEYS[2], id)
+    out[#out + 1] = redis.call('HGET', KEYS[3], id)
+  else
+    out[#out + 1] = false
+    out[#out + 1] = false
+    out[#out + 1] = false
+  end
+end
+return out
+"""
+
+# KEYS: rec rev made tombs. ARGV: id.
+# Returns {delete revision, record, state revision, created revision} or {}.
+TOMBSTONE = """
+local deleted = redis.call('ZSCORE', KEYS[4], ARGV[1])
+if not deleted then return {} end
+return {deleted, redis.call('HGET', KEYS[1], ARGV[1]), redis.call('HGET', KEYS[2], ARGV[1]),
+  redis.call('HGET', KEYS[3], ARGV[1])}
+"""
+
+# KEYS: meta, an index ZSET, rev. ARGV: 1 min score (exclusive), 2 limit (-1: all).
+# Returns {store revision, then id, score, revision per member in score order}.
+MEMBERS = """
+local out = {tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')}
+local found = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'WITHSCORES',
+  'LIMIT', 0, tonumber(ARGV[2]))
+for i = 1, #found, 2 do
+  out[#out + 1] = found[i]
+  out[#out + 1] = found[i + 1]
+  out[#out + 1] = redis.call('HGET', KEYS[3], found[i])
+end
+return out
+"""
+
+# KEYS: entries list, appended-count HASH. ARGV: 1 id, 2 max kept, 3.. entries.
+# Returns {appended so far, held}.
+APPEND = """
+local n = #ARGV - 2
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+local appended = redis.call('HINCRBY', KEYS[2], ARGV[1], n)
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+return {appended, redis.call('LLEN', KEYS[1])}
+"""
+
+# KEYS: entries list, appended-count HASH. ARGV: id.
+# Returns {appended so far, entries...}.
+ENTRIES = """
+local out = {tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')}
+for _, e in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do out[#out + 1] = e end
+return out
+"""
