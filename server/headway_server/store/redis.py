@@ -55,7 +55,7 @@ from headway_server.domain.model import (
 from headway_server.domain.stats import DEFAULT_MAX_SUMMARIES, StatsAggregate
 from headway_server.store import redis_scripts as lua
 from headway_server.store.base import Changes, Page
-from headway_server.store.journal import MAX_LOG_ENTRIES, MAX_TIMELINE_ENTRIES
+from headway_server.store.journal import MAX_LOG_ENTRIES, MAX_TIMELINE_ENTRIES, Journal
 from headway_server.store.packing import (
     pack_entry,
     pack_record,
@@ -170,7 +170,7 @@ class RedisStore:
         self._finishes_read = b"0-0"
         self._tailer: asyncio.Task[None] | None = None
         self._closed = False
-        self.journal = RedisJournal(self)
+        self.journal: Journal = RedisJournal(self)
 
     # --- plumbing -----------------------------------------------------------------------
 
