@@ -370,12 +370,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except Unavailable:
-        print(
-            f"headway: cannot reach a Headway server at {args.target} "
-            "(is `headway serve` running? set --target or HEADWAY_TARGET)",
-            file=sys.stderr,
-        )
+    except Unavailable as exc:
+        if "store" in (exc.details or ""):
+            # The server answered: it is its store (Redis) that is down.
+            print(f"headway: server at {args.target}: {exc.details}", file=sys.stderr)
+        else:
+            print(
+                f"headway: cannot reach a Headway server at {args.target} "
+                "(is `headway serve` running? set --target or HEADWAY_TARGET)",
+                file=sys.stderr,
+            )
         return EXIT_UNAVAILABLE
     except OperationNotFound as exc:
         print(f"headway: not found: {exc.details}", file=sys.stderr)

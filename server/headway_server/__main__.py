@@ -44,6 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     logs.configure(config.log_level)
+    if config.workers > 1:
+        from headway_server.workers import supervise
+
+        try:
+            return supervise(config)
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         asyncio.run(serve(config))
     except OSError as exc:

@@ -14,6 +14,7 @@ from headway_server.app.watch import (
     MAX_MIN_INTERVAL,
 )
 
+STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -61,6 +62,10 @@ class ServerConfig:
     watch_yield_ratio: float = DEFAULT_YIELD_RATIO
     # Pacing of watch streams that do not ask for their own (see domain/watch.py).
     watch_min_interval: float = DEFAULT_MIN_INTERVAL
+    # "memory" (this process only) or a Redis URL shared by many server processes.
+    store: str = "memory"
+    # Server processes on one port (SO_REUSEPORT), sharing the store.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         for name in (
@@ -77,9 +82,27 @@ class ServerConfig:
             raise ValueError("bookmark_interval and sweep_interval must be above zero")
         if self.watch_min_interval > MAX_MIN_INTERVAL:
             raise ValueError(f"watch_min_interval must be at most {MAX_MIN_INTERVAL:g}s")
-        for name in ("max_operations", "history_size", "max_pending_requests"):
+        if self.store != "memory" and not self.store.startswith(STORE_SCHEMES):
+            raise ValueError(
+                f"store must be 'memory' or a redis://, rediss:// or unix:// URL "
+                f"(got {self.store.split('@')[-1]!r})"
+            )
+        if self.workers > 1 and self.store == "memory":
+            raise ValueError(
+                "--workers above 1 needs a shared store: each process would hold "
+                "its own memory store; use --store redis://host:port/db"
+            )
+        for name in ("max_operations", "history_size", "max_pending_requests", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+
+    @property
+    def store_name(self) -> str:
+        """The store, for logs: a URL's password left out."""
+        if self.store == "memory":
+            return self.store
+        scheme, _, rest = self.store.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 # flag -> (field, parser); each also read from HEADWAY_<FLAG>.
@@ -98,6 +121,8 @@ _FLAGS: dict[str, Callable[[str], object]] = {
     "eta-slip": parse_duration,
     "watch-yield-ratio": float,
     "watch-min-interval": parse_duration,
+    "store": str,
+    "workers": int,
 }
 _FIELD = {"history": "history_size", "eta-slip": "eta_slip_seconds"}
 _HELP = {
@@ -117,6 +142,10 @@ _HELP = {
     "times the round's length (at most 100ms); watchers then get batched changes",
     "watch-min-interval": "pacing of watch streams that ask for none: at most one change "
     "message per interval, with the latest state of what changed (0 = every state)",
+    "store": "where operations live: memory (this process) or "
+    "redis://[:password@]host:port/db[?namespace=name] (also rediss://), shared by "
+    "every server process using it and kept across restarts",
+    "workers": "server processes on one port (SO_REUSEPORT) sharing a Redis store",
 }
 
 

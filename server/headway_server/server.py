@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -18,11 +19,15 @@ from headway_server.app.sweeper import Sweeper
 from headway_server.app.watch import WatchHub
 from headway_server.config import ServerConfig
 from headway_server.domain.alerts import AlertThresholds
+from headway_server.domain.errors import StoreUnavailable
 from headway_server.metrics import Metrics
 from headway_server.servicer import ProgressTrackerServicer
-from headway_server.store import MemoryStore, OperationStore
+from headway_server.store import OperationStore, open_store
 
 log = logging.getLogger("headway.server")
+
+# How often the health check asks the store whether it can serve.
+STORE_CHECK_INTERVAL = 1.0
 
 
 class HeadwayServer:
@@ -49,16 +54,47 @@ class HeadwayServer:
         self.sweeper = Sweeper(
             service, interval=config.sweep_interval, after_sweep=self._publish_gauges
         )
+        self._store_checks: asyncio.Task[None] | None = None
+        self.store_available = True
 
     async def start(self) -> None:
         await self.grpc_server.start()
-        for name in ("", handlers.SERVICE.full_name):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._check_store()
+        self._store_checks = asyncio.create_task(self._check_store_forever())
         self.sweeper.start()
         if self.config.metrics_listen:
             self.metrics_port = self.metrics.serve(self.config.metrics_listen)
             log.info("metrics", extra={"port": self.metrics_port})
         log.info("serving", extra={"port": self.port, "listen": self.config.listen})
+
+    async def _check_store(self) -> None:
+        """SERVING while the store answers, NOT_SERVING while it does not (a
+        load balancer then sends calls to a replica that can serve them)."""
+        try:
+            await self.service.store.check()
+        except StoreUnavailable as exc:
+            available = False
+            reason = str(exc)
+        else:
+            available, reason = True, ""
+        if available != self.store_available or self._store_checks is None:
+            if available:
+                log.info("store available", extra={"store": self.config.store_name})
+            else:
+                log.error("store unavailable", extra={"detail": reason})
+        self.store_available = available
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if available
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", handlers.SERVICE.full_name):
+            await self.health.set(name, status)
+
+    async def _check_store_forever(self) -> None:
+        while True:
+            await asyncio.sleep(STORE_CHECK_INTERVAL)
+            await self._check_store()
 
     async def _publish_gauges(self) -> None:
         if not self.metrics_port:
@@ -73,10 +109,13 @@ class HeadwayServer:
         """Graceful stop: NOT_SERVING first, watchers told where to resume, then stop."""
         grace = self.config.shutdown_grace if grace is None else grace
         log.info("shutting down", extra={"grace": grace, "watchers": self.hub.open_watchers})
+        if self._store_checks is not None:
+            self._store_checks.cancel()
         await self.health.enter_graceful_shutdown()
         self.hub.stop()
         await self.sweeper.stop()
         await self.grpc_server.stop(grace)
+        await self.service.store.close()
         self.metrics.close()
         log.info("stopped")
 
@@ -93,8 +132,8 @@ def create_server(
     Returns the server and the bound port (useful with port 0).
     """
     # Annotated so that MemoryStore is checked against the protocol here.
-    chosen: OperationStore = store or MemoryStore(
-        max_operations=config.max_operations, history_size=config.history_size
+    chosen: OperationStore = store or open_store(
+        config.store, max_operations=config.max_operations, history_size=config.history_size
     )
     metrics = metrics or Metrics()
     thresholds = AlertThresholds(
@@ -116,7 +155,9 @@ def create_server(
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.server.max_pending_requests", config.max_pending_requests),
-            ("grpc.so_reuseport", 0),
+            # Workers share one port; otherwise a second server on a busy port
+            # must fail rather than split the calls.
+            ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
             ("grpc.keepalive_time_ms", int(config.keepalive_time * 1000)),
             ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout * 1000)),
             # Idle watch streams send no data between bookmarks: keep pinging.

@@ -114,16 +114,15 @@ class OperationService:
         # from it, so they are keyed with the store's secret: the same on every
         # process sharing the store, so a retry that lands elsewhere (or after a
         # restart) finds the same operation.
-        self._id_key: bytes | None = None
         self._specs = SharedSpecs()
 
     async def _generated_id(self, spec: StartSpec, request_id: str) -> str:
         if not request_id:
             return "op-" + secrets.token_hex(16)
-        if self._id_key is None:
-            self._id_key = await self.store.secret()
+        # Read each time (the memory store holds it; the Redis store caches it
+        # and renews it if the keyspace was flushed, so replicas keep agreeing).
         digest = hmac.new(
-            self._id_key, f"{spec.project}\0{request_id}".encode(), hashlib.sha256
+            await self.store.secret(), f"{spec.project}\0{request_id}".encode(), hashlib.sha256
         ).hexdigest()
         return "op-" + digest[:32]
 
@@ -147,14 +146,27 @@ class OperationService:
         self, operation_id: str, change: Callable[[Operation], Operation | None]
     ) -> tuple[Operation, bool]:
         """Reads, changes and writes back with compare-and-set; (operation, changed)."""
+        # The first read may be this process's copy: a report then costs the
+        # store one round trip. A stale copy fails the compare-and-set, and a
+        # "nothing to change" judged on one is judged again on a fresh read.
+        cached = True
         for _ in range(_CAS_ATTEMPTS):
-            op = await self._load(operation_id)
+            if cached:
+                op = await self.store.get_cached(operation_id) or await self._load(operation_id)
+            else:
+                op = await self._load(operation_id)
             new = change(op)
             if new is None:
+                if cached:
+                    cached = False
+                    fresh = await self.store.get(operation_id)
+                    if fresh is None or fresh.revision != op.revision:
+                        continue
                 return op, False
             try:
                 stored = await self.store.replace(new, expected_revision=op.revision)
             except Conflict:
+                cached = False
                 continue
             await self._after_write(op, stored)
             return stored, True

@@ -72,6 +72,21 @@ class OperationStore(Protocol):
         """Returns the operation, or None when there is none with that id."""
         ...
 
+    async def get_cached(self, operation_id: str) -> Operation | None:
+        """Like get, but may answer from this process's copy, which another
+        process may have changed since: only for a read before a compare-and-set
+        write (`replace` catches a stale copy as Conflict)."""
+        ...
+
+    async def check(self) -> None:
+        """Returns when the store can serve calls now; raises StoreUnavailable
+        otherwise (the health check reads it)."""
+        ...
+
+    async def close(self) -> None:
+        """Releases connections and background tasks; the store is not used after."""
+        ...
+
     async def create(self, operation: Operation) -> Operation:
         """Stores a new operation at the next revision and returns it as stored.
 

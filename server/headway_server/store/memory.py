@@ -283,6 +283,15 @@ class MemoryStore:
         held = self._operations.get(operation_id)
         return None if held is None else self._whole(held)
 
+    async def get_cached(self, operation_id: str) -> Operation | None:
+        return await self.get(operation_id)  # one process: never stale
+
+    async def check(self) -> None:
+        pass  # in this process: available while the process is
+
+    async def close(self) -> None:
+        pass
+
     async def create(self, operation: Operation) -> Operation:
         if operation.id in self._operations:
             raise AlreadyExists(f"operation {operation.id!r} already exists")
