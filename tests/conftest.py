@@ -68,11 +68,13 @@ class ServerThread:
         self.server = server
         return port
 
-    def restart(self) -> None:
+    def restart(self, store: OperationStore | None = None) -> None:
         """Shuts down gracefully and serves again on the same port with the same
-        store, as a server backed by a persistent store would come back."""
+        store, as a server backed by a persistent store would come back; or with
+        `store`, as a memory server's process would come back (a new epoch)."""
         assert self.server is not None
-        store = self.server.service.store
+        if store is None:
+            store = self.server.service.store
         self.shutdown()
         config = dataclasses.replace(self.config, listen=self.address)
         self.run(self._serve(config, store))

@@ -18,6 +18,7 @@ import pytest
 from google.protobuf.struct_pb2 import Struct
 from headway.v1 import progress_pb2 as pb
 from headway.v1 import progress_pb2_grpc as pb_grpc
+from headway_server.store.memory import MemoryStore
 
 if TYPE_CHECKING:  # mypy knows the helpers as tests.watch_checks, pytest as watch_checks
     from tests import watch_checks as wc
@@ -78,17 +79,26 @@ def store_revision(stub: Stub) -> int:
     return int(stub.ListOperations(request, timeout=5).revision)
 
 
-def watch_one(stub: Stub, operation_id: str, from_revision: int = 0) -> Any:
-    request = pb.WatchOperationRequest(operation_id=operation_id, from_revision=from_revision)
+def watch_one(stub: Stub, operation_id: str, from_revision: int = 0, from_epoch: str = "") -> Any:
+    request = pb.WatchOperationRequest(
+        operation_id=operation_id, from_revision=from_revision, from_epoch=from_epoch
+    )
     return stub.WatchOperation(request, timeout=30)
 
 
 def watch_all(
-    stub: Stub, from_revision: int = 0, *, every_state: bool = False, **filter_fields: Any
+    stub: Stub,
+    from_revision: int = 0,
+    *,
+    from_epoch: str = "",
+    every_state: bool = False,
+    **filter_fields: Any,
 ) -> Any:
     """WatchOperations with the server's pacing, or (every_state) asking for none."""
     request = pb.WatchOperationsRequest(
-        filter=pb.OperationFilter(**filter_fields), from_revision=from_revision
+        filter=pb.OperationFilter(**filter_fields),
+        from_revision=from_revision,
+        from_epoch=from_epoch,
     )
     if every_state:
         request.min_interval.SetInParent()  # an explicit 0
@@ -595,6 +605,195 @@ def test_watch_streams_end_unavailable_with_resume_revision_and_resume_after_res
         snapshot, _, _ = wc.split_initial_sync(events[1:])
         assert ids_of(snapshot) == [fresh.id]
         wc.assert_matches_store(stub, wc.latest_states(events), "snapshot after restart")
+
+
+# --- epochs ----------------------------------------------------------------------------------
+
+# Looks like an epoch, is not the server's.
+OTHER_EPOCH = "0123456789abcdef"
+
+
+def test_synced_bookmark_reset_and_a_watch_operations_first_event_carry_the_epoch(
+    grpc_stub: Stub, record: Record, headway_config: Any
+) -> None:
+    project = wc.unique("p")
+    op = start(grpc_stub, project)
+    recorder = record(watch_all(grpc_stub, project=project))
+    events = synced(recorder)
+    epoch = events[-1].epoch
+    assert epoch and len(epoch) <= 64, wc.describe(events)
+    assert [e.epoch for e in events[:-1]] == [""], "SNAPSHOT events carry no epoch"
+    events += wc.read_until(
+        recorder, wc.is_type(wc.BOOKMARK), timeout=headway_config.bookmark_interval * 4
+    )
+    assert events[-1].epoch == epoch
+
+    future = store_revision(grpc_stub) + 1_000_000
+    reset = synced(record(watch_all(grpc_stub, project=project, from_revision=future)))
+    assert [(e.type, e.epoch) for e in reset if e.type != wc.SNAPSHOT] == [
+        (wc.RESET, epoch),
+        (wc.SYNCED, epoch),
+    ], wc.describe(reset)
+
+    # WatchOperation has no SYNCED: its first event tells the epoch.
+    single = record(watch_one(grpc_stub, op.id))
+    snapshot = wc.read_until(single, wc.is_type(wc.SNAPSHOT))
+    assert [(e.type, e.epoch) for e in snapshot] == [(wc.SNAPSHOT, epoch)]
+    response = update(grpc_stub, op.id, sequence=1, completed=1)
+    changed = wc.read_until(single, wc.at_revision(response.revision))
+    assert [(e.type, e.epoch) for e in changed] == [(wc.CHANGED, "")], wc.describe(changed)
+
+
+def test_resume_in_the_servers_epoch_catches_up_exactly(grpc_stub: Stub, record: Record) -> None:
+    project = wc.unique("p")
+    ops = [start(grpc_stub, project) for _ in range(3)]
+    first = record(watch_all(grpc_stub, project=project))
+    sync = synced(first)[-1]
+    first.cancel()
+    changed = update(grpc_stub, ops[0].id, sequence=1, completed=5)
+    delete(grpc_stub, ops[1].id)
+    added = start(grpc_stub, project)
+
+    resumed = record(
+        watch_all(grpc_stub, project=project, from_revision=sync.revision, from_epoch=sync.epoch)
+    )
+    events = synced(resumed)
+    wc.check_revisions(events, from_revision=sync.revision)
+    assert all(e.type != wc.RESET for e in events), wc.describe(events)
+    assert [(e.type, e.operation.id) for e in operation_events(events)] == [
+        (wc.CHANGED, ops[0].id),
+        (wc.DELETED, ops[1].id),
+        (wc.CHANGED, added.id),
+    ], wc.describe(events)
+    assert operation_events(events)[0].revision == changed.revision
+    assert events[-1].epoch == sync.epoch
+
+    # WatchOperation too: the latest state, no RESET.
+    single = record(watch_one(grpc_stub, ops[0].id, sync.revision, from_epoch=sync.epoch))
+    got = wc.read_until(single, wc.at_revision(changed.revision))
+    assert [(e.type, e.revision, e.epoch) for e in got] == [
+        (wc.CHANGED, changed.revision, sync.epoch)
+    ], wc.describe(got)
+
+
+def test_resume_from_another_epoch_resets_and_sends_a_snapshot(
+    grpc_stub: Stub, record: Record
+) -> None:
+    project = wc.unique("p")
+    ops = [start(grpc_stub, project) for _ in range(3)]
+    first = record(watch_all(grpc_stub, project=project))
+    sync = synced(first)[-1]
+    first.cancel()
+    update(grpc_stub, ops[0].id, sequence=1, completed=5)
+
+    # The revision is one this server has; the epoch says it is not from here.
+    resumed = record(
+        watch_all(grpc_stub, project=project, from_revision=sync.revision, from_epoch=OTHER_EPOCH)
+    )
+    events = synced(resumed)
+    wc.check_revisions(events, from_revision=sync.revision)
+    assert (events[0].type, events[0].epoch) == (wc.RESET, sync.epoch), wc.describe(events)
+    snapshot, again, _ = wc.split_initial_sync(events[1:])
+    assert sorted(ids_of(snapshot)) == sorted(op.id for op in ops), wc.describe(events)
+    wc.assert_matches_store(grpc_stub, wc.latest_states(events), "snapshot after RESET")
+    assert again.epoch == sync.epoch
+
+    single = record(watch_one(grpc_stub, ops[1].id, sync.revision, from_epoch=OTHER_EPOCH))
+    got = wc.read_until(single, wc.is_type(wc.SNAPSHOT))
+    assert [(e.type, e.epoch) for e in got] == [(wc.RESET, sync.epoch), (wc.SNAPSHOT, "")]
+    wc.assert_same_operation(got[1].operation, get(grpc_stub, ops[1].id), "snapshot after RESET")
+
+
+def test_resume_after_a_memory_server_restart_resets_though_the_revision_exists_again(
+    server_factory: Any, record: Record
+) -> None:
+    """A restarted memory server counts revisions from 0 again: once it has made
+    as many changes, a revision from before the restart is not ahead of it, and
+    only the epoch tells the client's position from one of this store's."""
+    project = wc.unique("p")
+    server = server_factory()
+    with wc.open_stub(server.address) as stub:
+        ops = [start(stub, project) for _ in range(3)]
+        for i, op in enumerate(ops):
+            update(stub, op.id, sequence=1, completed=i + 1)
+        many = record(watch_all(stub, project=project))
+        sync = synced(many)[-1]
+        one = record(watch_one(stub, ops[0].id))
+        [snapshot] = wc.read_until(one, wc.is_type(wc.SNAPSHOT))
+        old_epoch = sync.epoch
+        assert snapshot.epoch == old_epoch
+        many.cancel()
+        one.cancel()
+
+    server.restart(store=MemoryStore())  # as a new process: an empty store, a new epoch
+    with wc.open_stub(server.address) as stub:
+        # The producer registers its operation again; other work moves the new
+        # store's revision past the positions the watchers kept.
+        again = start(stub, project, operation_id=ops[0].id)
+        while store_revision(stub) < max(sync.revision, snapshot.revision):
+            start(stub, wc.unique("other"))
+
+        # Without an epoch (a client from before epochs) nothing shows the revision is foreign.
+        blind = synced(record(watch_all(stub, project=project, from_revision=sync.revision)))
+        assert all(e.type != wc.RESET for e in blind), wc.describe(blind)
+
+        resumed = record(
+            watch_all(stub, project=project, from_revision=sync.revision, from_epoch=old_epoch)
+        )
+        events = synced(resumed)
+        wc.check_revisions(events, from_revision=sync.revision)
+        assert events[0].type == wc.RESET, wc.describe(events)
+        new_epoch = events[0].epoch
+        assert new_epoch and new_epoch != old_epoch
+        snapshot_after, sync_after, _ = wc.split_initial_sync(events[1:])
+        assert ids_of(snapshot_after) == [again.id], wc.describe(events)
+        wc.assert_matches_store(stub, wc.latest_states(events), "snapshot after restart")
+        assert sync_after.epoch == new_epoch
+
+        single = record(watch_one(stub, ops[0].id, snapshot.revision, from_epoch=old_epoch))
+        got = wc.read_until(single, wc.is_type(wc.SNAPSHOT))
+        assert [(e.type, e.epoch) for e in got] == [(wc.RESET, new_epoch), (wc.SNAPSHOT, "")]
+        wc.assert_same_operation(got[1].operation, get(stub, ops[0].id), "snapshot after restart")
+
+
+@pytest.mark.parametrize("rpc", ["WatchOperation", "WatchOperations"])
+def test_from_epoch_longer_than_64_characters_is_invalid_argument(
+    grpc_stub: Stub, record: Record, rpc: str
+) -> None:
+    op = start(grpc_stub, wc.unique("p"))
+
+    def open_watch(from_epoch: str) -> Any:
+        if rpc == "WatchOperation":
+            return record(watch_one(grpc_stub, op.id, op.revision, from_epoch=from_epoch))
+        return record(watch_all(grpc_stub, op.revision, from_epoch=from_epoch, project=op.project))
+
+    error = open_watch("e" * 65).wait_end(5)
+    assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert "from_epoch" in (error.details() or ""), error.details()
+    # 64 is accepted (and, not being the server's epoch, resets).
+    events = wc.read_until(open_watch("e" * 64), wc.is_type(wc.RESET))
+    assert events[0].type == wc.RESET, wc.describe(events)
+
+
+def test_a_resumes_first_event_carries_the_epoch_though_a_live_watcher_got_it_without(
+    grpc_stub: Stub, record: Record
+) -> None:
+    """The server serializes each state once for all its watchers; the epoch on
+    a stream's first event must not leak into, or be lost from, that sharing."""
+    op = start(grpc_stub, wc.unique("p"))
+    live = record(watch_one(grpc_stub, op.id))
+    [snapshot] = wc.read_until(live, wc.is_type(wc.SNAPSHOT))
+    response = update(grpc_stub, op.id, sequence=1, completed=1)
+    changed = wc.read_until(live, wc.at_revision(response.revision))
+    assert [(e.type, e.revision, e.epoch) for e in changed] == [(wc.CHANGED, response.revision, "")]
+    resumed = record(watch_one(grpc_stub, op.id, snapshot.revision, from_epoch=snapshot.epoch))
+    got = wc.read_until(resumed, wc.at_revision(response.revision))
+    assert [(e.type, e.revision, e.epoch) for e in got] == [
+        (wc.CHANGED, response.revision, snapshot.epoch)
+    ]
+    fresh = record(watch_one(grpc_stub, op.id))
+    got = wc.read_until(fresh, wc.is_type(wc.SNAPSHOT))
+    assert [(e.revision, e.epoch) for e in got] == [(response.revision, snapshot.epoch)]
 
 
 # --- bookmarks -------------------------------------------------------------------------------

@@ -232,9 +232,11 @@ def _error(error: OperationError) -> pb.OperationError:
 # is the cheap win. Keyed by the stored value itself (held in the entry, so its
 # id() cannot be reused while cached): ids and revisions alone can repeat
 # across two servers in one process. Entry: None -> the operation's bytes;
-# (type, revision, framed) -> an event's bytes, framed as a
-# WatchOperationsResponse.events field or not.
-_EventKey = tuple[int, int, bool] | None
+# (type, revision, framed, epoch) -> an event's bytes, framed as a
+# WatchOperationsResponse.events field or not. The epoch is in the key because
+# it is in the bytes: a WatchOperation stream's first event carries it, the
+# same change sent on as CHANGED does not.
+_EventKey = tuple[int, int, bool, str] | None
 _cache: dict[int, tuple[Operation, dict[_EventKey, bytes]]] = {}
 
 
@@ -340,7 +342,7 @@ def event_bytes(watch_event: WatchEvent, *, framed: bool = False) -> bytes:
         event = _event_head(watch_event)
         return _frame(event) if framed else event
     entry = _serialized(watch_event.operation)
-    key = (int(watch_event.type), watch_event.revision, framed)
+    key = (int(watch_event.type), watch_event.revision, framed, watch_event.epoch)
     cached = entry.get(key)
     if cached is None:
         if framed:
@@ -361,6 +363,7 @@ def _event_head(watch_event: WatchEvent) -> bytes:
     return pb.OperationEvent(
         revision=watch_event.revision,
         type=int(watch_event.type),  # type: ignore[arg-type]
+        epoch=watch_event.epoch,
     ).SerializeToString()
 
 

@@ -74,8 +74,10 @@ def watch(
     streams: list[AsyncIterator[Any]],
     where: OperationFilter | None = None,
     from_revision: int = 0,
+    *,
+    from_epoch: str = "",
 ) -> AsyncIterator[list[WatchEvent]]:
-    stream = hub.watch_operations(where or OperationFilter(), from_revision)
+    stream = hub.watch_operations(where or OperationFilter(), from_revision, from_epoch=from_epoch)
     streams.append(stream)
     return stream
 
@@ -384,9 +386,14 @@ async def test_watch_does_not_slow_producers(
 
 
 def watch_one(
-    hub: WatchHub, streams: list[AsyncIterator[Any]], op_id: str, from_revision: int = 0
+    hub: WatchHub,
+    streams: list[AsyncIterator[Any]],
+    op_id: str,
+    from_revision: int = 0,
+    *,
+    from_epoch: str = "",
 ) -> AsyncIterator[WatchEvent]:
-    stream = hub.watch_operation(op_id, from_revision)
+    stream = hub.watch_operation(op_id, from_revision, from_epoch=from_epoch)
     streams.append(stream)
     return stream
 
@@ -637,3 +644,153 @@ async def test_a_resumed_stream_releases_a_non_matching_operation_once(
     await create(store, "b", project="p")  # 7: a change the stream does not show
     await change(store, "b", state=State.FAILED)  # 8: one it does
     assert kinds(await next_non_bookmark(stream)) == [(EventType.CHANGED, 8, "b")]
+
+
+# --- epochs -----------------------------------------------------------------------------
+
+
+def epochs(batch: list[WatchEvent]) -> list[tuple[EventType, str]]:
+    return [(e.type, e.epoch) for e in batch]
+
+
+async def test_synced_bookmark_and_reset_carry_the_store_epoch(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    epoch = await store.epoch()
+    await create(store, "a")  # 1
+    stream = watch(hub, streams)
+    assert epochs(await nxt(stream)) == [(EventType.SNAPSHOT, "")]
+    assert epochs(await nxt(stream)) == [(EventType.SYNCED, epoch)]
+    await change(store, "a", message="x")  # 2
+    assert epochs(await next_non_bookmark(stream)) == [(EventType.CHANGED, "")]
+    assert epochs(await nxt(stream)) == [(EventType.BOOKMARK, epoch)]
+    reset = watch(hub, streams, from_revision=50)  # ahead of the store
+    assert epochs(await nxt(reset)) == [(EventType.RESET, epoch)]
+
+
+async def test_resume_in_the_stores_epoch_catches_up_exactly(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    await create(store, "a", project="p")  # 1
+    await create(store, "b", project="p")  # 2
+    resume_at = await store.revision()
+    await change(store, "a", message="a2")  # 3
+    await store.delete("b")  # 4
+    stream = watch(
+        hub, streams, OperationFilter(project="p"), resume_at, from_epoch=await store.epoch()
+    )
+    assert kinds(await nxt(stream)) == [
+        (EventType.CHANGED, 3, "a"),
+        (EventType.DELETED, 4, "b"),
+        (EventType.SYNCED, 4, ""),
+    ]
+    await change(store, "a", message="a3")  # 5
+    assert kinds(await next_non_bookmark(stream)) == [(EventType.CHANGED, 5, "a")]
+
+
+async def test_resume_from_another_epoch_resets_even_below_the_stores_revision(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    # The store holds revisions 1..3 of its own; the client's 2 is from another
+    # keyspace (a store since flushed, a server since restarted), so it names
+    # nothing here: what the client holds is unknown and must be replaced.
+    await create(store, "a")  # 1
+    await create(store, "b")  # 2
+    await change(store, "a", message="x")  # 3
+    stream = watch(hub, streams, from_revision=2, from_epoch="an-older-epoch")
+    epoch = await store.epoch()
+    reset = await nxt(stream)
+    assert kinds(reset) == [(EventType.RESET, 3, "")]
+    assert epochs(reset) == [(EventType.RESET, epoch)]
+    assert kinds(await nxt(stream)) == [(EventType.SNAPSHOT, 2, "b"), (EventType.SNAPSHOT, 3, "a")]
+    synced = await nxt(stream)
+    assert kinds(synced) == [(EventType.SYNCED, 3, "")]
+    assert synced[0].epoch == epoch
+    await change(store, "b", message="y")  # 4
+    assert kinds(await next_non_bookmark(stream)) == [(EventType.CHANGED, 4, "b")]
+
+
+async def test_resume_without_an_epoch_trusts_the_revision(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    await create(store, "a")  # 1
+    await create(store, "b")  # 2
+    await change(store, "a", message="x")  # 3
+    stream = watch(hub, streams, from_revision=2, from_epoch="")
+    assert kinds(await nxt(stream)) == [(EventType.CHANGED, 3, "a"), (EventType.SYNCED, 3, "")]
+
+
+async def test_fresh_watch_ignores_from_epoch(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    await create(store, "a")  # 1
+    stream = watch(hub, streams, from_revision=0, from_epoch="an-older-epoch")
+    assert kinds(await nxt(stream)) == [(EventType.SNAPSHOT, 1, "a")]
+    assert kinds(await nxt(stream)) == [(EventType.SYNCED, 1, "")]
+
+
+async def test_watch_one_tells_the_epoch_in_its_first_event(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    epoch = await store.epoch()
+    await create(store, "a")  # 1
+    stream = watch_one(hub, streams, "a")
+    first = await nxt(stream)
+    assert (first.type, first.revision, first.epoch) == (EventType.SNAPSHOT, 1, epoch)
+    await change(store, "a", completed=1)  # 2
+    event = await next_event(stream)
+    assert (event.type, event.revision, event.epoch) == (EventType.CHANGED, 2, "")
+    bookmark = await nxt(stream)
+    assert (bookmark.type, bookmark.epoch) == (EventType.BOOKMARK, epoch)
+
+
+async def test_watch_one_resumed_with_nothing_new_starts_with_a_bookmark(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    epoch = await store.epoch()
+    await create(store, "a")  # 1
+    await create(store, "b")  # 2
+    stream = watch_one(hub, streams, "a", 2, from_epoch=epoch)
+    first = await nxt(stream)
+    assert (first.type, first.revision, first.epoch) == (EventType.BOOKMARK, 2, epoch)
+    await change(store, "a", completed=1)  # 3
+    event = await next_event(stream)
+    assert (event.type, event.revision, event.epoch) == (EventType.CHANGED, 3, "")
+
+
+async def test_watch_one_resumed_in_the_stores_epoch_gets_the_latest_change(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    epoch = await store.epoch()
+    await create(store, "a")  # 1
+    await change(store, "a", completed=1)  # 2
+    await change(store, "a", completed=2)  # 3
+    stream = watch_one(hub, streams, "a", 1, from_epoch=epoch)
+    first = await nxt(stream)
+    assert (first.type, first.revision, first.epoch) == (EventType.CHANGED, 3, epoch)
+
+
+async def test_watch_one_resumed_from_another_epoch_resets_then_snapshots(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    epoch = await store.epoch()
+    await create(store, "a")  # 1
+    await create(store, "b")  # 2
+    # Revision 2 exists here, and "a" has not changed since: without the epoch
+    # this resume would wait for a change and leave the client's stale state.
+    stream = watch_one(hub, streams, "a", 2, from_epoch="an-older-epoch")
+    reset = await nxt(stream)
+    assert (reset.type, reset.revision, reset.epoch) == (EventType.RESET, 2, epoch)
+    snapshot = await nxt(stream)
+    assert (snapshot.type, snapshot.revision) == (EventType.SNAPSHOT, 1)
+    assert snapshot.operation is not None and snapshot.operation.id == "a"
+
+
+async def test_watch_one_resumed_from_another_epoch_of_an_unknown_operation_is_not_found(
+    store: MemoryStore, hub: WatchHub, streams: Any
+) -> None:
+    await create(store, "other")  # 1: from_revision is not ahead of the store
+    stream = watch_one(hub, streams, "gone", 1, from_epoch="an-older-epoch")
+    assert (await nxt(stream)).type is EventType.RESET
+    with pytest.raises(NotFound):
+        await nxt(stream)

@@ -12,6 +12,10 @@ only, sit in one bucket checked per change), as Kubernetes' watch cache does
 with its indexed triggers: a change costs in proportion to the watchers it
 concerns, and a watcher nothing touched costs nothing per round. Bookmarks
 and pacing run on shared timers, not on the pump's rounds.
+
+Revisions count within one epoch of the store (OperationStore.epoch): SYNCED,
+BOOKMARK and RESET carry it, and so does the first event of a single-operation
+stream, so that a client can say which epoch its resume position belongs to.
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ class WatchEvent:
     type: EventType
     revision: int
     operation: Operation | None = None
+    # The store's epoch on SYNCED, BOOKMARK, RESET and a WatchOperation
+    # stream's first event; "" on the rest.
+    epoch: str = ""
 
 
 class ShuttingDown(Exception):
@@ -136,6 +143,8 @@ class WatchHub:
         self._slots: dict[int, list[_Watcher]] = {}
         self._stopping = False
         self._pump: asyncio.Task[None] | None = None
+        # The store's epoch, read by the first stream: one hub, one store.
+        self._epoch: str | None = None
         # After each round of routing the pump leaves the event loop to
         # producers for `yield_ratio` times as long as the round took (at most
         # `max_pause`). A round that wakes a few watchers takes microseconds, so
@@ -163,6 +172,12 @@ class WatchHub:
     def pacing(self, requested: float | None) -> float:
         """The interval a stream is paced by: its own request, or the server's."""
         return self.min_interval if requested is None else requested
+
+    async def epoch(self) -> str:
+        """The store's epoch, read once (a hub serves one store for its life)."""
+        if self._epoch is None:
+            self._epoch = await self.store.epoch()
+        return self._epoch
 
     # --- routing ------------------------------------------------------------------------
 
@@ -303,14 +318,21 @@ class WatchHub:
     # --- streams ------------------------------------------------------------------------
 
     async def watch_operations(
-        self, where: OperationFilter, from_revision: int, *, min_interval: float | None = None
+        self,
+        where: OperationFilter,
+        from_revision: int,
+        *,
+        from_epoch: str = "",
+        min_interval: float | None = None,
     ) -> AsyncIterator[list[WatchEvent]]:
         """Yields batches of events for every operation matching `where`.
 
         Changes go out at most once per `min_interval` (None: the hub's
         default), each batch with the latest state of everything changed since
         the one before; the snapshot, SYNCED, RESET, bookmarks and a resume's
-        catch-up are not delayed.
+        catch-up are not delayed. A resume (`from_revision` > 0) whose
+        `from_epoch` is given and is not the store's starts with RESET and a
+        fresh snapshot; an empty `from_epoch` trusts the revision.
         """
         interval = self.pacing(min_interval)
         loop = asyncio.get_running_loop()
@@ -319,6 +341,7 @@ class WatchHub:
         # Counted here, not in a wrapper generator: a layer per message costs.
         self.open_watchers += 1
         try:
+            epoch = await self.epoch()
             # Operations this stream has delivered and the client may hold. An
             # operation that stops matching (e.g. finishes under active_only) is
             # delivered once more so the client sees how it ended.
@@ -328,8 +351,10 @@ class WatchHub:
             resumed_at = from_revision
             released: set[str] = set()
             last = from_revision
-            restart = False
-            if from_revision > 0:
+            # A revision from another epoch of the store says nothing about
+            # what the client holds, even when it is not ahead of this one.
+            restart = from_revision > 0 and from_epoch != "" and from_epoch != epoch
+            if from_revision > 0 and not restart:
                 # The catch-up, read from the store in pages up to where the
                 # store was when it began; later changes are routed here.
                 read_at = await self.store.revision()
@@ -346,18 +371,18 @@ class WatchHub:
                     ]
                     last = changes.revision
                     if last >= read_at:
-                        yield [*batch, WatchEvent(EventType.SYNCED, last)]
+                        yield [*batch, WatchEvent(EventType.SYNCED, last, epoch=epoch)]
                         break
                     if batch:
                         yield batch
             if restart:
-                yield [WatchEvent(EventType.RESET, await self.store.revision())]
+                yield [WatchEvent(EventType.RESET, await self.store.revision(), epoch=epoch)]
             if from_revision == 0 or restart:
                 events, last, known = await self._snapshot(where)
                 resumed_at = 0
                 if events:
                     yield events
-                yield [WatchEvent(EventType.SYNCED, last)]
+                yield [WatchEvent(EventType.SYNCED, last, epoch=epoch)]
             sent_at = loop.time()
             paced_until = sent_at + interval
             while True:
@@ -366,8 +391,8 @@ class WatchHub:
                     watcher.pending.clear()
                     events, last, known = await self._snapshot(where)
                     resumed_at = 0
-                    synced = WatchEvent(EventType.SYNCED, last)
-                    yield [WatchEvent(EventType.RESET, last), *events, synced]
+                    synced = WatchEvent(EventType.SYNCED, last, epoch=epoch)
+                    yield [WatchEvent(EventType.RESET, last, epoch=epoch), *events, synced]
                     sent_at = loop.time()
                     paced_until = sent_at + interval
                     continue
@@ -395,7 +420,7 @@ class WatchHub:
                 if now >= sent_at + self.bookmark_interval:
                     if not watcher.pending:
                         last = max(last, self.dispatched)
-                    yield [WatchEvent(EventType.BOOKMARK, last)]
+                    yield [WatchEvent(EventType.BOOKMARK, last, epoch=epoch)]
                     sent_at = loop.time()
                     continue
                 wake_at = sent_at + self.bookmark_interval
@@ -407,12 +432,20 @@ class WatchHub:
             self.open_watchers -= 1
 
     async def watch_operation(
-        self, operation_id: str, from_revision: int, *, min_interval: float | None = None
+        self,
+        operation_id: str,
+        from_revision: int,
+        *,
+        from_epoch: str = "",
+        min_interval: float | None = None,
     ) -> AsyncIterator[WatchEvent]:
         """Yields the events of one operation; ends after its terminal state or deletion.
 
         Changes are paced as in watch_operations: at most one per `min_interval`,
-        always the latest state.
+        always the latest state. The first event carries the store's epoch (the
+        stream has no SYNCED): a resume with nothing new since `from_revision`
+        starts with a BOOKMARK at it. A resume from another epoch, or from a
+        revision ahead of the store, starts with RESET and a SNAPSHOT.
         """
         interval = self.pacing(min_interval)
         loop = asyncio.get_running_loop()
@@ -420,23 +453,33 @@ class WatchHub:
         # Counted here, not in a wrapper generator: a layer per message costs.
         self.open_watchers += 1
         try:
+            epoch = await self.epoch()
             op = await self.store.get(operation_id)
             current_revision = await self.store.revision()
-            if from_revision > current_revision:
-                # The client's revision is from before a restart of this store.
-                yield WatchEvent(EventType.RESET, current_revision)
+            # The client's revision is from another epoch of the store: a
+            # different one it named, or (clients that name none) one ahead of
+            # this store's, as after a restart of a memory store.
+            reset = from_revision > current_revision or (
+                from_revision > 0 and from_epoch != "" and from_epoch != epoch
+            )
+            if reset:
+                yield WatchEvent(EventType.RESET, current_revision, epoch=epoch)
                 from_revision = 0
             if op is None:
                 tomb = await self.store.tombstone(operation_id) if from_revision else None
                 if tomb is None or tomb.revision <= from_revision:
                     raise NotFound(f"operation {operation_id!r} not found")
-                yield WatchEvent(EventType.DELETED, tomb.revision, tomb.operation)
+                yield WatchEvent(EventType.DELETED, tomb.revision, tomb.operation, epoch)
                 return
             last = from_revision
             if op.revision > from_revision:
                 kind = EventType.SNAPSHOT if from_revision == 0 else EventType.CHANGED
-                yield WatchEvent(kind, op.revision, op)
+                # After a RESET the client has the epoch already.
+                yield WatchEvent(kind, op.revision, op, "" if reset else epoch)
                 last = op.revision
+            else:
+                # A resume with nothing new: caught up to from_revision, in this epoch.
+                yield WatchEvent(EventType.BOOKMARK, last, epoch=epoch)
             sent_at = loop.time()
             paced_until = sent_at + interval
             while not op.state.terminal:
@@ -469,7 +512,7 @@ class WatchHub:
                     continue
                 if now >= sent_at + self.bookmark_interval:
                     mark = last if change is not None else max(last, self.dispatched)
-                    yield WatchEvent(EventType.BOOKMARK, mark)
+                    yield WatchEvent(EventType.BOOKMARK, mark, epoch=epoch)
                     sent_at = loop.time()
                     continue
                 wake_at = sent_at + self.bookmark_interval

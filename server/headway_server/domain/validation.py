@@ -21,6 +21,7 @@ MAX_MESSAGE_BYTES = 4 * 1024
 MAX_CHECKPOINT_BYTES = 4 * 1024
 MAX_STRUCT_BYTES = 16 * 1024
 MAX_HEARTBEAT_TIMEOUT = 7 * 24 * 3600.0
+MAX_EPOCH_LENGTH = 64  # a watch's from_epoch
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 
