@@ -105,6 +105,12 @@ class RedisServer:
             self.process.stderr.close()
         self.process = None
 
+    def flush(self) -> None:
+        """FLUSHALL: every key gone, as an operator's mistake would leave it."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
+            conn.sendall(b"FLUSHALL\r\n")
+            assert conn.recv(16).startswith(b"+OK")
+
     def restart(self, *, kill: bool = False) -> None:
         self.stop(kill=kill)
         self.start()

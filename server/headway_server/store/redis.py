@@ -32,6 +32,8 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from headway_server.domain.errors import (
     AlreadyExists,
@@ -119,6 +121,12 @@ class RedisStore:
             socket_timeout=_SOCKET_TIMEOUT,
             socket_connect_timeout=_CONNECT_TIMEOUT,
             health_check_interval=30,
+            # A pooled connection Redis closed (it restarted, or failed over)
+            # fails at its first use: try again on a new one, briefly, before
+            # answering UNAVAILABLE. A repeated write is safe: its
+            # compare-and-set or AlreadyExists tells the service it was stored.
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 3),
+            retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
         )
         self._max_operations = max_operations
         self._history_size = history_size

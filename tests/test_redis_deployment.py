@@ -1,0 +1,262 @@
+"""Headway on Redis as deployed: real server processes, a real redis-server,
+SIGKILLed servers, a killed, stopped and flushed Redis.
+
+Each test starts its own redis-server (AOF, appendfsync always) in a temporary
+directory on a free port, never the machine's shared one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2
+from headway.v1 import progress_pb2 as pb
+from headway.v1 import progress_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # mypy knows the helpers as tests.*, pytest by their module names
+    from tests import watch_checks as wc
+    from tests.conftest import StreamRecorder
+    from tests.redis_e2e import ServerProcess, wait_for_health
+    from tests.redis_support import RedisServer, free_port
+else:
+    import watch_checks as wc
+    from conftest import StreamRecorder
+    from redis_e2e import ServerProcess, wait_for_health
+    from redis_support import RedisServer, free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path, appendonly=True).start()
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    try:
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+def serve(servers: list[ServerProcess], redis_server: RedisServer) -> ServerProcess:
+    server = ServerProcess(redis_server.url, free_port()).start()
+    servers.append(server)
+    return server
+
+
+def stub_for(server: ServerProcess) -> tuple[grpc.Channel, pb_grpc.ProgressTrackerStub]:
+    channel = grpc.insecure_channel(server.address)
+    return channel, pb_grpc.ProgressTrackerStub(channel)
+
+
+def start(stub: pb_grpc.ProgressTrackerStub, project: str, request_id: str) -> pb.Operation:
+    return stub.StartOperation(
+        pb.StartOperationRequest(
+            kind="ingest", project=project, total=100, unit="files", request_id=request_id
+        ),
+        timeout=5,
+    )
+
+
+def report(stub: pb_grpc.ProgressTrackerStub, operation_id: str, completed: int) -> int:
+    """Reports progress; the revision it was stored at."""
+    reply = stub.UpdateOperation(
+        pb.UpdateOperationRequest(
+            operation_id=operation_id, completed=completed, message=f"at {completed}"
+        ),
+        timeout=5,
+    )
+    assert reply.applied
+    return reply.revision
+
+
+def everything(stub: pb_grpc.ProgressTrackerStub, ids: list[str]) -> dict[str, object]:
+    """What a user can read about these operations, as comparable values."""
+    seen: dict[str, object] = {}
+    for operation_id in ids:
+        seen[f"op {operation_id}"] = wc.serialized(
+            stub.GetOperation(pb.GetOperationRequest(operation_id=operation_id), timeout=5)
+        )
+        logs = stub.ListLogs(pb.ListLogsRequest(operation_id=operation_id), timeout=5)
+        seen[f"logs {operation_id}"] = logs.SerializeToString(deterministic=True)
+        timeline = stub.GetTimeline(pb.GetTimelineRequest(operation_id=operation_id), timeout=5)
+        seen[f"timeline {operation_id}"] = timeline.SerializeToString(deterministic=True)
+    stats = stub.GetStats(pb.GetStatsRequest(), timeout=5)
+    seen["stats"] = json_format.MessageToDict(stats)
+    return seen
+
+
+def watch(stub: pb_grpc.ProgressTrackerStub, project: str, **request: object) -> StreamRecorder:
+    return StreamRecorder(
+        stub.WatchOperations(
+            pb.WatchOperationsRequest(filter=pb.OperationFilter(project=project), **request),  # type: ignore[arg-type]
+            timeout=60,
+        )
+    )
+
+
+def test_a_killed_server_loses_nothing_and_its_watchers_resume_on_another(
+    redis_server: RedisServer, servers: list[ServerProcess]
+) -> None:
+    a = serve(servers, redis_server)
+    channel, stub = stub_for(a)
+    project = wc.unique("restart")
+    ops = [start(stub, project, f"job-{i}") for i in range(3)]
+    ids = [op.id for op in ops]
+    for i, op in enumerate(ops):
+        report(stub, op.id, 10 * (i + 1))
+        stub.ReportLogs(
+            pb.ReportLogsRequest(
+                operation_id=op.id,
+                entries=[pb.LogEntry(level=pb.LogEntry.ERROR, message=f"bad file {i}")],
+            ),
+            timeout=5,
+        )
+    stub.CompleteOperation(pb.CompleteOperationRequest(operation_id=ids[0]), timeout=5)
+
+    watcher = watch(stub, project, min_interval={"nanos": 0})
+    initial = wc.read_until(watcher, wc.is_type(wc.SYNCED))
+    synced = initial[-1]
+    assert synced.epoch, "SYNCED carries the store's epoch"
+    last = report(stub, ids[1], 55)
+    seen = wc.read_until(watcher, wc.at_revision(last))
+    resume_at = max(e.revision for e in initial + seen)
+    watcher.cancel()
+    before = everything(stub, ids)
+    channel.close()
+
+    a.kill()
+    b = serve(servers, redis_server)
+    channel, stub = stub_for(b)
+    assert everything(stub, ids) == before
+    # A retried start lands on the other server and finds the same operation.
+    assert start(stub, project, "job-2").id == ids[2]
+    # Changes made after the watcher's position, then it resumes on B.
+    later = [(ids[1], report(stub, ids[1], 70)), (ids[2], report(stub, ids[2], 80))]
+    resumed = watch(stub, project, from_revision=resume_at, from_epoch=synced.epoch)
+    events = wc.read_until(resumed, wc.is_type(wc.SYNCED))
+    resumed.cancel()
+    assert [e.type for e in events if e.type == wc.RESET] == []
+    changed = [e for e in events if e.type == wc.CHANGED]
+    assert [(e.operation.id, e.revision) for e in changed] == later
+    wc.check_revisions(events, from_revision=resume_at)
+    channel.close()
+
+
+def test_redis_killed_and_restarted_keeps_every_acknowledged_write(
+    redis_server: RedisServer, servers: list[ServerProcess]
+) -> None:
+    a = serve(servers, redis_server)
+    channel, stub = stub_for(a)
+    project = wc.unique("aof")
+    acknowledged: dict[str, tuple[int, int]] = {}
+    for i in range(20):
+        op = start(stub, project, f"r{i}")
+        acknowledged[op.id] = (report(stub, op.id, i + 1), i + 1)
+    redis_server.restart(kill=True)
+    wait_for_health(a.address, SERVING)
+    for operation_id, (revision, completed) in acknowledged.items():
+        stored = stub.GetOperation(pb.GetOperationRequest(operation_id=operation_id), timeout=5)
+        assert (stored.revision, stored.completed) == (revision, completed)
+    # And the server goes on writing without a restart of its own.
+    report(stub, next(iter(acknowledged)), 50)
+    channel.close()
+
+
+def test_redis_stopped_turns_calls_unavailable_and_health_not_serving_until_it_is_back(
+    redis_server: RedisServer, servers: list[ServerProcess]
+) -> None:
+    a = serve(servers, redis_server)
+    channel, stub = stub_for(a)
+    project = wc.unique("outage")
+    op = start(stub, project, "one")
+    watcher = watch(stub, project)
+    wc.read_until(watcher, wc.is_type(wc.SYNCED))
+
+    redis_server.stop()
+    wait_for_health(a.address, NOT_SERVING)
+    for call in (
+        lambda: stub.GetOperation(pb.GetOperationRequest(operation_id=op.id), timeout=10),
+        lambda: report(stub, op.id, 5),
+        lambda: start(stub, project, "two"),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "store redis://127.0.0.1" in (caught.value.details() or "")
+    # The watch stream ends UNAVAILABLE, telling the watcher where to resume.
+    error = watcher.wait_end(timeout=15)
+    assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+    metadata = dict(error.trailing_metadata() or ())
+    assert int(metadata["headway-resume-revision"]) >= op.revision
+    assert a.alive
+
+    redis_server.start()
+    wait_for_health(a.address, SERVING)
+    assert report(stub, op.id, 5) > op.revision
+    channel.close()
+
+
+def test_a_flushed_redis_gets_watchers_a_reset_never_a_wrong_resume(
+    redis_server: RedisServer, servers: list[ServerProcess]
+) -> None:
+    a = serve(servers, redis_server)
+    channel, stub = stub_for(a)
+    project = wc.unique("flush")
+    ops = [start(stub, project, f"f{i}") for i in range(3)]
+    for op in ops:
+        report(stub, op.id, 10)
+    watcher = watch(stub, project, min_interval={"nanos": 0})
+    synced = wc.read_until(watcher, wc.is_type(wc.SYNCED))[-1]
+
+    redis_server.flush()
+    fresh = start(stub, project, "after-flush")
+    events = wc.read_until(watcher, wc.is_type(wc.SYNCED), timeout=10)
+    types = [e.type for e in events]
+    assert wc.RESET in types, wc.describe(events)
+    after_reset = events[types.index(wc.RESET) :]
+    assert [e.operation.id for e in after_reset if e.type == wc.SNAPSHOT] == [fresh.id]
+    assert after_reset[-1].epoch and after_reset[-1].epoch != synced.epoch
+    watcher.cancel()
+
+    # A watcher resuming from a position of the old keyspace starts over too,
+    # even where the new keyspace has reached that revision number.
+    for i in range(synced.revision + 1):
+        report(stub, fresh.id, i + 1)
+    resumed = watch(stub, project, from_revision=synced.revision, from_epoch=synced.epoch)
+    events = wc.read_until(resumed, wc.is_type(wc.SYNCED))
+    assert events[0].type == wc.RESET, wc.describe(events)
+    resumed.cancel()
+    channel.close()
+
+
+def test_health_waits_for_a_redis_that_is_not_there_yet(
+    tmp_path: Path, servers: list[ServerProcess]
+) -> None:
+    redis_server = RedisServer(tmp_path, appendonly=True)
+    a = ServerProcess(redis_server.url, free_port()).start(wait=False)
+    servers.append(a)
+    wait_for_health(a.address, NOT_SERVING)
+    time.sleep(0.3)
+    redis_server.start()
+    try:
+        wait_for_health(a.address, SERVING)
+    finally:
+        redis_server.stop(kill=True)
