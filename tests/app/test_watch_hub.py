@@ -18,7 +18,7 @@ from headway_server.app.watch import (
     WatchEvent,
     WatchHub,
 )
-from headway_server.domain.errors import NotFound
+from headway_server.domain.errors import HistoryCompacted, NotFound
 from headway_server.domain.model import Operation, OperationFilter, StartSpec, State
 from headway_server.store.memory import MemoryStore
 
@@ -794,3 +794,54 @@ async def test_watch_one_resumed_from_another_epoch_of_an_unknown_operation_is_n
     assert (await nxt(stream)).type is EventType.RESET
     with pytest.raises(NotFound):
         await nxt(stream)
+
+
+class FlushedStore(MemoryStore):
+    """Acts as a shared store whose keyspace gets flushed: the next read of the
+    change history fails as the Redis store's does, and the epoch is new."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.new_epoch = ""
+        self.flush_at_next_read = False
+
+    async def epoch(self) -> str:
+        return self.new_epoch or await super().epoch()
+
+    async def changes(self, after: int, *, limit: int) -> Any:
+        if self.flush_at_next_read:
+            self.flush_at_next_read = False
+            self.new_epoch = "after-the-flush"
+            raise HistoryCompacted("the store's epoch changed")
+        return await super().changes(after, limit=limit)
+
+
+async def test_streams_start_over_in_the_new_epoch_when_the_store_gets_one(
+    streams: Any,
+) -> None:
+    store = FlushedStore()
+    hub = WatchHub(store, bookmark_interval=30.0, min_interval=0)
+    try:
+        old_epoch = await store.epoch()
+        await create(store, "a")  # 1
+        many = watch(hub, streams)
+        await nxt(many)  # SNAPSHOT
+        assert epochs(await nxt(many)) == [(EventType.SYNCED, old_epoch)]
+        one = watch_one(hub, streams, "a")
+        assert (await nxt(one)).epoch == old_epoch
+        store.flush_at_next_read = True
+        await change(store, "a", message="x")  # 2
+        assert epochs(await nxt(many)) == [
+            (EventType.RESET, "after-the-flush"),
+            (EventType.SNAPSHOT, ""),
+            (EventType.SYNCED, "after-the-flush"),
+        ]
+        reset = await nxt(one)
+        assert (reset.type, reset.epoch) == (EventType.RESET, "after-the-flush")
+        snapshot = await nxt(one)
+        assert (snapshot.type, snapshot.revision) == (EventType.SNAPSHOT, 2)
+        # A client resuming with what it kept from before the flush starts over.
+        resumed = watch(hub, streams, from_revision=1, from_epoch=old_epoch)
+        assert kinds(await nxt(resumed)) == [(EventType.RESET, 2, "")]
+    finally:
+        hub.stop()

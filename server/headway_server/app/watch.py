@@ -143,7 +143,8 @@ class WatchHub:
         self._slots: dict[int, list[_Watcher]] = {}
         self._stopping = False
         self._pump: asyncio.Task[None] | None = None
-        # The store's epoch, read by the first stream: one hub, one store.
+        # The store's epoch, read by the first stream and again only when the
+        # store reports lost history (see epoch()).
         self._epoch: str | None = None
         # After each round of routing the pump leaves the event loop to
         # producers for `yield_ratio` times as long as the round took (at most
@@ -174,9 +175,16 @@ class WatchHub:
         return self.min_interval if requested is None else requested
 
     async def epoch(self) -> str:
-        """The store's epoch, read once (a hub serves one store for its life)."""
+        """The store's epoch, cached: a hub serves one store, and a memory store
+        keeps one epoch for its life. A shared store gets a new one when its
+        keyspace is flushed, and then reports lost history (HistoryCompacted)
+        for the revisions before: that is when the hub reads it again."""
         if self._epoch is None:
             self._epoch = await self.store.epoch()
+        return self._epoch
+
+    async def _reread_epoch(self) -> str:
+        self._epoch = await self.store.epoch()
         return self._epoch
 
     # --- routing ------------------------------------------------------------------------
@@ -230,7 +238,9 @@ class WatchHub:
             changes = await self.store.changes(self.dispatched, limit=CHANGES_PER_ROUND)
         except HistoryCompacted:
             # More deletions in one round than the store keeps tombstones
-            # for: nobody can be told what they missed, so all start over.
+            # for (or a new keyspace): nobody can be told what they missed,
+            # so all start over, in the store's epoch as it is now.
+            await self._reread_epoch()
             self.dispatched = await self.store.revision()
             for watchers in self._index.values():
                 for watcher in watchers:
@@ -363,6 +373,7 @@ class WatchHub:
                         changes = await self.store.changes(last, limit=CHANGES_PER_ROUND)
                     except HistoryCompacted:
                         restart = True
+                        epoch = await self._reread_epoch()
                         break
                     batch = [
                         e
@@ -389,6 +400,7 @@ class WatchHub:
                 if watcher.reset:
                     watcher.reset = False
                     watcher.pending.clear()
+                    epoch = await self.epoch()  # the pump read it again
                     events, last, known = await self._snapshot(where)
                     resumed_at = 0
                     synced = WatchEvent(EventType.SYNCED, last, epoch=epoch)
@@ -487,6 +499,20 @@ class WatchHub:
                     # The pump lost history: read the operation itself.
                     watcher.reset = False
                     current = await self.store.get(operation_id)
+                    if (fresh := await self.epoch()) != epoch:
+                        # A new keyspace: the client's revisions mean nothing
+                        # now, so the stream starts over as a new one would.
+                        epoch = fresh
+                        watcher.pending.pop(operation_id, None)
+                        yield WatchEvent(EventType.RESET, await self.store.revision(), epoch=epoch)
+                        if current is None:
+                            raise NotFound(f"operation {operation_id!r} not found")
+                        op = current
+                        yield WatchEvent(EventType.SNAPSHOT, op.revision, op)
+                        last = op.revision
+                        sent_at = loop.time()
+                        paced_until = sent_at + interval
+                        continue
                     tomb = None if current else await self.store.tombstone(operation_id)
                     watcher.pending[operation_id] = (
                         Change(current.revision, current)
