@@ -276,28 +276,34 @@ class AsyncHeadwayClient:
         return await self._call(self.stub.UpdateOperation, request, retry=REPORT_RETRY)
 
     def watch(
-        self, operation_id: str, *, from_revision: int = 0
+        self, operation_id: str, *, from_revision: int = 0, from_epoch: str = ""
     ) -> AsyncIterator[pb.OperationEvent]:
-        """Events of one operation until it ends; reconnects and resumes on UNAVAILABLE."""
-        resume = _common.ResumePoint(from_revision)
+        """Events of one operation until it ends; reconnects and resumes on UNAVAILABLE.
+
+        `from_revision` and `from_epoch` resume from a saved position, as in
+        HeadwayClient.watch.
+        """
+        resume = _common.ResumePoint(from_revision, from_epoch)
 
         def open_stream() -> Any:
-            request = pb.WatchOperationRequest(
-                operation_id=operation_id, from_revision=resume.revision
-            )
+            request = resume.watch_operation(operation_id)
             return self.stub.WatchOperation(request, metadata=self.metadata)
 
         return self._resuming(open_stream, resume, lambda event: [event])
 
     def watch_operations(
-        self, *, from_revision: int = 0, **filter_fields: Any
+        self, *, from_revision: int = 0, from_epoch: str = "", **filter_fields: Any
     ) -> AsyncIterator[pb.OperationEvent]:
-        """Events of every matching operation; reconnects and resumes on UNAVAILABLE."""
-        resume = _common.ResumePoint(from_revision)
+        """Events of every matching operation; reconnects and resumes on UNAVAILABLE.
+
+        `from_revision` and `from_epoch` resume from a saved position, as in
+        HeadwayClient.watch.
+        """
+        resume = _common.ResumePoint(from_revision, from_epoch)
         where = _common.operation_filter(**filter_fields)
 
         def open_stream() -> Any:
-            request = pb.WatchOperationsRequest(filter=where, from_revision=resume.revision)
+            request = resume.watch_operations(where)
             return self.stub.WatchOperations(request, metadata=self.metadata)
 
         return self._resuming(open_stream, resume, lambda response: response.events)

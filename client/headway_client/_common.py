@@ -156,13 +156,28 @@ def fail_request(
 
 @dataclass
 class ResumePoint:
-    """The revision a reconnecting watch resumes from: the last one the caller saw."""
+    """Where a reconnecting watch resumes: the last revision the caller saw, and
+    the store epoch it counts in (from the latest event that carried one), so a
+    server whose store is not the one those revisions came from answers RESET."""
 
     revision: int = 0
+    epoch: str = ""
 
     def saw(self, event: pb.OperationEvent) -> None:
+        if event.epoch:
+            self.epoch = event.epoch
         if event.type in _ADVANCING:
             self.revision = max(self.revision, event.revision)
         elif event.type == pb.OperationEvent.RESET:
             # A fresh snapshot follows; revisions after it may be lower.
             self.revision = 0
+
+    def watch_operation(self, operation_id: str) -> pb.WatchOperationRequest:
+        return pb.WatchOperationRequest(
+            operation_id=operation_id, from_revision=self.revision, from_epoch=self.epoch
+        )
+
+    def watch_operations(self, where: pb.OperationFilter) -> pb.WatchOperationsRequest:
+        return pb.WatchOperationsRequest(
+            filter=where, from_revision=self.revision, from_epoch=self.epoch
+        )

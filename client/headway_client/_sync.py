@@ -334,30 +334,40 @@ class HeadwayClient:
 
     # Watchers
 
-    def watch(self, operation_id: str, *, from_revision: int = 0) -> Iterator[pb.OperationEvent]:
-        """Events of one operation until it ends; reconnects and resumes on UNAVAILABLE."""
-        resume = _common.ResumePoint(from_revision)
+    def watch(
+        self, operation_id: str, *, from_revision: int = 0, from_epoch: str = ""
+    ) -> Iterator[pb.OperationEvent]:
+        """Events of one operation until it ends; reconnects and resumes on UNAVAILABLE.
+
+        Args:
+            operation_id: The operation to follow.
+            from_revision: Resume after this revision instead of starting with a
+                SNAPSHOT (0).
+            from_epoch: The epoch `from_revision` belongs to (the `epoch` of the
+                latest event that carried one); a server in another epoch answers
+                RESET and a SNAPSHOT. Empty: the revision is trusted as is.
+        """
+        resume = _common.ResumePoint(from_revision, from_epoch)
 
         def open_stream() -> Iterator[pb.OperationEvent]:
-            request = pb.WatchOperationRequest(
-                operation_id=operation_id, from_revision=resume.revision
-            )
+            request = resume.watch_operation(operation_id)
             return iter(self.stub.WatchOperation(request, metadata=self.metadata))
 
         yield from self._resuming(open_stream, resume, lambda event: [event])
 
     def watch_operations(
-        self, *, from_revision: int = 0, **filter_fields: Any
+        self, *, from_revision: int = 0, from_epoch: str = "", **filter_fields: Any
     ) -> Iterator[pb.OperationEvent]:
         """Events of every operation matching the filter; reconnects and resumes on UNAVAILABLE.
 
         Runs until the caller stops iterating (close the generator to end the stream).
+        `from_revision` and `from_epoch` resume from a saved position, as for watch().
         """
-        resume = _common.ResumePoint(from_revision)
+        resume = _common.ResumePoint(from_revision, from_epoch)
         where = _common.operation_filter(**filter_fields)
 
         def open_stream() -> Iterator[pb.WatchOperationsResponse]:
-            request = pb.WatchOperationsRequest(filter=where, from_revision=resume.revision)
+            request = resume.watch_operations(where)
             return iter(self.stub.WatchOperations(request, metadata=self.metadata))
 
         yield from self._resuming(open_stream, resume, lambda response: response.events)

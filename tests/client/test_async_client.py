@@ -9,6 +9,8 @@ import grpc
 import pytest
 from headway.v1 import progress_pb2 as pb
 from headway_client import AsyncHeadwayClient, InvalidArgument, OperationNotFound
+from headway_server.domain.model import Operation, StartSpec
+from headway_server.store.memory import MemoryStore
 
 
 async def test_async_producer_reports_coalesced_and_completes(grpc_server):
@@ -120,3 +122,41 @@ async def test_async_track_fails_the_operation_when_the_loop_raises(grpc_server)
                 break
             await asyncio.sleep(0.05)
     assert stored.state == pb.Operation.FAILED
+
+
+async def test_async_watch_resumes_with_the_epoch_and_starts_over_on_a_restarted_memory_server(
+    server_factory,
+):
+    server = server_factory()
+    async with AsyncHeadwayClient(server.address, timeout=5) as client:
+        for _ in range(5):
+            await client.stub.StartOperation(pb.StartOperationRequest(kind="k", project="other"))
+        op = await client.stub.StartOperation(
+            pb.StartOperationRequest(operation_id="kept-id", kind="k", project="epoch")
+        )
+        events = client.watch(op.id)
+        snapshot = await asyncio.wait_for(anext(events), 5)
+        assert (snapshot.type, snapshot.revision) == (pb.OperationEvent.SNAPSHOT, op.revision)
+        assert snapshot.epoch
+
+        async def fresh_store() -> MemoryStore:
+            # A new process's store, where the producer registered its operation
+            # again (revision 1) and other work moved past the client's revision.
+            store = MemoryStore()
+            await store.create(Operation(id=op.id, spec=StartSpec(kind="k", project="epoch")))
+            while await store.revision() < op.revision:
+                await store.create(
+                    Operation(id=f"other-{await store.revision()}", spec=StartSpec())
+                )
+            return store
+
+        await asyncio.to_thread(lambda: server.restart(store=server.run(fresh_store())))
+        reset = await asyncio.wait_for(anext(events), 10)
+        again = await asyncio.wait_for(anext(events), 5)
+        await events.aclose()  # type: ignore[attr-defined]
+    assert (reset.type, again.type, again.revision) == (
+        pb.OperationEvent.RESET,
+        pb.OperationEvent.SNAPSHOT,
+        1,
+    )
+    assert reset.epoch and reset.epoch != snapshot.epoch

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import grpc
@@ -19,6 +21,8 @@ from headway_client import (
     RetryPolicy,
     Unavailable,
 )
+from headway_server.domain.model import Operation, StartSpec
+from headway_server.store.memory import MemoryStore
 
 UPDATE = "/headway.v1.ProgressTracker/UpdateOperation"
 
@@ -245,3 +249,52 @@ def test_watch_operations_follows_a_project(client):
             break
     stream.close()
     assert states[0] == pb.Operation.QUEUED and states[-1] == pb.Operation.SUCCEEDED
+
+
+def read_in_thread(
+    events: Generator[pb.OperationEvent, None, None], count: int
+) -> Callable[[], pb.OperationEvent]:
+    """Reads `count` events of a watch in a thread, then closes it; returns a
+    read that waits at most 10 s for the next of them."""
+    got: queue.Queue[pb.OperationEvent] = queue.Queue()
+
+    def pump() -> None:
+        for event in itertools.islice(events, count):
+            got.put(event)
+        events.close()
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lambda: got.get(timeout=10)
+
+
+async def a_fresh_store(project: str, at_least: int) -> MemoryStore:
+    """A new process's store: one operation of `project`, then other work up to
+    revision `at_least`, so revisions from before are no longer ahead of it."""
+    store = MemoryStore()
+    await store.create(Operation(id="after-restart", spec=StartSpec(kind="k", project=project)))
+    while await store.revision() < at_least:
+        await store.create(Operation(id=f"other-{await store.revision()}", spec=StartSpec()))
+    return store
+
+
+def test_watch_resumes_with_the_epoch_and_starts_over_on_a_restarted_memory_server(server, client):
+    client.start(kind="k", project="epoch", min_interval=0).complete()
+    for _ in range(5):
+        client.start(kind="k", project="elsewhere", min_interval=0)
+    read = read_in_thread(client.watch_operations(project="epoch"), 5)
+    events = [read(), read()]
+    assert [e.type for e in events] == [pb.OperationEvent.SNAPSHOT, pb.OperationEvent.SYNCED]
+    resume_at, old_epoch = events[1].revision, events[1].epoch
+    assert old_epoch
+
+    # The server comes back as a new process would, with an empty store that has
+    # since made more changes than the client's revision: only the epoch the
+    # client sends on its own tells that revision is not from here.
+    server.restart(store=server.run(a_fresh_store("epoch", resume_at)))
+    after = [read(), read(), read()]
+    assert [(e.type, e.operation.id) for e in after] == [
+        (pb.OperationEvent.RESET, ""),
+        (pb.OperationEvent.SNAPSHOT, "after-restart"),
+        (pb.OperationEvent.SYNCED, ""),
+    ]
+    assert after[0].epoch == after[2].epoch != old_epoch
