@@ -274,7 +274,9 @@ def test_watcher_follows_the_producer_to_success(
         "revision": started["revision"],
         "state": "QUEUED",
         "percent": 0,
+        "epoch": snapshot["epoch"],  # the first event of a stream tells the store's epoch
     }
+    assert snapshot["epoch"]
     producer.send_line()
 
     producer_code, steps = producer.finish()
@@ -336,6 +338,49 @@ def test_watcher_follows_the_producer_to_success(
     assert stored.checkpoint == "process-3"
     assert stored.heartbeat_timeout.seconds == 30
     assert stored.result.fields["processed"].number_value == 3
+
+
+def test_watcher_resumes_with_from_revision_and_from_epoch(
+    node: Callable[..., NodeProcess], grpc_addr: str, grpc_stub: Stub
+) -> None:
+    op_id = uid()
+    started = grpc_stub.StartOperation(
+        pb.StartOperationRequest(operation_id=op_id, kind="k", project="node-epoch"), timeout=5
+    )
+    first = node("watcher.js", grpc_addr, op_id)
+    snapshot = first.line()
+    epoch = snapshot["epoch"]
+    update = pb.UpdateOperationRequest(operation_id=op_id, sequence=1, completed=1)
+    changed = grpc_stub.UpdateOperation(update, timeout=5)
+    grpc_stub.CompleteOperation(pb.CompleteOperationRequest(operation_id=op_id), timeout=5)
+    code, _ = first.finish()
+    assert code == 0, first.stderr
+
+    # In the server's epoch: the changes after the revision, nothing again.
+    resumed = node(
+        "watcher.js", grpc_addr, op_id, "--from-revision", str(started.revision),
+        "--from-epoch", epoch,
+    )  # fmt: skip
+    code, records = resumed.finish()
+    assert code == 0, resumed.stderr
+    assert [(r["type"], r.get("epoch")) for r in records if r["type"] != "BOOKMARK"] == [
+        ("CHANGED", epoch)
+    ]
+    assert records[-1]["state"] == "SUCCEEDED"
+    assert records[-1]["revision"] > changed.revision
+
+    # From another epoch (a restarted memory server's, say): RESET, then a SNAPSHOT.
+    other = node(
+        "watcher.js", grpc_addr, op_id, "--from-revision", str(started.revision),
+        "--from-epoch", "0123456789abcdef",
+    )  # fmt: skip
+    code, records = other.finish()
+    assert code == 0, other.stderr
+    assert [(r["type"], r.get("epoch")) for r in records if r["type"] != "BOOKMARK"] == [
+        ("RESET", epoch),
+        ("SNAPSHOT", None),
+    ]
+    assert records[-1]["state"] == "SUCCEEDED"
 
 
 def test_producer_defaults_to_a_server_picked_id_in_project_node_demo(

@@ -4,7 +4,7 @@
 // JSON line per event. Exits 0 when the server ends the stream with OK after
 // the operation's terminal state (or its deletion), 1 otherwise.
 //
-//   node watcher.js ADDRESS OPERATION_ID [--from-revision N]
+//   node watcher.js ADDRESS OPERATION_ID [--from-revision N [--from-epoch E]]
 //   node watcher.js ADDRESS --health [SERVICE]   (grpc.health.v1.Health/Check)
 
 const { parseArgs } = require('node:util');
@@ -20,9 +20,11 @@ const {
 } = require('./headway');
 
 const USAGE =
-  'usage: node watcher.js ADDRESS OPERATION_ID [--from-revision N]\n' +
+  'usage: node watcher.js ADDRESS OPERATION_ID [--from-revision N [--from-epoch E]]\n' +
   '       node watcher.js ADDRESS --health [SERVICE]\n' +
   '  --from-revision N  resume after revision N instead of starting with a SNAPSHOT\n' +
+  '  --from-epoch E     the store epoch N belongs to (a server in another epoch\n' +
+  '                     answers RESET and a SNAPSHOT instead of trusting N)\n' +
   '  --health           call grpc.health.v1.Health/Check for SERVICE (default "": the\n' +
   '                     whole server); exits 0 when SERVING\n';
 
@@ -35,6 +37,7 @@ function parse(argv) {
     options: {
       health: { type: 'boolean', default: false },
       'from-revision': { type: 'string', default: '0' },
+      'from-epoch': { type: 'string', default: '' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -51,7 +54,13 @@ function parse(argv) {
   if (positionals.length !== 2) {
     return null;
   }
-  return { mode: 'watch', address: positionals[0], operationId: positionals[1], fromRevision };
+  return {
+    mode: 'watch',
+    address: positionals[0],
+    operationId: positionals[1],
+    fromRevision,
+    fromEpoch: values['from-epoch'],
+  };
 }
 
 async function health(options) {
@@ -70,6 +79,9 @@ function watch(options) {
   return new Promise((resolve) => {
     let finished = false;
     let ended = false; // saw the terminal state or DELETED
+    // The store epoch the revisions on this stream count in: the first event,
+    // BOOKMARKs and RESET carry it. A resume sends it back with the revision.
+    let epoch = options.fromEpoch;
     const finish = (code) => {
       if (!finished) {
         finished = true;
@@ -80,26 +92,36 @@ function watch(options) {
     const call = client.WatchOperation({
       operation_id: options.operationId,
       from_revision: options.fromRevision,
+      from_epoch: options.fromEpoch,
     });
     call.on('data', (event) => {
       const operation = event.operation; // null on BOOKMARK / SYNCED / RESET
-      emit({
+      const record = {
         type: event.type,
         revision: event.revision,
         state: operation ? operation.state : null,
         percent: operation ? operation.percent : null,
-      });
+      };
+      if (event.epoch) {
+        epoch = event.epoch;
+        record.epoch = event.epoch;
+      }
+      emit(record);
       if (event.type === 'DELETED' || (operation && TERMINAL_STATES.includes(operation.state))) {
         ended = true;
       }
     });
     call.on('error', (error) => {
       // Non-OK status. On server shutdown (UNAVAILABLE) the trailers say where to
-      // resume: rerun with --from-revision to continue without gaps.
+      // resume: rerun with --from-revision (and --from-epoch, the epoch those
+      // revisions count in) to continue without gaps.
       const record = { error: 'watch failed', ...describeError(error) };
       const resume = error.metadata ? error.metadata.get(RESUME_KEY) : [];
       if (resume.length > 0) {
         record.resume_revision = Number(resume[0]);
+        if (epoch) {
+          record.resume_epoch = epoch;
+        }
       }
       process.stderr.write(`${JSON.stringify(record)}\n`);
       finish(1);
