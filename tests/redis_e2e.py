@@ -23,7 +23,7 @@ def health(address: str, timeout: float = 1.0) -> int:
                 health_pb2.HealthCheckRequest(), timeout=timeout
             )
         except grpc.RpcError:
-            return health_pb2.HealthCheckResponse.UNKNOWN
+            return int(health_pb2.HealthCheckResponse.UNKNOWN)
         return int(reply.status)
 
 

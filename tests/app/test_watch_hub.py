@@ -18,7 +18,7 @@ from headway_server.app.watch import (
     WatchEvent,
     WatchHub,
 )
-from headway_server.domain.errors import HistoryCompacted, NotFound
+from headway_server.domain.errors import HistoryCompacted, NotFound, StoreUnavailable
 from headway_server.domain.model import Operation, OperationFilter, StartSpec, State
 from headway_server.store.memory import MemoryStore
 
@@ -843,5 +843,54 @@ async def test_streams_start_over_in_the_new_epoch_when_the_store_gets_one(
         # A client resuming with what it kept from before the flush starts over.
         resumed = watch(hub, streams, from_revision=1, from_epoch=old_epoch)
         assert kinds(await nxt(resumed)) == [(EventType.RESET, 2, "")]
+    finally:
+        hub.stop()
+
+
+async def test_a_new_epoch_is_noticed_even_when_the_history_read_succeeds(
+    streams: Any,
+) -> None:
+    # A flushed keyspace whose revisions have passed the pump's position again
+    # must not read as a continuation of the old one.
+    store = FlushedStore()
+    hub = WatchHub(store, bookmark_interval=30.0, min_interval=0)
+    try:
+        await create(store, "a")
+        many = watch(hub, streams)
+        await nxt(many)  # SNAPSHOT
+        await nxt(many)  # SYNCED
+        store.new_epoch = "after-the-flush"
+        await change(store, "a", message="x")
+        assert [e.type for e in await nxt(many)] == [
+            EventType.RESET,
+            EventType.SNAPSHOT,
+            EventType.SYNCED,
+        ]
+    finally:
+        hub.stop()
+
+
+async def test_a_store_out_of_reach_ends_streams_with_where_to_resume(streams: Any) -> None:
+    class DownStore(MemoryStore):
+        down = False
+
+        async def changes(self, after: int, *, limit: int) -> Any:
+            if self.down:
+                raise StoreUnavailable("store redis://db:6379/0 is unavailable: refused")
+            return await super().changes(after, limit=limit)
+
+    store = DownStore()
+    hub = WatchHub(store, bookmark_interval=30.0, min_interval=0)
+    try:
+        await create(store, "a")  # 1
+        many = watch(hub, streams)
+        await nxt(many)  # SNAPSHOT
+        await nxt(many)  # SYNCED at 1
+        store.down = True
+        await change(store, "a", message="unseen")  # 2: the pump cannot read it
+        with pytest.raises(ShuttingDown) as ended:
+            await nxt(many)
+        assert ended.value.revision == 1
+        assert "store redis://db:6379/0 is unavailable" in str(ended.value)
     finally:
         hub.stop()

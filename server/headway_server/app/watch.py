@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
-from headway_server.domain.errors import HistoryCompacted, NotFound
+from headway_server.domain.errors import HistoryCompacted, NotFound, StoreUnavailable
 from headway_server.domain.model import Change, Operation, OperationFilter
 from headway_server.store.base import OperationStore
 
@@ -83,17 +83,28 @@ class WatchEvent:
 
 
 class ShuttingDown(Exception):
-    """The server is stopping; the watcher should resume from `revision`."""
+    """The stream must end (the server is stopping, or its store is out of
+    reach); the watcher should resume from `revision`, here or elsewhere."""
 
-    def __init__(self, revision: int) -> None:
-        super().__init__(f"server shutting down; resume from revision {revision}")
+    def __init__(self, revision: int, reason: str = "server shutting down") -> None:
+        super().__init__(f"{reason}; resume from revision {revision}")
         self.revision = revision
 
 
 class _Watcher:
     """One open stream, as the pump sees it: what it watches, what is pending."""
 
-    __slots__ = ("alarms", "key", "pending", "reset", "snoozing", "wake", "wakeups", "where")
+    __slots__ = (
+        "alarms",
+        "failed",
+        "key",
+        "pending",
+        "reset",
+        "snoozing",
+        "wake",
+        "wakeups",
+        "where",
+    )
 
     def __init__(self, where: OperationFilter | None, key: tuple[str, str]) -> None:
         # None for a single-operation watch (key names the operation).
@@ -108,6 +119,8 @@ class _Watcher:
         self.wakeups = 0
         # The pump lost the change history: the stream must start over.
         self.reset = False
+        # The store is out of reach (its error): the stream must end.
+        self.failed = ""
         # Waiting out its pacing interval with changes pending: its alarm wakes
         # it, so changes routed meanwhile only join what is pending.
         self.snoozing = False
@@ -223,9 +236,19 @@ class WatchHub:
                 await self._pump_round()
             except asyncio.CancelledError:
                 raise
+            except StoreUnavailable as exc:
+                # Watchers cannot be told what changes meanwhile: end their
+                # streams UNAVAILABLE with where to resume (on another replica,
+                # or here once the store is back).
+                log.warning("watch pump lost the store; ending streams", extra={"detail": str(exc)})
+                for watchers in self._index.values():
+                    for watcher in watchers:
+                        watcher.failed = str(exc)
+                        watcher.wake.set()
+                await asyncio.sleep(PUMP_RETRY)
             except Exception:
-                # A store that failed a read (say a Redis blip) must not leave
-                # every watcher waiting forever: try again shortly.
+                # A store that failed a read must not leave every watcher
+                # waiting forever: try again shortly.
                 log.exception("watch pump failed; retrying")
                 await asyncio.sleep(PUMP_RETRY)
 
@@ -235,6 +258,11 @@ class WatchHub:
             await self.store.wait_for_change(self.dispatched)
         started = time.perf_counter()
         try:
+            if self._epoch is not None and await self.store.epoch() != self._epoch:
+                # A shared store's keyspace was replaced (flushed): its
+                # revisions count from 0 again, and may already have passed
+                # `dispatched`, so they must not be read as a continuation.
+                raise HistoryCompacted("the store's epoch changed")
             changes = await self.store.changes(self.dispatched, limit=CHANGES_PER_ROUND)
         except HistoryCompacted:
             # More deletions in one round than the store keeps tombstones
@@ -319,6 +347,8 @@ class WatchHub:
         watcher.wake.clear()
         if self._stopping:
             raise ShuttingDown(resume_at)
+        if watcher.failed:
+            raise ShuttingDown(resume_at, watcher.failed)
 
     async def _snapshot(self, where: OperationFilter) -> tuple[list[WatchEvent], int, set[str]]:
         snap = await self.store.snapshot(where)

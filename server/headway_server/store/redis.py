@@ -171,6 +171,8 @@ class RedisStore:
         # The highest revision this process knows the store has reached.
         self._known = 0
         self._changed = asyncio.Event()
+        # Bumped when waiters must look again though no revision came (see _interrupt).
+        self._generation = 0
         self.stats = StatsAggregate(max_summaries=max_summaries)
         # Finishes this process recorded itself (by stream entry id), which the
         # tailer then skips; and the last entry it has read.
@@ -214,7 +216,12 @@ class RedisStore:
         )
         new_epoch = epoch.decode()
         if self._epoch is not None and new_epoch != self._epoch:
+            log.warning(
+                "store keyspace replaced (flushed?): new epoch",
+                extra={"old": self._epoch, "new": new_epoch},
+            )
             self._forget_local()
+            self._interrupt()
         self._epoch = new_epoch
         self._secret = secret
         self._see(int(rev or 0))
@@ -242,6 +249,13 @@ class RedisStore:
         """Raises StoreUnavailable unless Redis answers now."""
         await self._call(self._client.ping)
 
+    def _interrupt(self) -> None:
+        """Wakes every wait_for_change: the keyspace changed or Redis was lost,
+        and waiters must look again (and meet the new epoch or the error)."""
+        self._generation += 1
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
     def _see(self, revision: int) -> None:
         if revision > self._known:
             self._known = revision
@@ -260,7 +274,7 @@ class RedisStore:
                 while not self._closed:
                     message = await pubsub.get_message(timeout=_POLL)
                     if message is None:
-                        self._see(await self.revision())
+                        await self._poll()
                         continue
                     note = message["data"].split()
                     self._see(int(note[0]))
@@ -270,10 +284,20 @@ class RedisStore:
                 raise
             except Exception as exc:  # the tailer must outlive any failure
                 log.warning("store tailer lost Redis; retrying", extra={"error": str(exc)})
+                self._interrupt()
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+    async def _poll(self) -> None:
+        """What a quiet channel may hide: a revision whose notification was
+        lost, or a keyspace flushed (no epoch, or another one)."""
+        rev, epoch = await self._call(lambda: self._client.hmget(self._k["meta"], "rev", "epoch"))
+        if epoch is None or epoch.decode() != self._epoch:
+            await self.open()
+        else:
+            self._see(int(rev or 0))
 
     async def _read_finishes(self) -> None:
         """Records in this process's statistics the finishes other processes wrote."""
@@ -586,7 +610,8 @@ class RedisStore:
     async def wait_for_change(self, after: int) -> int:
         if self._tailer is None:
             await self.open()
-        while self._known <= after:
+        generation = self._generation
+        while self._known <= after and self._generation == generation:
             await self._changed.wait()
         return self._known
 
