@@ -7,6 +7,8 @@ directory on a free port, never the machine's shared one.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
 from headway.v1 import progress_pb2 as pb
 from headway.v1 import progress_pb2_grpc as pb_grpc
+from headway_client import HeadwayClient
 
 if TYPE_CHECKING:  # mypy knows the helpers as tests.*, pytest by their module names
     from tests import watch_checks as wc
@@ -261,3 +264,91 @@ def test_health_waits_for_a_redis_that_is_not_there_yet(
         wait_for_health(a.address, SERVING)
     finally:
         redis_server.stop(kill=True)
+
+
+def test_two_replicas_one_redis_and_one_of_them_killed_mid_run(
+    redis_server: RedisServer, servers: list[ServerProcess]
+) -> None:
+    a = serve(servers, redis_server)
+    b = serve(servers, redis_server)
+    project = wc.unique("replicas")
+    channel_a, stub_a = stub_for(a)
+    channel_b, stub_b = stub_for(b)
+    # Watchers through both replicas; producers through A, failing over to B.
+    on_a = watch(stub_a, project, min_interval={"nanos": 0})
+    on_b = watch(stub_b, project, min_interval={"nanos": 0})
+    events_a = wc.read_until(on_a, wc.is_type(wc.SYNCED))
+    events_b = wc.read_until(on_b, wc.is_type(wc.SYNCED))
+
+    reports = 150
+    results: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def produce(name: str) -> None:
+        try:
+            with (
+                HeadwayClient(f"{a.address},{b.address}", strict=True) as client,
+                client.start(kind="ingest", project=project, total=reports) as op,
+            ):
+                results[name] = op.id
+                for _ in range(reports):
+                    op.advance(1)
+                    op.update(counters={"items": 1})
+                    time.sleep(0.01)
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    producers = [threading.Thread(target=produce, args=(f"p{i}",)) for i in range(3)]
+    for thread in producers:
+        thread.start()
+    time.sleep(0.6)
+    a.kill()  # mid-run: producers and A's watcher move to B
+    error = on_a.wait_end(timeout=10)
+    assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+    events_a += wc.flatten(_drain(on_a))
+    resume_at = max(e.revision for e in events_a)
+    epoch = next(e.epoch for e in reversed(events_a) if e.epoch)
+    resumed = watch(
+        stub_b, project, min_interval={"nanos": 0}, from_revision=resume_at, from_epoch=epoch
+    )
+    for thread in producers:
+        thread.join(timeout=60)
+    assert not errors, errors
+    assert len(results) == 3
+
+    final = {
+        op_id: stub_b.GetOperation(pb.GetOperationRequest(operation_id=op_id), timeout=5)
+        for op_id in results.values()
+    }
+    for op in final.values():
+        # Counters exact: no acknowledged report lost, none counted twice.
+        assert (op.state, op.completed, op.counters["items"]) == (
+            pb.Operation.SUCCEEDED,
+            reports,
+            reports,
+        ), op
+    last_revision = max(op.revision for op in final.values())
+    for recorder, events, from_revision in (
+        (on_b, events_b, 0),
+        (resumed, list(events_a), 0),
+    ):
+        events += wc.read_until(recorder, wc.at_revision(last_revision), timeout=15)
+        recorder.cancel()
+        wc.check_revisions(events, from_revision=from_revision)
+        assert wc.RESET not in [e.type for e in events], wc.describe(events)
+        latest = wc.latest_states(events)
+        for op_id in results.values():
+            assert latest[op_id] is not None
+            assert pb.Operation.SUCCEEDED in wc.delivered_states(events)[op_id]
+        wc.assert_matches_store(stub_b, {i: latest[i] for i in results.values()})
+    channel_a.close()
+    channel_b.close()
+
+
+def _drain(recorder: StreamRecorder) -> list[object]:
+    messages = []
+    while True:
+        try:
+            messages.append(recorder.next(timeout=0.1))
+        except (EOFError, queue.Empty):
+            return messages

@@ -84,9 +84,9 @@ class AsyncHeadwayClient:
         self.finish_timeout = finish_timeout
         options = _common.channel_options(self.retry)
         self._channel = (
-            grpc.aio.secure_channel(target, credentials, options)
+            grpc.aio.secure_channel(_common.channel_target(target), credentials, options)
             if credentials is not None
-            else grpc.aio.insecure_channel(target, options)
+            else grpc.aio.insecure_channel(_common.channel_target(target), options)
         )
         self.stub: Any = pb_grpc.ProgressTrackerStub(self._channel)
         # One sender for every handle this client starts: it batches their reports.

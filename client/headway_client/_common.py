@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import traceback
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +36,40 @@ def channel_options(retry: RetryPolicy) -> list[tuple[str, Any]]:
     after a long outage a channel would notice the server's return minutes late
     (calls fail at once while it waits); keep it near the client's own backoff."""
     return [("grpc.max_reconnect_backoff_ms", int(max(1.0, retry.max_backoff) * 1000))]
+
+
+def channel_target(target: str) -> str:
+    """The grpc target for "host:port" or several, comma-separated.
+
+    Several addresses are replicas of one Headway (servers sharing a Redis
+    store): the channel uses the first that answers and moves to the next when
+    it goes away, so calls retried after UNAVAILABLE land on a live replica.
+    grpc takes a list only as IP addresses ("ipv4:a:p,b:p"), so host names are
+    resolved here, once. A target with a scheme ("dns:///", "unix:") is grpc's
+    own syntax and passed through.
+    """
+    if "," not in target or "://" in target or target.startswith(("ipv4:", "ipv6:", "unix:")):
+        return target
+    v4: list[str] = []
+    v6: list[str] = []
+    for part in target.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"target {part.strip()!r} is not host:port")
+        host = host.strip("[]")
+        for family, _, _, _, address in socket.getaddrinfo(
+            host, int(port), type=socket.SOCK_STREAM
+        ):
+            if family == socket.AF_INET:
+                v4.append(f"{address[0]}:{port}")
+            elif family == socket.AF_INET6:
+                v6.append(f"[{address[0]}]:{port}")
+    if v4 and not v6:
+        return "ipv4:" + ",".join(dict.fromkeys(v4))
+    if v6 and not v4:
+        return "ipv6:" + ",".join(dict.fromkeys(v6))
+    # grpc's list targets take one family; IPv4 is what mixed hosts all have.
+    return "ipv4:" + ",".join(dict.fromkeys(v4))
 
 
 def new_request_id() -> str:

@@ -87,9 +87,9 @@ class HeadwayClient:
         self.finish_timeout = finish_timeout
         options = _common.channel_options(self.retry)
         self._channel = (
-            grpc.secure_channel(target, credentials, options)
+            grpc.secure_channel(_common.channel_target(target), credentials, options)
             if credentials is not None
-            else grpc.insecure_channel(target, options)
+            else grpc.insecure_channel(_common.channel_target(target), options)
         )
         self.stub = pb_grpc.ProgressTrackerStub(self._channel)
         # One sender for every handle this client starts: it batches their reports.
