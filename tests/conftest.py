@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import queue
+import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -32,6 +34,24 @@ TEST_CONFIG = ServerConfig(
 )
 
 
+# HEADWAY_TEST_STORE=redis runs the servers of these tests on the Redis store
+# (each in a namespace of its own on one private redis-server) instead of memory.
+TEST_STORE = os.environ.get("HEADWAY_TEST_STORE", "memory")
+
+
+def with_test_store(config: ServerConfig) -> ServerConfig:
+    if config.store != "memory" or TEST_STORE == "memory":
+        return config
+    if TEST_STORE != "redis":
+        raise ValueError(f"HEADWAY_TEST_STORE must be memory or redis (got {TEST_STORE!r})")
+    if TYPE_CHECKING:
+        from tests.redis_support import session_redis
+    else:
+        from redis_support import session_redis
+    namespace = f"test-{secrets.token_hex(6)}"
+    return dataclasses.replace(config, store=f"{session_redis().url}?namespace={namespace}")
+
+
 class ServerThread:
     """Runs a HeadwayServer on its own event loop in a background thread."""
 
@@ -41,7 +61,7 @@ class ServerThread:
         *,
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
     ) -> None:
-        self.config = config
+        self.config = with_test_store(config)
         self.interceptors = interceptors
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -73,8 +93,9 @@ class ServerThread:
         store, as a server backed by a persistent store would come back; or with
         `store`, as a memory server's process would come back (a new epoch)."""
         assert self.server is not None
-        if store is None:
+        if store is None and self.config.store == "memory":
             store = self.server.service.store
+        # (A shared store is opened again from the config, as a new process would.)
         self.shutdown()
         config = dataclasses.replace(self.config, listen=self.address)
         self.run(self._serve(config, store))

@@ -603,3 +603,18 @@ async def test_a_finish_is_recorded_in_the_statistics_once(store: OperationStore
     # Statistics outlive the operations they summarize.
     where = OperationFilter(kind="crawl")
     assert store.stats.compute([], where, window=None, now=20.0).finished == 1
+
+
+async def test_snapshot_reads_what_is_held_after_tombstones_were_dropped(
+    store_factory: StoreFactory,
+) -> None:
+    store = store_factory(history_size=1)
+    for op_id in ("a", "b", "c"):
+        await store.create(new_op(op_id))
+    await store.delete("a")
+    await store.delete("b")  # drops a's tombstone: history before it is gone
+    with pytest.raises(HistoryCompacted):
+        await store.changes(0, limit=10)
+    snap = await store.snapshot(OperationFilter())
+    assert [c.operation.id for c in snap.changes] == ["c"]
+    assert snap.revision == 5

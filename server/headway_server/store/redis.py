@@ -28,7 +28,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
@@ -79,6 +79,8 @@ _PAGE_CHUNK = 500
 # The tailer reads the revision at least this often even if no notification
 # came (a notification lost with a connection must not stall watchers).
 _POLL = 1.0
+# Connections to Redis per server process (one is the tailer's).
+MAX_CONNECTIONS = 64
 # How long a failed store call may take before callers hear UNAVAILABLE.
 _SOCKET_TIMEOUT = 5.0
 _CONNECT_TIMEOUT = 2.0
@@ -109,15 +111,20 @@ class RedisStore:
         history_size: int = 10_000,
         max_summaries: int = DEFAULT_MAX_SUMMARIES,
     ) -> None:
-        query = parse_qs(urlsplit(url).query)
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
         namespace = query.pop("namespace", [namespace])[-1]
         if not namespace or any(c in namespace for c in "{}"):
             raise ValueError(f"invalid Redis namespace {namespace!r}")
         self.url = url
         self.name = _text(url)
-        # Typed loosely: redis-py's replies are unions of every reply shape.
-        self._client: Any = aioredis.Redis.from_url(
-            urlunsplit(urlsplit(url)._replace(query="")),
+        # A blocking pool: under a burst, calls wait (up to the socket timeout)
+        # for one of a bounded set of connections instead of failing with "too
+        # many connections"; Redis runs one command at a time anyway.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            urlunsplit(parts._replace(query=urlencode(query, doseq=True))),
+            max_connections=MAX_CONNECTIONS,
+            timeout=_SOCKET_TIMEOUT,
             socket_timeout=_SOCKET_TIMEOUT,
             socket_connect_timeout=_CONNECT_TIMEOUT,
             health_check_interval=30,
@@ -128,6 +135,8 @@ class RedisStore:
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 3),
             retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
         )
+        # Typed loosely: redis-py's replies are unions of every reply shape.
+        self._client: Any = aioredis.Redis.from_pool(pool)  # closes the pool with it
         self._max_operations = max_operations
         self._history_size = history_size
         self._max_summaries = max_summaries
@@ -319,14 +328,22 @@ class RedisStore:
             if len(entries) < 1000:
                 return
 
-    def _cached_op(self, op_id: str, record: bytes, revision: Any, created: Any) -> Operation:
+    def _cached_op(
+        self, op_id: str, record: bytes, revision: Any, created: Any, *, live: bool = True
+    ) -> Operation:
+        """The operation a record holds at `revision`, from the cache when it
+        has it; a deleted one's last state is never cached (get_cached would
+        answer with it)."""
         rev, made = int(revision), int(created)
         cached = self._cache.get(op_id)
         if cached is not None and cached.revision == rev and cached.created_revision == made:
             self._cache.move_to_end(op_id)
             return cached
         op = evolve(unpack_record(record), revision=rev, created_revision=made)
-        self._remember(op)
+        if live:
+            self._remember(op)
+        else:
+            self._cache.pop(op_id, None)
         return op
 
     def _remember(self, op: Operation) -> None:
@@ -508,7 +525,7 @@ class RedisStore:
         rows = result[3:]
         for i in range(0, len(rows), 6):
             op_id, at, record, state_rev, created, live = rows[i : i + 6]
-            op = self._cached_op(op_id.decode(), record, state_rev, created)
+            op = self._cached_op(op_id.decode(), record, state_rev, created, live=bool(live))
             found.append(Change(int(float(at)), op, deleted=not live))
         return revision, found
 
@@ -531,7 +548,7 @@ class RedisStore:
         if not found:
             return None
         deleted, record, revision, created = found
-        op = self._cached_op(operation_id, record, revision, created)
+        op = self._cached_op(operation_id, record, revision, created, live=False)
         return Change(int(float(deleted)), op, deleted=True)
 
     async def _ops(self, ids: Iterable[str]) -> list[Operation]:

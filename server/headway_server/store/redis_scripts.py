@@ -148,7 +148,8 @@ if head[1] ~= ARGV[4] then return {-6, head[1] or ''} end
 local rev = tonumber(head[2] or '0')
 local compacted = tonumber(head[3] or '0')
 local after = tonumber(ARGV[1])
-if after > rev or after < compacted then return {-7, rev, compacted} end
+-- a snapshot (live only) reads everything held, whatever was compacted
+if ARGV[3] ~= '1' and (after > rev or after < compacted) then return {-7, rev, compacted} end
 local found = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'WITHSCORES',
   'LIMIT', 0, tonumber(ARGV[2]))
 local out = {rev, compacted, 0}
