@@ -16,7 +16,7 @@ from headway_server import convert
 from headway_server.app.service import OperationService, UpdateResult
 from headway_server.app.watch import MAX_MIN_INTERVAL, ShuttingDown, WatchEvent, WatchHub
 from headway_server.domain import errors
-from headway_server.domain.model import LogLevel
+from headway_server.domain.model import LogLevel, Update
 from headway_server.domain.validation import MAX_EPOCH_LENGTH, check_id, check_name
 
 log = logging.getLogger("headway.servicer")
@@ -145,9 +145,7 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
         try:
             result = await self._update(request)
         except errors.HeadwayError as exc:
-            ack.error_code = status_of(exc).value[0]
-            ack.error_message = str(exc)
-            ack.deleted = isinstance(exc, errors.Deleted)
+            _refuse(ack, exc)
         else:
             convert.update_response(ack.result, result.operation, result.applied)
         return ack
@@ -162,11 +160,28 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
                 f"at most {MAX_BATCH_UPDATES} reports per call (got {len(request.updates)})",
             )
         # In order, each on its own: one rejected report never affects the others.
+        # Applied together: one round trip to a shared store for the batch.
         # Each ack is filled where it lies in the response (no copy per report).
         response = pb.BatchUpdateOperationsResponse()
         acks = response.results
+        valid: list[tuple[str, Update]] = []
+        placed: list[pb.ReportProgressResponse] = []
         for update in request.updates:
-            await self._acknowledge(update, acks.add())
+            ack = acks.add()
+            ack.sequence = update.sequence
+            ack.operation_id = update.operation_id
+            try:
+                check_id("operation_id", update.operation_id)
+                valid.append((update.operation_id, convert.update(update)))
+            except errors.HeadwayError as exc:
+                _refuse(ack, exc)
+            else:
+                placed.append(ack)
+        for ack, result in zip(placed, await self.service.update_many(valid), strict=True):
+            if isinstance(result, errors.HeadwayError):
+                _refuse(ack, result)
+            else:
+                convert.update_response(ack.result, result.operation, result.applied)
         return response
 
     @unary
@@ -318,6 +333,13 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
             await _end_for_shutdown(context, exc)
         except Exception as exc:
             await _abort(context, exc, "WatchOperations")
+
+
+def _refuse(ack: pb.ReportProgressResponse, exc: errors.HeadwayError) -> None:
+    """A rejected report's ack: the status UpdateOperation would have returned."""
+    ack.error_code = status_of(exc).value[0]
+    ack.error_message = str(exc)
+    ack.deleted = isinstance(exc, errors.Deleted)
 
 
 def _check_resume(request: pb.WatchOperationRequest | pb.WatchOperationsRequest) -> None:

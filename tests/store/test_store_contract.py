@@ -618,3 +618,28 @@ async def test_snapshot_reads_what_is_held_after_tombstones_were_dropped(
     snap = await store.snapshot(OperationFilter())
     assert [c.operation.id for c in snap.changes] == ["c"]
     assert snap.revision == 5
+
+
+async def test_replace_many_writes_in_order_each_on_its_own(store: OperationStore) -> None:
+    a = await store.create(new_op("a"))
+    b = await store.create(new_op("b"))
+    outcomes = await store.replace_many(
+        [
+            (dataclasses.replace(a, message="a1"), a.revision),
+            (dataclasses.replace(b, message="b1"), b.revision - 1),  # stale: Conflict
+            (dataclasses.replace(a, message="a2"), None),  # after a1
+            (dataclasses.replace(b, message="b2"), None),  # after a failed write: Conflict
+            (new_op("missing"), 1),
+        ]
+    )
+    a1, b1, a2, b2, missing = outcomes
+    assert isinstance(a1, Operation) and isinstance(a2, Operation)
+    assert (a1.message, a1.revision, a2.message, a2.revision) == ("a1", 3, "a2", 4)
+    assert isinstance(b1, Conflict) and isinstance(b2, Conflict)
+    assert isinstance(missing, NotFound)
+    assert await store.get("a") == a2
+    assert await store.get("b") == b
+    assert [(c.operation.id, c.revision) for c in (await store.changes(2, limit=10)).changes] == [
+        ("a", 4)
+    ]
+    assert await store.replace_many([]) == []

@@ -22,6 +22,7 @@ from headway_server.domain.errors import (
     Conflict,
     Deleted,
     FailedPrecondition,
+    HeadwayError,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -186,7 +187,20 @@ class OperationService:
             history=history,
         )
 
-    async def _after_write(self, old: Operation | None, new: Operation) -> None:
+    @staticmethod
+    def _rolls_up(old: Operation | None, new: Operation) -> bool:
+        """Whether the parent's roll-up reads something this write changed."""
+        return old is None or (
+            old.state,
+            old.percent,
+            old.estimate,
+            old.measures,
+            old.children_measures,
+        ) != (new.state, new.percent, new.estimate, new.measures, new.children_measures)
+
+    async def _after_write(
+        self, old: Operation | None, new: Operation, *, roll_up: bool = True
+    ) -> None:
         """Timeline, statistics, metrics and the parent's roll-up of a stored change."""
         entries = timeline.entries(old, new)
         if entries:
@@ -197,11 +211,7 @@ class OperationService:
         if new.alerts:
             for alert_type in progress.raised_alerts(old, new):
                 self.observer.alert_raised(alert_type.name)
-        if new.parent_id and (
-            old is None
-            or (old.state, old.percent, old.estimate, old.measures, old.children_measures)
-            != (new.state, new.percent, new.estimate, new.measures, new.children_measures)
-        ):
+        if roll_up and new.parent_id and self._rolls_up(old, new):
             await self._roll_up(new.parent_id)
 
     async def _roll_up(self, parent_id: str) -> None:
@@ -253,21 +263,120 @@ class OperationService:
             )
         return parent.depth + 1
 
+    def _report(self, op: Operation, update: Update) -> Operation | None:
+        """The operation after an applied report, or None for a duplicate."""
+        lifecycle.require_active(op, "UpdateOperation")
+        if lifecycle.is_duplicate(op, update):
+            return None
+        now = self._clock()
+        reported = lifecycle.apply_update(op, update, now)
+        return self._refresh(reported, now, reported=True)
+
     async def update(self, operation_id: str, update: Update) -> UpdateResult:
         lifecycle.validate_update(update)
-
-        def change(op: Operation) -> Operation | None:
-            lifecycle.require_active(op, "UpdateOperation")
-            if lifecycle.is_duplicate(op, update):
-                return None
-            now = self._clock()
-            reported = lifecycle.apply_update(op, update, now)
-            return self._refresh(reported, now, reported=True)
-
-        op, applied = await self._modify(operation_id, change)
+        op, applied = await self._modify(operation_id, lambda op: self._report(op, update))
         if applied:
             self.observer.update_applied()
         return UpdateResult(op, applied)
+
+    async def _judge(
+        self, operation_id: str, update: Update, planned: Operation | None
+    ) -> tuple[Operation, Operation | None]:
+        """(the operation a report applies to, its new value or None for a
+        duplicate), judged on the value this batch plans for it, else on this
+        process's copy; a duplicate or a refusal judged on a copy is judged
+        again on the stored value if that is newer (raises the refusal)."""
+        if planned is not None:
+            return planned, self._report(planned, update)
+        op = await self.store.get_cached(operation_id) or await self._load(operation_id)
+        try:
+            new = self._report(op, update)
+        except HeadwayError:
+            new = None
+            refused = True
+        else:
+            refused = False
+            if new is not None:
+                return op, new  # a stale copy fails the compare-and-set
+        current = await self._load(operation_id)
+        if current.revision != op.revision:
+            return current, self._report(current, update)
+        if refused:
+            self._report(current, update)  # raises the refusal again
+        return current, None
+
+    async def update_many(
+        self, reports: Sequence[tuple[str, Update]]
+    ) -> list[UpdateResult | HeadwayError]:
+        """Applies reports in order, each on its own, as `update` would one by
+        one, but written to the store together (one round trip to a shared
+        store, for a batch whose operations this process holds current copies
+        of). A parent whose children changed is rolled up once per batch."""
+        results: list[UpdateResult | HeadwayError | None] = [None] * len(reports)
+        # Per operation written in this batch: the value its last planned write
+        # stores, and that write's index in `writes` (the next one chains on it).
+        latest: dict[str, Operation] = {}
+        planned: dict[str, int] = {}
+        # (report index, value before, value to write, expected revision or None)
+        writes: list[tuple[int, Operation, Operation, int | None]] = []
+        # Reports judged on a planned value (duplicates of it, or refused on
+        # it), by report index: the planned write's index. If that write does
+        # not land, they are judged again.
+        depends: dict[int, int] = {}
+        for i, (operation_id, update) in enumerate(reports):
+            try:
+                lifecycle.validate_update(update)
+            except HeadwayError as exc:
+                results[i] = exc
+                continue
+            try:
+                op, new = await self._judge(operation_id, update, latest.get(operation_id))
+            except HeadwayError as exc:
+                results[i] = exc
+                if operation_id in planned:
+                    depends[i] = planned[operation_id]
+                continue
+            if new is None:
+                if operation_id in planned:
+                    depends[i] = planned[operation_id]
+                else:
+                    results[i] = UpdateResult(op, False)
+                continue
+            writes.append((i, op, new, None if operation_id in planned else op.revision))
+            latest[operation_id] = new
+            planned[operation_id] = len(writes) - 1
+        outcomes = await self.store.replace_many([(w[2], w[3]) for w in writes])
+        stored: dict[int, Operation] = {}
+        parents: set[str] = set()
+        for (i, old, _, _), outcome in zip(writes, outcomes, strict=True):
+            if isinstance(outcome, Operation):
+                stored[i] = outcome
+                results[i] = UpdateResult(outcome, True)
+                self.observer.update_applied()
+                await self._after_write(old, outcome, roll_up=False)
+                if outcome.parent_id and self._rolls_up(old, outcome):
+                    parents.add(outcome.parent_id)
+        for i, write in depends.items():
+            landed = stored.get(writes[write][0])
+            if landed is None:
+                results[i] = None  # judged on a value never stored
+            elif results[i] is None:
+                results[i] = UpdateResult(landed, False)
+        for parent_id in parents:
+            await self._roll_up(parent_id)
+        final: list[UpdateResult | HeadwayError] = []
+        for i, result in enumerate(results):
+            if result is None:
+                # Not written together (a stale copy, a race lost to another
+                # replica, or a duplicate of such a write): alone, as
+                # UpdateOperation would.
+                operation_id, update = reports[i]
+                try:
+                    result = await self.update(operation_id, update)
+                except HeadwayError as exc:
+                    result = exc
+            final.append(result)
+        return final
 
     async def _finish(
         self, operation_id: str, call: str, request_id: str, **changes: Any

@@ -8,9 +8,11 @@ share one ordering between server processes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from headway_server.domain.errors import HeadwayError
 from headway_server.domain.model import (
     Change,
     ChildProgress,
@@ -103,6 +105,17 @@ class OperationStore(Protocol):
         Raises:
             NotFound: the operation no longer exists.
             Conflict: its revision is no longer `expected_revision`.
+        """
+        ...
+
+    async def replace_many(
+        self, writes: Sequence[tuple[Operation, int | None]]
+    ) -> list[Operation | HeadwayError]:
+        """Stores several new states, in order and each on its own, as `replace`
+        would one by one (a shared store does it in one round trip): the stored
+        operation for each, or the error `replace` would have raised (NotFound,
+        Conflict). An expected revision of None means "whatever the previous
+        write of this operation in this call stored" (Conflict if that failed).
         """
         ...
 

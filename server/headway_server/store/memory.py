@@ -8,12 +8,13 @@ import itertools
 import secrets
 from bisect import bisect_left, bisect_right
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from headway_server.domain.errors import (
     AlreadyExists,
     Conflict,
+    HeadwayError,
     HistoryCompacted,
     NotFound,
     ResourceExhausted,
@@ -319,6 +320,26 @@ class MemoryStore:
         stored = evolve(operation, revision=self._next())
         self._record(stored, current.revision)
         return stored
+
+    async def replace_many(
+        self, writes: Sequence[tuple[Operation, int | None]]
+    ) -> list[Operation | HeadwayError]:
+        outcomes: list[Operation | HeadwayError] = []
+        stored: dict[str, int | None] = {}
+        for op, expected in writes:
+            if expected is None:
+                expected = stored.get(op.id)
+            try:
+                if expected is None:
+                    raise Conflict(f"operation {op.id!r} changed concurrently")
+                new = await self.replace(op, expected_revision=expected)
+            except (NotFound, Conflict) as exc:
+                stored[op.id] = None
+                outcomes.append(exc)
+            else:
+                stored[op.id] = new.revision
+                outcomes.append(new)
+        return outcomes
 
     async def delete(self, operation_id: str) -> int:
         current = self._operations.pop(operation_id, None)

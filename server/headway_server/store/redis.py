@@ -38,6 +38,7 @@ from redis.backoff import ExponentialBackoff
 from headway_server.domain.errors import (
     AlreadyExists,
     Conflict,
+    HeadwayError,
     HistoryCompacted,
     NotFound,
     ResourceExhausted,
@@ -165,7 +166,7 @@ class RedisStore:
         self.channel = prefix + "notify"
         register = self._client.register_script
         self._init = register(lua.INIT)
-        self._write = register(lua.WRITE)
+        self._write_script = register(lua.WRITE)
         self._delete = register(lua.DELETE)
         self._changes = register(lua.CHANGES)
         self._get = register(lua.GET)
@@ -390,10 +391,13 @@ class RedisStore:
             return cached
         return await self.get(operation_id)
 
-    def _write_keys(self, op: Operation) -> list[str]:
+    async def _write(
+        self, writes: Sequence[tuple[Operation, str, int | None]]
+    ) -> list[Operation | HeadwayError]:
+        """Runs (operation, mode, expected revision; None: chained) writes in
+        one script, in order; each stored operation or its error."""
         k = self._k
-        parent = op.spec.parent_id
-        return [
+        keys = [
             k["meta"],
             k["rec"],
             k["rev"],
@@ -401,66 +405,79 @@ class RedisStore:
             k["idx"],
             k["changes"],
             k["created"],
-            self.key("children:" + parent) if parent else k["created"],
             k["leases"],
             k["finished"],
             k["counts"],
             k["tombs"],
             k["finishes"],
         ]
-
-    async def _store(self, op: Operation, mode: str, expected: int) -> Operation:
-        lease = ""
-        if op.state is State.RUNNING and not op.stalled and op.heartbeat_timeout > 0:
-            lease = repr(op.last_report_at + op.heartbeat_timeout)
-        terminal = op.state.terminal
-        finish = repr(op.finished_at) if terminal and op.finished_at is not None else ""
-        record = pack_record(evolve(op, revision=0, created_revision=0))
-        result = await self._run(
-            self._write,
-            self._write_keys(op),
-            [
+        args: list[Any] = [self.channel, self._max_operations, self._max_summaries]
+        for op, mode, expected in writes:
+            parent = op.spec.parent_id
+            keys.append(self.key("children:" + parent) if parent else k["created"])
+            lease = ""
+            if op.state is State.RUNNING and not op.stalled and op.heartbeat_timeout > 0:
+                lease = repr(op.last_report_at + op.heartbeat_timeout)
+            terminal = op.state.terminal
+            finish = repr(op.finished_at) if terminal and op.finished_at is not None else ""
+            args += (
                 mode,
                 op.id,
-                str(expected),
-                record,
+                "^" if expected is None else str(expected),
+                pack_record(evolve(op, revision=0, created_revision=0)),
                 "1" if terminal else "0",
                 f"{op.state.name}\0{op.kind}",
                 lease,
                 finish,
-                self._max_operations,
-                self.channel,
-                self._max_summaries,
-                "1" if op.spec.parent_id else "0",
-            ],
-        )
-        code = result[0]
+                "1" if parent else "0",
+            )
+        result = await self._run(self._write_script, keys, args)
+        outcomes: list[Operation | HeadwayError] = []
+        for i, (op, _, _) in enumerate(writes):
+            code, created, entry = result[3 * i : 3 * i + 3]
+            if code < 0:
+                if code in (lua.NOT_FOUND, lua.CONFLICT):
+                    self._cache.pop(op.id, None)
+                outcomes.append(self._error(code, op.id))
+                continue
+            stored = evolve(op, revision=code, created_revision=created)
+            self._remember(stored)
+            self._see(code)
+            if entry:
+                self._own_finishes.add(entry)
+                self.stats.record_finished(stored)
+            outcomes.append(stored)
+        return outcomes
+
+    def _error(self, code: int, operation_id: str) -> HeadwayError:
         if code == lua.EXISTS:
-            raise AlreadyExists(f"operation {op.id!r} already exists")
+            return AlreadyExists(f"operation {operation_id!r} already exists")
         if code == lua.FULL:
-            raise ResourceExhausted(
+            return ResourceExhausted(
                 f"the store holds its maximum of {self._max_operations} operations"
             )
         if code == lua.NOT_FOUND:
-            self._cache.pop(op.id, None)
-            raise NotFound(f"operation {op.id!r} not found")
-        if code == lua.CONFLICT:
-            self._cache.pop(op.id, None)
-            raise Conflict(f"operation {op.id!r} changed concurrently")
-        revision, created, entry = result
-        stored = evolve(op, revision=revision, created_revision=created)
-        self._remember(stored)
-        self._see(revision)
-        if entry:
-            self._own_finishes.add(entry)
-            self.stats.record_finished(stored)
-        return stored
+            return NotFound(f"operation {operation_id!r} not found")
+        return Conflict(f"operation {operation_id!r} changed concurrently")
+
+    async def _write_one(self, op: Operation, mode: str, expected: int) -> Operation:
+        (outcome,) = await self._write([(op, mode, expected)])
+        if isinstance(outcome, HeadwayError):
+            raise outcome
+        return outcome
 
     async def create(self, operation: Operation) -> Operation:
-        return await self._store(operation, "c", 0)
+        return await self._write_one(operation, "c", 0)
 
     async def replace(self, operation: Operation, *, expected_revision: int) -> Operation:
-        return await self._store(operation, "r", expected_revision)
+        return await self._write_one(operation, "r", expected_revision)
+
+    async def replace_many(
+        self, writes: Sequence[tuple[Operation, int | None]]
+    ) -> list[Operation | HeadwayError]:
+        if not writes:
+            return []
+        return await self._write([(op, "r", expected) for op, expected in writes])
 
     async def delete(self, operation_id: str) -> int:
         # The parent names the children index to leave; a spec never changes.

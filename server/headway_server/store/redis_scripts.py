@@ -43,61 +43,85 @@ redis.call('HSETNX', KEYS[1], 'secret', ARGV[2])
 return redis.call('HMGET', KEYS[1], 'epoch', 'secret', 'rev')
 """
 
-# KEYS: meta rec rev made idx changes created children leases finished counts
-#       tombs finishes
-# ARGV: 1 mode (c: create, r: replace), 2 id, 3 expected revision, 4 record,
-#       5 terminal (1/0), 6 count key, 7 lease deadline or '', 8 finish time or '',
-#       9 max operations, 10 channel, 11 max finishes kept, 12 has parent (1/0)
-# Returns {revision, created revision, finishes entry id or ''} or {error}.
+# Creates or replaces operations, in order, each on its own (one failing does
+# not stop the rest).
+# KEYS: 1 meta, 2 rec, 3 rev, 4 made, 5 idx, 6 changes, 7 created, 8 leases,
+#       9 finished, 10 counts, 11 tombs, 12 finishes, then per write its
+#       parent's children ZSET (or any key, unused, when it has no parent)
+# ARGV: 1 channel, 2 max operations, 3 max finishes kept, then per write:
+#       mode (c: create, r: replace), id, expected revision ('^': whatever the
+#       previous write of this id in this call stored), record, terminal (1/0),
+#       count key, lease deadline or '', finish time or '', has parent (1/0)
+# Returns per write {revision, created revision, finishes entry id or ''}, or
+# {error, 0, ''}; or {NO_EPOCH} alone.
 WRITE = """
-local meta, id = KEYS[1], ARGV[2]
+local meta = KEYS[1]
 if redis.call('HEXISTS', meta, 'epoch') == 0 then return {-5} end
-local old = redis.call('HGET', KEYS[5], id)
-local created
-if ARGV[1] == 'c' then
-  if old then return {-3} end
-  if redis.call('ZCARD', KEYS[7]) >= tonumber(ARGV[9]) then return {-4} end
-else
-  if not old then return {-1} end
-  if redis.call('HGET', KEYS[3], id) ~= ARGV[3] then return {-2} end
+local out, wrote, last, finished = {}, {}, 0, false
+local n = (#ARGV - 3) / 9
+for w = 0, n - 1 do
+  local a = 3 + 9 * w
+  local mode, id, expected, record = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local term, key, lease, finish = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
+  local old = redis.call('HGET', KEYS[5], id)
+  local err = nil
+  if mode == 'c' then
+    if old then err = -3
+    elseif redis.call('ZCARD', KEYS[7]) >= tonumber(ARGV[2]) then err = -4 end
+  elseif not old then err = -1
+  else
+    if expected == '^' then expected = wrote[id] or '' end
+    if redis.call('HGET', KEYS[3], id) ~= expected then err = -2 end
+  end
+  if err then
+    out[#out + 1] = err; out[#out + 1] = 0; out[#out + 1] = ''
+  else
+    local rev = redis.call('HINCRBY', meta, 'rev', 1)
+    local created
+    if mode == 'c' then
+      created = rev
+      redis.call('HSET', KEYS[4], id, rev)
+      redis.call('ZADD', KEYS[7], rev, id)
+      -- an id deleted earlier and created again is live, not a tombstone
+      redis.call('ZREM', KEYS[11], id)
+      if ARGV[a + 9] == '1' then redis.call('ZADD', KEYS[12 + w + 1], rev, id) end
+    else
+      created = tonumber(redis.call('HGET', KEYS[4], id))
+      local oldkey = string.sub(old, 2)
+      if redis.call('HINCRBY', KEYS[10], oldkey, -1) <= 0 then
+        redis.call('HDEL', KEYS[10], oldkey)
+      end
+    end
+    redis.call('HSET', KEYS[2], id, record)
+    redis.call('HSET', KEYS[3], id, rev)
+    redis.call('HSET', KEYS[5], id, term .. key)
+    redis.call('HINCRBY', KEYS[10], key, 1)
+    redis.call('ZADD', KEYS[6], rev, id)
+    if lease ~= '' then
+      redis.call('ZADD', KEYS[8], lease, id)
+    else
+      redis.call('ZREM', KEYS[8], id)
+    end
+    if finish ~= '' then
+      -- the first finish time stays (retention counts from it)
+      redis.call('ZADD', KEYS[9], 'NX', finish, id)
+    elseif term == '0' then
+      redis.call('ZREM', KEYS[9], id)
+    end
+    local entry = ''
+    if term == '1' and (not old or string.sub(old, 1, 1) ~= '1') then
+      entry = redis.call('XADD', KEYS[12], 'MAXLEN', '~', ARGV[3], '*', 'r', record)
+      finished = true
+    end
+    wrote[id] = tostring(rev)
+    last = rev
+    out[#out + 1] = rev; out[#out + 1] = created; out[#out + 1] = entry
+  end
 end
-local rev = redis.call('HINCRBY', meta, 'rev', 1)
-if ARGV[1] == 'c' then
-  created = rev
-  redis.call('HSET', KEYS[4], id, rev)
-  redis.call('ZADD', KEYS[7], rev, id)
-  -- an id deleted earlier and created again is live, not a tombstone
-  redis.call('ZREM', KEYS[12], id)
-  if ARGV[12] == '1' then redis.call('ZADD', KEYS[8], rev, id) end
-else
-  created = tonumber(redis.call('HGET', KEYS[4], id))
-  local key = string.sub(old, 2)
-  if redis.call('HINCRBY', KEYS[11], key, -1) <= 0 then redis.call('HDEL', KEYS[11], key) end
+if last > 0 then
+  redis.call('PUBLISH', ARGV[1], finished and (tostring(last) .. ' f') or tostring(last))
 end
-redis.call('HSET', KEYS[2], id, ARGV[4])
-redis.call('HSET', KEYS[3], id, rev)
-redis.call('HSET', KEYS[5], id, ARGV[5] .. ARGV[6])
-redis.call('HINCRBY', KEYS[11], ARGV[6], 1)
-redis.call('ZADD', KEYS[6], rev, id)
-if ARGV[7] ~= '' then
-  redis.call('ZADD', KEYS[9], ARGV[7], id)
-else
-  redis.call('ZREM', KEYS[9], id)
-end
-if ARGV[8] ~= '' then
-  -- the first finish time stays (retention counts from it)
-  redis.call('ZADD', KEYS[10], 'NX', ARGV[8], id)
-elseif ARGV[5] == '0' then
-  redis.call('ZREM', KEYS[10], id)
-end
-local entry = ''
-local note = tostring(rev)
-if ARGV[5] == '1' and (not old or string.sub(old, 1, 1) ~= '1') then
-  entry = redis.call('XADD', KEYS[13], 'MAXLEN', '~', ARGV[11], '*', 'r', ARGV[4])
-  note = note .. ' f'
-end
-redis.call('PUBLISH', ARGV[10], note)
-return {rev, created, entry}
+return out
 """
 
 # KEYS: meta rec rev made idx changes created children leases finished counts
