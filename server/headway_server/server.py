@@ -28,6 +28,7 @@ log = logging.getLogger("headway.server")
 
 # How often the health check asks the store whether it can serve.
 STORE_CHECK_INTERVAL = 1.0
+STORE_CLOSE_TIMEOUT = 5.0
 
 
 class HeadwayServer:
@@ -115,7 +116,11 @@ class HeadwayServer:
         self.hub.stop()
         await self.sweeper.stop()
         await self.grpc_server.stop(grace)
-        await self.service.store.close()
+        try:
+            # Bounded: a store that does not answer must not hold the exit up.
+            await asyncio.wait_for(self.service.store.close(), STORE_CLOSE_TIMEOUT)
+        except TimeoutError:
+            log.warning("store did not close in time", extra={"store": self.config.store_name})
         self.metrics.close()
         log.info("stopped")
 
