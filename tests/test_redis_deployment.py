@@ -7,7 +7,11 @@ directory on a free port, never the machine's shared one.
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,12 +29,12 @@ from headway_client import HeadwayClient
 if TYPE_CHECKING:  # mypy knows the helpers as tests.*, pytest by their module names
     from tests import watch_checks as wc
     from tests.conftest import StreamRecorder
-    from tests.redis_e2e import ServerProcess, wait_for_health
+    from tests.redis_e2e import ROOT, ServerProcess, wait_for_health
     from tests.redis_support import RedisServer, free_port
 else:
     import watch_checks as wc
     from conftest import StreamRecorder
-    from redis_e2e import ServerProcess, wait_for_health
+    from redis_e2e import ROOT, ServerProcess, wait_for_health
     from redis_support import RedisServer, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -352,3 +356,79 @@ def _drain(recorder: StreamRecorder) -> list[object]:
             messages.append(recorder.next(timeout=0.1))
         except (EOFError, queue.Empty):
             return messages
+
+
+def test_workers_share_one_port_and_a_dead_worker_is_replaced(
+    redis_server: RedisServer, servers: list[ServerProcess]
+) -> None:
+    port = free_port()
+    supervisor = ServerProcess(redis_server.url, port, "--workers", "2").start()
+    servers.append(supervisor)
+    assert supervisor.process is not None
+    workers = _children(supervisor.process.pid)
+    assert len(workers) == 2, workers
+    # Connections spread over the workers; every one sees the same store.
+    project = wc.unique("workers")
+    ids = []
+    for i in range(6):
+        with grpc.insecure_channel(
+            supervisor.address, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as channel:
+            ids.append(start(pb_grpc.ProgressTrackerStub(channel), project, f"w{i}").id)
+    channel, stub = stub_for(supervisor)
+    listed = stub.ListOperations(
+        pb.ListOperationsRequest(filter=pb.OperationFilter(project=project)), timeout=5
+    )
+    assert sorted(op.id for op in listed.operations) == sorted(ids)
+    channel.close()
+
+    os.kill(workers[0], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        now = _children(supervisor.process.pid)
+        if len(now) == 2 and workers[0] not in now:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the killed worker was not replaced: {now}")
+    wait_for_health(supervisor.address, SERVING)
+    err = supervisor.stop()
+    assert _children_gone(workers[1]), err
+
+
+def test_workers_are_refused_for_the_memory_store() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "headway_server", "serve", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, PYTHONPATH=f"{ROOT / 'server'}:{ROOT / 'client'}"),
+    )
+    assert result.returncode == 2
+    assert "--workers above 1 needs a shared store" in result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    """The worker processes a supervisor started (not multiprocessing's helpers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and b"resource_tracker" not in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _children_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return True
+        time.sleep(0.05)
+    return False
