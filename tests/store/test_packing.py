@@ -159,3 +159,41 @@ def test_logs_round_trip_with_their_counts() -> None:
     unpacked, dropped, appended = unpack_logs(pack_logs(entries, 6, 8))
     assert (unpacked, dropped, appended) == (entries, 6, 8)
     assert unpacked[1].level is LogLevel.ERROR
+
+
+# --- records: whole operations for the Redis store ---------------------------------------
+
+
+def test_a_record_round_trips_a_whole_operation_running_or_finished() -> None:
+    from headway_server.domain.eta import EtaState
+    from headway_server.domain.model import AlertRule, MeasureSpec
+    from headway_server.store.packing import pack_record, unpack_record
+
+    finished = dataclasses.replace(
+        every_field_set(),
+        id="op-record",
+        spec=dataclasses.replace(
+            SPEC,
+            parent_id="op-parent",
+            measures=(MeasureSpec("cost_usd"),),
+            alert_rules=(AlertRule("cost_usd", above=50.0),),
+        ),
+    )
+    running = dataclasses.replace(
+        finished,
+        state=State.RUNNING,
+        finished_at=None,
+        eta_state=EtaState(last_at=1795445899.0, observations=7, drift=0.25, stages_seen=1),
+    )
+    for op in (finished, running):
+        assert unpack_record(pack_record(op)) == op
+    # Finished ones are held for the retention: deflated; running ones are not.
+    assert len(pack_record(finished)) < len(pack_record(running)) / 2
+
+
+def test_a_record_this_version_cannot_read_is_refused() -> None:
+    from headway_server.store.packing import unpack_record
+
+    for data in (b"", b"\x07abc", b"\x01not deflate", b"\x02not marshal"):
+        with pytest.raises(ValueError):
+            unpack_record(data)

@@ -66,6 +66,7 @@ from headway_server.store.packing import (
     unpack_record,
     unpack_timeline_entry,
 )
+from headway_server.store.resp import Endpoint, PipelinedConnection, ReplyError
 
 log = logging.getLogger("headway.store.redis")
 
@@ -137,7 +138,12 @@ class RedisStore:
             retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
         )
         # Typed loosely: redis-py's replies are unions of every reply shape.
+        # It serves the tailer and the rare calls; scripts and revision reads,
+        # the hot path, go through one pipelined connection (store/resp.py).
         self._client: Any = aioredis.Redis.from_pool(pool)  # closes the pool with it
+        self._fast = PipelinedConnection(
+            Endpoint(url), connect_timeout=_CONNECT_TIMEOUT, timeout=_SOCKET_TIMEOUT
+        )
         self._max_operations = max_operations
         self._history_size = history_size
         self._max_summaries = max_summaries
@@ -164,6 +170,24 @@ class RedisStore:
             )
         }
         self.channel = prefix + "notify"
+        k = self._k
+        self._write_keys = tuple(
+            k[name]
+            for name in (
+                "meta",
+                "rec",
+                "rev",
+                "made",
+                "idx",
+                "changes",
+                "created",
+                "leases",
+                "finished",
+                "counts",
+                "tombs",
+                "finishes",
+            )
+        )
         register = self._client.register_script
         self._init = register(lua.INIT)
         self._write_script = register(lua.WRITE)
@@ -189,6 +213,10 @@ class RedisStore:
         self._own_finishes: set[bytes] = set()
         self._finishes_read = b"0-0"
         self._tailer: asyncio.Task[None] | None = None
+        # The notification to PUBLISH at the end of this turn of the event
+        # loop ([revision, finished]), and the tasks sending them.
+        self._announcing: list[Any] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._closed = False
         self.journal: Journal = RedisJournal(self)
 
@@ -204,15 +232,38 @@ class RedisStore:
         except _UNREACHABLE as exc:
             raise StoreUnavailable(f"store {self.name} is unavailable: {exc}") from exc
 
+    async def _exec(self, *args: Any) -> Any:
+        """One command on the pipelined connection; an unreachable Redis is
+        StoreUnavailable. A command that failed with its connection is sent
+        once more on a new one (Redis restarted, or failed over): repeating a
+        write is safe, its compare-and-set or AlreadyExists tells it was stored."""
+        try:
+            try:
+                return await self._fast.execute(*args)
+            except ConnectionError:
+                return await self._fast.execute(*args)
+        except ConnectionError as exc:
+            raise StoreUnavailable(f"store {self.name} is unavailable: {exc}") from exc
+
+    async def _eval(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self._exec("EVALSHA", script.sha, len(keys), *keys, *args)
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            # Redis restarted (its script cache is empty): load it, run it.
+            await self._exec("SCRIPT", "LOAD", script.script)
+            return await self._exec("EVALSHA", script.sha, len(keys), *keys, *args)
+
     async def _run(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         if self._epoch is None:
             await self.open()
-        result = await self._call(lambda: script(keys=keys, args=args))
+        result = await self._eval(script, keys, args)
         if isinstance(result, list) and result and result[0] == lua.NO_EPOCH:
             # The keyspace was flushed under us: it is a new store now.
             log.warning("store keyspace is new (flushed?); starting a new epoch")
             await self.open()
-            result = await self._call(lambda: script(keys=keys, args=args))
+            result = await self._eval(script, keys, args)
         return result
 
     async def open(self) -> None:
@@ -253,6 +304,9 @@ class RedisStore:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._tailer
             self._tailer = None
+        if self._background:
+            await asyncio.wait(self._background, timeout=1.0)
+        await self._fast.close()
         await self._client.aclose()
 
     async def check(self) -> None:
@@ -356,7 +410,7 @@ class RedisStore:
     # --- the store interface ------------------------------------------------------------
 
     async def revision(self) -> int:
-        raw = await self._call(lambda: self._client.hget(self._k["meta"], "rev"))
+        raw = await self._exec("HGET", self._k["meta"], "rev")
         revision = int(raw or 0)
         self._see(revision)
         return revision
@@ -397,21 +451,8 @@ class RedisStore:
         """Runs (operation, mode, expected revision; None: chained) writes in
         one script, in order; each stored operation or its error."""
         k = self._k
-        keys = [
-            k["meta"],
-            k["rec"],
-            k["rev"],
-            k["made"],
-            k["idx"],
-            k["changes"],
-            k["created"],
-            k["leases"],
-            k["finished"],
-            k["counts"],
-            k["tombs"],
-            k["finishes"],
-        ]
-        args: list[Any] = [self.channel, self._max_operations, self._max_summaries]
+        keys = list(self._write_keys)
+        args: list[Any] = [self._max_operations, self._max_summaries]
         for op, mode, expected in writes:
             parent = op.spec.parent_id
             keys.append(self.key("children:" + parent) if parent else k["created"])
@@ -424,7 +465,8 @@ class RedisStore:
                 mode,
                 op.id,
                 "^" if expected is None else str(expected),
-                pack_record(evolve(op, revision=0, created_revision=0)),
+                # Its revisions are set on read, from the `rev` and `made` hashes.
+                pack_record(op),
                 "1" if terminal else "0",
                 f"{op.state.name}\0{op.kind}",
                 lease,
@@ -446,8 +488,36 @@ class RedisStore:
             if entry:
                 self._own_finishes.add(entry)
                 self.stats.record_finished(stored)
+            self._announce(code, finished=bool(entry))
             outcomes.append(stored)
         return outcomes
+
+    def _announce(self, revision: int, *, finished: bool = False) -> None:
+        """Tells the other processes (their tailers) about a write, once per
+        turn of the event loop for all the writes made in it: one PUBLISH
+        for many concurrent reports. A notification lost with a crash only
+        delays them until their tailer's next poll."""
+        if self._announcing is None:
+            self._announcing = [revision, finished]
+            asyncio.get_running_loop().call_soon(self._publish)
+        else:
+            self._announcing[0] = max(self._announcing[0], revision)
+            self._announcing[1] = self._announcing[1] or finished
+
+    def _publish(self) -> None:
+        assert self._announcing is not None
+        revision, finished = self._announcing
+        self._announcing = None
+        note = f"{revision} f" if finished else str(revision)
+        task = asyncio.ensure_future(self._send_note(note))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_note(self, note: str) -> None:
+        try:
+            await self._exec("PUBLISH", self.channel, note)
+        except Exception as exc:  # the write is stored; others poll for it
+            log.warning("could not notify other processes", extra={"detail": str(exc)})
 
     def _error(self, code: int, operation_id: str) -> HeadwayError:
         if code == lua.EXISTS:
@@ -504,15 +574,14 @@ class RedisStore:
             k["logsn"],
             k["timelinen"],
         ]
-        result = await self._run(
-            self._delete, keys, [operation_id, self.channel, self._history_size]
-        )
+        result = await self._run(self._delete, keys, [operation_id, self._history_size])
         self._cache.pop(operation_id, None)
         self._child_views.pop(operation_id, None)
         if result[0] == lua.NOT_FOUND:
             raise NotFound(f"operation {operation_id!r} not found")
         revision: int = result[0]
         self._see(revision)
+        self._announce(revision)
         return revision
 
     async def _read_changes(

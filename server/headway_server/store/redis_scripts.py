@@ -17,9 +17,10 @@ Keys (all under one hash tag, the namespace, so they share a Cluster slot):
   counts    HASH  "STATE\\0kind" -> operations held
   finishes  STREAM  packed record of each operation as it first finished (statistics)
   logs:<id>, timeline:<id>  LIST  packed entries; logsn / timelinen HASH id -> appended
-Writes PUBLISH the new revision on the namespace's channel ("<rev>" or
-"<rev> f" when the write finished an operation), which every server process's
-tailer follows.
+After its writes, a process PUBLISHes the latest revision on the namespace's
+channel ("<rev>", or "<rev> f" when a write finished an operation), once per
+turn of its event loop however many writes it made; every process's tailer
+follows the channel (and polls, in case a notification was lost).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ return redis.call('HMGET', KEYS[1], 'epoch', 'secret', 'rev')
 # KEYS: 1 meta, 2 rec, 3 rev, 4 made, 5 idx, 6 changes, 7 created, 8 leases,
 #       9 finished, 10 counts, 11 tombs, 12 finishes, then per write its
 #       parent's children ZSET (or any key, unused, when it has no parent)
-# ARGV: 1 channel, 2 max operations, 3 max finishes kept, then per write:
+# ARGV: 1 max operations, 2 max finishes kept, then per write:
 #       mode (c: create, r: replace), id, expected revision ('^': whatever the
 #       previous write of this id in this call stored), record, terminal (1/0),
 #       count key, lease deadline or '', finish time or '', has parent (1/0)
@@ -57,17 +58,17 @@ return redis.call('HMGET', KEYS[1], 'epoch', 'secret', 'rev')
 WRITE = """
 local meta = KEYS[1]
 if redis.call('HEXISTS', meta, 'epoch') == 0 then return {-5} end
-local out, wrote, last, finished = {}, {}, 0, false
-local n = (#ARGV - 3) / 9
+local out, wrote = {}, {}
+local n = (#ARGV - 2) / 9
 for w = 0, n - 1 do
-  local a = 3 + 9 * w
+  local a = 2 + 9 * w
   local mode, id, expected, record = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local term, key, lease, finish = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
   local old = redis.call('HGET', KEYS[5], id)
   local err = nil
   if mode == 'c' then
     if old then err = -3
-    elseif redis.call('ZCARD', KEYS[7]) >= tonumber(ARGV[2]) then err = -4 end
+    elseif redis.call('ZCARD', KEYS[7]) >= tonumber(ARGV[1]) then err = -4 end
   elseif not old then err = -1
   else
     if expected == '^' then expected = wrote[id] or '' end
@@ -87,15 +88,20 @@ for w = 0, n - 1 do
       if ARGV[a + 9] == '1' then redis.call('ZADD', KEYS[12 + w + 1], rev, id) end
     else
       created = tonumber(redis.call('HGET', KEYS[4], id))
-      local oldkey = string.sub(old, 2)
-      if redis.call('HINCRBY', KEYS[10], oldkey, -1) <= 0 then
-        redis.call('HDEL', KEYS[10], oldkey)
+    end
+    -- most reports change neither state nor kind: their counts stay
+    if old ~= term .. key then
+      if old then
+        local oldkey = string.sub(old, 2)
+        if redis.call('HINCRBY', KEYS[10], oldkey, -1) <= 0 then
+          redis.call('HDEL', KEYS[10], oldkey)
+        end
       end
+      redis.call('HINCRBY', KEYS[10], key, 1)
+      redis.call('HSET', KEYS[5], id, term .. key)
     end
     redis.call('HSET', KEYS[2], id, record)
     redis.call('HSET', KEYS[3], id, rev)
-    redis.call('HSET', KEYS[5], id, term .. key)
-    redis.call('HINCRBY', KEYS[10], key, 1)
     redis.call('ZADD', KEYS[6], rev, id)
     if lease ~= '' then
       redis.call('ZADD', KEYS[8], lease, id)
@@ -105,28 +111,23 @@ for w = 0, n - 1 do
     if finish ~= '' then
       -- the first finish time stays (retention counts from it)
       redis.call('ZADD', KEYS[9], 'NX', finish, id)
-    elseif term == '0' then
+    elseif old and string.sub(old, 1, 1) == '1' then
       redis.call('ZREM', KEYS[9], id)
     end
     local entry = ''
     if term == '1' and (not old or string.sub(old, 1, 1) ~= '1') then
-      entry = redis.call('XADD', KEYS[12], 'MAXLEN', '~', ARGV[3], '*', 'r', record)
-      finished = true
+      entry = redis.call('XADD', KEYS[12], 'MAXLEN', '~', ARGV[2], '*', 'r', record)
     end
     wrote[id] = tostring(rev)
-    last = rev
     out[#out + 1] = rev; out[#out + 1] = created; out[#out + 1] = entry
   end
-end
-if last > 0 then
-  redis.call('PUBLISH', ARGV[1], finished and (tostring(last) .. ' f') or tostring(last))
 end
 return out
 """
 
 # KEYS: meta rec rev made idx changes created children leases finished counts
 #       tombs logs timeline logn timelinen
-# ARGV: 1 id, 2 channel, 3 history size (tombstones kept)
+# ARGV: 1 id, 2 history size (tombstones kept)
 # Returns {revision} or {error}.
 DELETE = """
 local meta, id = KEYS[1], ARGV[1]
@@ -146,7 +147,7 @@ redis.call('ZADD', KEYS[12], rev, id)
 redis.call('DEL', KEYS[13], KEYS[14])
 redis.call('HDEL', KEYS[15], id)
 redis.call('HDEL', KEYS[16], id)
-local limit = tonumber(ARGV[3])
+local limit = tonumber(ARGV[2])
 while redis.call('ZCARD', KEYS[12]) > limit do
   local dropped = redis.call('ZPOPMIN', KEYS[12])
   local tid, trev = dropped[1], tonumber(dropped[2])
@@ -157,7 +158,6 @@ while redis.call('ZCARD', KEYS[12]) > limit do
   local compacted = tonumber(redis.call('HGET', meta, 'compacted') or '0')
   if trev > compacted then redis.call('HSET', meta, 'compacted', trev) end
 end
-redis.call('PUBLISH', ARGV[2], tostring(rev))
 return {rev}
 """
 
