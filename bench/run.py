@@ -565,12 +565,16 @@ async def run_ingest(
     duration: float,
     warmup: float,
     server: ServerProcess,
+    sequences: dict[str, int] | None = None,
 ) -> Json:
     """`in_flight` tasks call as fast as they can; with at least as many operations
     as tasks each task owns its operations (sequences), else they share them
-    (sequence 0, completed rising)."""
+    (sequence 0, completed rising). `sequences` carries each operation's last
+    sequence from run to run: a run that started again at 1 would be sending
+    duplicates, which the server acknowledges without applying (a cheaper path)."""
     owned = len(op_ids) >= in_flight
-    counts = [0] * len(op_ids)
+    sequences = {} if sequences is None else sequences
+    counts = [sequences.get(op_id, 0) for op_id in op_ids]
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     measuring = False
@@ -605,6 +609,7 @@ async def run_ingest(
     finally:
         stop = True
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        sequences.update(zip(op_ids, counts, strict=True))
     return {
         "in_flight": in_flight,
         "operations": len(op_ids),
@@ -621,6 +626,7 @@ async def section_ingest(sizes: Sizes, log_dir: Path) -> Json:
     out: Json = {"runs": {}}
     async with Servers(log_dir) as s:
         ops = await start_ops(s.stub, "ingest", 64, "bench-ingest")
+        sequences: dict[str, int] = {}  # carried over runs: no duplicates
         for in_flight in (32, 64):
             h, b = await alternate(
                 [
@@ -632,6 +638,7 @@ async def section_ingest(sizes: Sizes, log_dir: Path) -> Json:
                         sizes.duration,
                         sizes.warmup,
                         s.headway,
+                        sequences,
                     ),
                     functools.partial(
                         run_ingest,

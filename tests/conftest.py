@@ -104,7 +104,17 @@ class ServerThread:
         """Graceful shutdown, as on SIGTERM; blocks until the server stopped."""
         if self.server is not None:
             server, self.server = self.server, None
-            self.run(server.shutdown(grace), timeout=30.0)
+            try:
+                self.run(server.shutdown(grace), timeout=30.0)
+            except TimeoutError:
+                # Say what the server's loop was still waiting on.
+                for task in asyncio.all_tasks(self.loop):
+                    frames = [
+                        f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}"
+                        for f in task.get_stack(limit=8)
+                    ]
+                    print(f"server task still running: {task!r}", *frames, sep="\n  ")
+                raise
 
     def close(self) -> None:
         self.shutdown(0.0)
