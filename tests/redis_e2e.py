@@ -6,8 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -45,12 +47,14 @@ class ServerProcess:
         self.port = port
         self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self, *, wait: bool = True) -> ServerProcess:
+        self._log = tempfile.TemporaryFile()
         env = dict(os.environ, PYTHONPATH=f"{ROOT / 'server'}:{ROOT / 'client'}")
         self.process = subprocess.Popen(
             [
@@ -74,7 +78,9 @@ class ServerProcess:
             ],
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            # A file, not a pipe: a pipe nobody reads until the end fills up,
+            # and then the server blocks in its next log line.
+            stderr=self._log,
         )
         if wait:
             wait_for_health(self.address, health_pb2.HealthCheckResponse.SERVING)
@@ -91,11 +97,17 @@ class ServerProcess:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         try:
-            _, err = self.process.communicate(timeout=15)
+            self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            _, err = self.process.communicate()
+            self.process.wait()
         self.process = None
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        err = self._log.read()
+        self._log.close()
+        self._log = None
         return err.decode(errors="replace")
 
     @property

@@ -240,7 +240,11 @@ class WatchHub:
                 # Watchers cannot be told what changes meanwhile: end their
                 # streams UNAVAILABLE with where to resume (on another replica,
                 # or here once the store is back).
-                log.warning("watch pump lost the store; ending streams", extra={"detail": str(exc)})
+                if self.open_watchers:
+                    log.warning(
+                        "watch pump lost the store; ending streams",
+                        extra={"detail": str(exc), "watchers": self.open_watchers},
+                    )
                 for watchers in self._index.values():
                     for watcher in watchers:
                         watcher.failed = str(exc)

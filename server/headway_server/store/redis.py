@@ -26,14 +26,11 @@ import contextlib
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis import exceptions as redis_errors
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
 from headway_server.domain.errors import (
     AlreadyExists,
@@ -81,15 +78,9 @@ _PAGE_CHUNK = 500
 # The tailer reads the revision at least this often even if no notification
 # came (a notification lost with a connection must not stall watchers).
 _POLL = 1.0
-# Connections to Redis per server process (one is the tailer's).
-MAX_CONNECTIONS = 64
 # How long a failed store call may take before callers hear UNAVAILABLE.
 _SOCKET_TIMEOUT = 5.0
 _CONNECT_TIMEOUT = 2.0
-
-_UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
-
-T = TypeVar("T")
 
 
 def _text(url: str) -> str:
@@ -120,27 +111,15 @@ class RedisStore:
             raise ValueError(f"invalid Redis namespace {namespace!r}")
         self.url = url
         self.name = _text(url)
-        # A blocking pool: under a burst, calls wait (up to the socket timeout)
-        # for one of a bounded set of connections instead of failing with "too
-        # many connections"; Redis runs one command at a time anyway.
-        pool = aioredis.BlockingConnectionPool.from_url(
+        # redis-py serves only the tailer's subscription (typed loosely: its
+        # replies are unions of every reply shape). Every command goes through
+        # one pipelined connection (store/resp.py): many in flight at once,
+        # none waiting for a pooled connection.
+        self._client: Any = aioredis.Redis.from_url(
             urlunsplit(parts._replace(query=urlencode(query, doseq=True))),
-            max_connections=MAX_CONNECTIONS,
-            timeout=_SOCKET_TIMEOUT,
-            socket_timeout=_SOCKET_TIMEOUT,
             socket_connect_timeout=_CONNECT_TIMEOUT,
             health_check_interval=30,
-            # A pooled connection Redis closed (it restarted, or failed over)
-            # fails at its first use: try again on a new one, briefly, before
-            # answering UNAVAILABLE. A repeated write is safe: its
-            # compare-and-set or AlreadyExists tells the service it was stored.
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 3),
-            retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
         )
-        # Typed loosely: redis-py's replies are unions of every reply shape.
-        # It serves the tailer and the rare calls; scripts and revision reads,
-        # the hot path, go through one pipelined connection (store/resp.py).
-        self._client: Any = aioredis.Redis.from_pool(pool)  # closes the pool with it
         self._fast = PipelinedConnection(
             Endpoint(url), connect_timeout=_CONNECT_TIMEOUT, timeout=_SOCKET_TIMEOUT
         )
@@ -225,13 +204,6 @@ class RedisStore:
     def key(self, name: str) -> str:
         return self._prefix + name
 
-    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Runs a Redis call; an unreachable Redis is StoreUnavailable, never a crash."""
-        try:
-            return await call()
-        except _UNREACHABLE as exc:
-            raise StoreUnavailable(f"store {self.name} is unavailable: {exc}") from exc
-
     async def _exec(self, *args: Any) -> Any:
         """One command on the pipelined connection; an unreachable Redis is
         StoreUnavailable. A command that failed with its connection is sent
@@ -269,11 +241,8 @@ class RedisStore:
     async def open(self) -> None:
         """Creates the keyspace's epoch and secret if it has none, reads them,
         replays the statistics and starts the tailer (idempotent)."""
-        epoch, secret, rev = await self._call(
-            lambda: self._init(
-                keys=[self._k["meta"]],
-                args=[secrets.token_hex(8), secrets.token_bytes(32)],
-            )
+        epoch, secret, rev = await self._eval(
+            self._init, [self._k["meta"]], [secrets.token_hex(8), secrets.token_bytes(32)]
         )
         new_epoch = epoch.decode()
         if self._epoch is not None and new_epoch != self._epoch:
@@ -311,7 +280,7 @@ class RedisStore:
 
     async def check(self) -> None:
         """Raises StoreUnavailable unless Redis answers now."""
-        await self._call(self._client.ping)
+        await self._exec("PING")
 
     def _interrupt(self) -> None:
         """Wakes every wait_for_change: the keyspace changed or Redis was lost,
@@ -357,7 +326,7 @@ class RedisStore:
     async def _poll(self) -> None:
         """What a quiet channel may hide: a revision whose notification was
         lost, or a keyspace flushed (no epoch, or another one)."""
-        rev, epoch = await self._call(lambda: self._client.hmget(self._k["meta"], "rev", "epoch"))
+        rev, epoch = await self._exec("HMGET", self._k["meta"], "rev", "epoch")
         if epoch is None or epoch.decode() != self._epoch:
             await self.open()
         else:
@@ -366,18 +335,17 @@ class RedisStore:
     async def _read_finishes(self) -> None:
         """Records in this process's statistics the finishes other processes wrote."""
         while True:
-            entries = await self._call(
-                lambda: self._client.xrange(
-                    self._k["finishes"], min="(" + self._finishes_read.decode(), count=1000
-                )
+            entries = await self._exec(
+                "XRANGE", self._k["finishes"], b"(" + self._finishes_read, "+", "COUNT", 1000
             )
             for entry_id, fields in entries:
                 self._finishes_read = entry_id
                 if entry_id in self._own_finishes:
                     self._own_finishes.discard(entry_id)
                     continue
+                record = dict(zip(fields[::2], fields[1::2], strict=True)).get(b"r", b"")
                 try:
-                    self.stats.record_finished(unpack_record(fields[b"r"]))
+                    self.stats.record_finished(unpack_record(record))
                 except ValueError:
                     log.warning("unreadable finish record skipped", extra={"entry": entry_id})
             if len(entries) < 1000:
@@ -719,23 +687,19 @@ class RedisStore:
         return self._known
 
     async def lapsed_leases(self, now: float) -> list[str]:
-        ids = await self._call(
-            lambda: self._client.zrangebyscore(self._k["leases"], "-inf", repr(now))
-        )
+        ids = await self._exec("ZRANGEBYSCORE", self._k["leases"], "-inf", repr(now))
         return [i.decode() for i in ids]
 
     async def finished_before(self, cutoff: float, *, limit: int) -> list[str]:
-        ids = await self._call(
-            lambda: self._client.zrangebyscore(
-                self._k["finished"], "-inf", repr(cutoff), start=0, num=limit
-            )
+        ids = await self._exec(
+            "ZRANGEBYSCORE", self._k["finished"], "-inf", repr(cutoff), "LIMIT", 0, limit
         )
         return [i.decode() for i in ids]
 
     async def counts(self) -> dict[tuple[str, str], int]:
-        raw = await self._call(lambda: self._client.hgetall(self._k["counts"]))
+        raw = await self._exec("HGETALL", self._k["counts"])
         counts = {}
-        for key, n in raw.items():
+        for key, n in zip(raw[::2], raw[1::2], strict=True):
             state, _, kind = key.decode().partition("\0")
             if int(n) > 0:
                 counts[state, kind] = int(n)
@@ -807,10 +771,8 @@ class RedisJournal:
         # The store's delete script drops them with the operation, atomically;
         # this covers an operation deleted by a version that did not.
         store = self._store
-        await store._call(
-            lambda: store._client.delete(
-                store.key(f"logs:{operation_id}"), store.key(f"timeline:{operation_id}")
-            )
+        await store._exec(
+            "DEL", store.key(f"logs:{operation_id}"), store.key(f"timeline:{operation_id}")
         )
-        await store._call(lambda: store._client.hdel(store.key("logsn"), operation_id))
-        await store._call(lambda: store._client.hdel(store.key("timelinen"), operation_id))
+        await store._exec("HDEL", store.key("logsn"), operation_id)
+        await store._exec("HDEL", store.key("timelinen"), operation_id)
