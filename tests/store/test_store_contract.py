@@ -23,10 +23,14 @@ from headway_server.domain.errors import (
 from headway_server.domain.model import (
     ChildProgress,
     HeldOperation,
+    LogEntry,
+    LogLevel,
     Operation,
     OperationFilter,
     StartSpec,
     State,
+    TimelineEntry,
+    TimelineType,
 )
 from headway_server.store.base import OperationStore
 from headway_server.store.memory import MemoryStore
@@ -643,3 +647,42 @@ async def test_replace_many_writes_in_order_each_on_its_own(store: OperationStor
         ("a", 4)
     ]
     assert await store.replace_many([]) == []
+
+
+# --- journals: logs and timelines beside the operations ----------------------------------
+
+
+async def test_logs_are_numbered_capped_and_counted(store: OperationStore) -> None:
+    journal = store.journal
+    entries = [LogEntry(LogLevel.INFO, f"line {i}", time=float(i)) for i in range(1, 1006)]
+    assert await journal.append_logs("a", entries[:5]) == 0
+    assert await journal.append_logs("a", []) == 0
+    dropped = await journal.append_logs("a", entries[5:])
+    assert dropped == 5  # 1,005 appended, the newest 1,000 held
+    held, dropped = await journal.logs("a")
+    assert dropped == 5
+    assert [(e.index, e.message) for e in held[:2]] == [(6, "line 6"), (7, "line 7")]
+    assert held[-1].index == 1005
+    assert held[-1] == dataclasses.replace(entries[-1], index=1005)
+    assert await journal.append_logs("a", []) == 5
+    await journal.seal("a")
+    assert await journal.append_logs("a", entries[:1]) == 6
+    assert await journal.logs("b") == ([], 0)
+
+
+async def test_timelines_are_capped_and_forgotten_with_the_operation(
+    store: OperationStore,
+) -> None:
+    journal = store.journal
+    entries = [
+        TimelineEntry(TimelineType.STAGE_STARTED, float(i), i, f"s{i}", "") for i in range(502)
+    ]
+    await journal.append_timeline("a", entries)
+    held, dropped = await journal.timeline("a")
+    assert (held, dropped) == (entries[2:], 2)
+    await store.create(new_op("a"))
+    await journal.append_logs("a", [LogEntry(LogLevel.ERROR, "bad")])
+    await store.delete("a")
+    await journal.forget("a")
+    assert await journal.timeline("a") == ([], 0)
+    assert await journal.logs("a") == ([], 0)

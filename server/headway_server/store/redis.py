@@ -518,8 +518,9 @@ class RedisStore:
         return await self._write([(op, "r", expected) for op, expected in writes])
 
     async def delete(self, operation_id: str) -> int:
-        # The parent names the children index to leave; a spec never changes.
-        current = await self.get_cached(operation_id)
+        # The parent names the children index to leave (read fresh: the id
+        # may have been deleted and started again elsewhere with another one).
+        current = await self.get(operation_id)
         if current is None:
             raise NotFound(f"operation {operation_id!r} not found")
         k = self._k
@@ -746,8 +747,12 @@ class RedisJournal:
         return int(result[0]), result[1:]
 
     async def _dropped(self, kind: str, operation_id: str) -> int:
-        appended, held = await self._read(kind, operation_id)
-        return appended - len(held)
+        store = self._store
+        appended, held = await asyncio.gather(
+            store._exec("HGET", store.key(f"{kind}n"), operation_id),
+            store._exec("LLEN", store.key(f"{kind}:{operation_id}")),
+        )
+        return int(appended or 0) - int(held)
 
     async def append_logs(self, operation_id: str, entries: Iterable[LogEntry]) -> int:
         return await self._append("logs", operation_id, entries)
