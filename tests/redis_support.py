@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -44,11 +45,15 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process; `restart()` keeps its port and data directory."""
 
-    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, appendonly: bool = False, extra: Sequence[str] = ()
+    ) -> None:
         self.executable = require_redis_server()
         self.directory = directory
         self.port = free_port()
         self.appendonly = appendonly
+        # More redis-server options (a password, a TLS port...).
+        self.extra = list(extra)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -74,6 +79,7 @@ class RedisServer:
             "no",
             "--loglevel",
             "warning",
+            *self.extra,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
@@ -84,7 +90,8 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
                     conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
+                    # Up (NOAUTH: up, and wanting a password).
+                    if conn.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                         return self
             except OSError:
                 time.sleep(0.02)
