@@ -62,6 +62,100 @@ class Endpoint:
                 self.tls.load_verify_locations(ca)
 
 
+async def open_connection(
+    endpoint: Endpoint, connect_timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, hiredis.Reader]:
+    """A connection, authenticated and on its database, with a reply parser.
+
+    Raises:
+        ConnectionError: Redis cannot be reached or refused the credentials.
+    """
+    try:
+        if endpoint.path:
+            opening = asyncio.open_unix_connection(endpoint.path)
+        else:
+            opening = asyncio.open_connection(
+                endpoint.host, endpoint.port, ssl=endpoint.tls, limit=_READ_SIZE
+            )
+        reader, writer = await asyncio.wait_for(opening, connect_timeout)
+    except (OSError, TimeoutError) as exc:
+        where = endpoint.path or f"{endpoint.host}:{endpoint.port}"
+        raise ConnectionError(f"cannot connect to {where}: {exc}") from exc
+    parser = hiredis.Reader()
+    try:
+        hello: list[tuple[Any, ...]] = []
+        if endpoint.password is not None:
+            auth = (endpoint.username, endpoint.password)
+            hello.append(("AUTH", *(a for a in auth if a is not None)))
+        if endpoint.db:
+            hello.append(("SELECT", endpoint.db))
+        for command in hello:
+            writer.write(hiredis.pack_command(command))
+            reply = await asyncio.wait_for(read_reply(reader, parser), connect_timeout)
+            if isinstance(reply, hiredis.ReplyError):
+                raise ConnectionError(f"{command[0]} refused: {reply}")
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer, parser
+
+
+async def read_reply(reader: asyncio.StreamReader, parser: hiredis.Reader) -> Any:
+    """The next reply (or pushed message) on a connection."""
+    while (reply := parser.gets()) is False:
+        data = await reader.read(_READ_SIZE)
+        if not data:
+            raise ConnectionError("connection closed by Redis")
+        parser.feed(data)
+    return reply
+
+
+class Subscription:
+    """One channel's messages, on a connection of its own (a subscribed
+    connection takes no other commands)."""
+
+    def __init__(self, endpoint: Endpoint, channel: str, *, connect_timeout: float) -> None:
+        self._endpoint = endpoint
+        self._channel = channel
+        self._connect_timeout = connect_timeout
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._parser: hiredis.Reader | None = None
+
+    async def open(self) -> None:
+        """Connects and subscribes; returns once Redis confirmed it."""
+        self.close()
+        reader, writer, parser = await open_connection(self._endpoint, self._connect_timeout)
+        self._reader, self._writer, self._parser = reader, writer, parser
+        command: tuple[Any, ...] = ("SUBSCRIBE", self._channel)
+        writer.write(hiredis.pack_command(command))
+        await asyncio.wait_for(self.next(None), self._connect_timeout)
+
+    async def next(self, wait: float | None) -> bytes | None:
+        """The next message's data; None when `wait` seconds passed without one.
+
+        Raises:
+            ConnectionError: the connection failed (open() again).
+        """
+        if self._reader is None or self._parser is None:
+            raise ConnectionError("not subscribed")
+        reader, parser = self._reader, self._parser
+        while True:
+            try:
+                push = await asyncio.wait_for(read_reply(reader, parser), wait)
+            except TimeoutError:
+                return None
+            except OSError as exc:
+                raise ConnectionError(f"subscription lost: {exc}") from exc
+            if isinstance(push, list) and push and push[0] in (b"message", b"subscribe"):
+                return push[-1] if push[0] == b"message" else b""
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = self._parser = None
+
+
 class PipelinedConnection:
     def __init__(
         self,
@@ -124,50 +218,11 @@ class PipelinedConnection:
         async with self._connecting:
             if self._writer is not None and not self._writer.is_closing():
                 return self._writer
-            endpoint = self._endpoint
-            try:
-                if endpoint.path:
-                    opening = asyncio.open_unix_connection(endpoint.path)
-                else:
-                    opening = asyncio.open_connection(
-                        endpoint.host, endpoint.port, ssl=endpoint.tls, limit=_READ_SIZE
-                    )
-                reader, writer = await asyncio.wait_for(opening, self._connect_timeout)
-            except (OSError, TimeoutError) as exc:
-                raise ConnectionError(
-                    f"cannot connect to {endpoint.host}:{endpoint.port}: {exc}"
-                ) from exc
-            parser = hiredis.Reader()
-            try:
-                hello: list[tuple[Any, ...]] = []
-                if endpoint.password is not None:
-                    auth = (endpoint.username, endpoint.password)
-                    hello.append(("AUTH", *(a for a in auth if a is not None)))
-                if endpoint.db:
-                    hello.append(("SELECT", endpoint.db))
-                for command in hello:
-                    writer.write(hiredis.pack_command(command))
-                    reply = await asyncio.wait_for(
-                        self._read_one(reader, parser), self._connect_timeout
-                    )
-                    if isinstance(reply, hiredis.ReplyError):
-                        raise ConnectionError(f"{command[0]} refused: {reply}")
-            except BaseException:
-                writer.close()
-                raise
+            reader, writer, parser = await open_connection(self._endpoint, self._connect_timeout)
             self._writer = writer
             self._reader_task = asyncio.create_task(self._read(reader, parser, writer))
             self._arm_watchdog()
             return writer
-
-    @staticmethod
-    async def _read_one(reader: asyncio.StreamReader, parser: hiredis.Reader) -> Any:
-        while (reply := parser.gets()) is False:
-            data = await reader.read(_READ_SIZE)
-            if not data:
-                raise ConnectionError("connection closed by Redis")
-            parser.feed(data)
-        return reply
 
     async def _read(
         self, reader: asyncio.StreamReader, parser: hiredis.Reader, writer: asyncio.StreamWriter
