@@ -9,12 +9,13 @@ count its calls in the metrics.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
 from headway.v1 import progress_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ProgressTracker"]
@@ -29,6 +30,55 @@ _HANDLER_BY_SHAPE = {
 
 # (method name, implementation, server streaming?) -> what grpc calls.
 Wrap = Callable[[str, Callable[..., Any], bool], Callable[..., Any]]
+
+
+class Undecodable:
+    """What a request that is not a valid message of its type decodes to.
+
+    grpc would answer a deserializer's exception with UNKNOWN and the
+    exception's class in the message; this placeholder lets the handler answer
+    INVALID_ARGUMENT in plain words instead (guarantee 4)."""
+
+    __slots__ = ("message_type",)
+
+    def __init__(self, message_type: str) -> None:
+        self.message_type = message_type
+
+    @property
+    def problem(self) -> str:
+        return f"the request is not a valid {self.message_type} message"
+
+
+def _decoder(message_class: Any) -> Callable[[bytes], Any]:
+    from_string = message_class.FromString
+    name = message_class.DESCRIPTOR.full_name
+
+    def decode(data: bytes) -> Any:
+        try:
+            return from_string(data)
+        except DecodeError:
+            return Undecodable(name)
+
+    return decode
+
+
+def _refusing_undecodable(behaviour: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+    """`behaviour`, but a request that did not decode is INVALID_ARGUMENT. It
+    returns the behaviour's own coroutine or generator: no layer per call."""
+
+    async def refuse(request: Undecodable, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
+
+    async def refuse_stream(request: Undecodable, context: Any) -> AsyncIterator[Any]:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
+        yield  # pragma: no cover - abort raises
+
+    def checked(request: Any, context: Any) -> Any:
+        if type(request) is Undecodable:
+            return (refuse_stream if streaming else refuse)(request, context)
+        return behaviour(request, context)
+
+    return checked
 
 
 def serialize(response: Any) -> bytes:
@@ -49,9 +99,12 @@ def add_service(
             continue  # e.g. a newer health proto's method the servicer lacks: UNIMPLEMENTED
         request = message_factory.GetMessageClass(method.input_type)
         make = _HANDLER_BY_SHAPE[method.client_streaming, method.server_streaming]
+        if not method.client_streaming:
+            # (A streaming request's messages are checked as they are read.)
+            behaviour = _refusing_undecodable(behaviour, method.server_streaming)
         handlers[method.name] = make(
             wrap(method.name, behaviour, method.server_streaming),
-            request_deserializer=request.FromString,
+            request_deserializer=_decoder(request),
             response_serializer=serialize,
         )
     server.add_generic_rpc_handlers(

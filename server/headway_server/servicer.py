@@ -12,7 +12,7 @@ from google.protobuf import empty_pb2
 from headway.v1 import progress_pb2 as pb
 from headway.v1 import progress_pb2_grpc as pb_grpc
 
-from headway_server import convert
+from headway_server import convert, handlers
 from headway_server.app.service import OperationService, UpdateResult
 from headway_server.app.watch import MAX_MIN_INTERVAL, ShuttingDown, WatchEvent, WatchHub
 from headway_server.domain import errors
@@ -122,6 +122,9 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
         # report goes through the same validation and idempotency as UpdateOperation.
         last_revision = 0
         async for request in request_iterator:
+            if isinstance(request, handlers.Undecodable):
+                # Nothing to acknowledge it by (no sequence): the stream ends.
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
             try:
                 # A rejected report does not end the stream: the producer may
                 # report on other operations through it.
