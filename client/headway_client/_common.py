@@ -72,6 +72,17 @@ def channel_target(target: str) -> str:
     return "ipv4:" + ",".join(dict.fromkeys(v4))
 
 
+def with_token(
+    metadata: Iterable[tuple[str, str]], token: str | None
+) -> tuple[tuple[str, str], ...]:
+    """The call metadata, with `authorization: Bearer <token>` when a token is given."""
+    pairs = tuple(metadata)
+    if token:
+        kept = tuple(p for p in pairs if p[0] != "authorization")
+        pairs = (*kept, ("authorization", f"Bearer {token}"))
+    return pairs
+
+
 def new_request_id() -> str:
     """A request id that makes a retried start or finish return the first one's result."""
     return uuid.uuid4().hex

@@ -75,13 +75,14 @@ class HeadwayClient:
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float = 10.0,
         metadata: Metadata = (),
+        token: str | None = None,
         retry: RetryPolicy | None = None,
         strict: bool = False,
         finish_timeout: float = FINISH_TIMEOUT,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        self.metadata = _common.with_token(metadata, token)
         self.retry = retry or RetryPolicy()
         self.strict = strict
         self.finish_timeout = finish_timeout

@@ -73,7 +73,10 @@ def _key_values(
 def _client(args: argparse.Namespace) -> HeadwayClient:
     # A person at a terminal wants to hear quickly that the server is down.
     return HeadwayClient(
-        args.target, timeout=args.timeout, retry=RetryPolicy(attempts=2, initial_backoff=0.2)
+        args.target,
+        timeout=args.timeout,
+        retry=RetryPolicy(attempts=2, initial_backoff=0.2),
+        token=args.token or None,
     )
 
 
@@ -195,6 +198,7 @@ def cmd_pipe(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         retry=RetryPolicy(initial_backoff=0.2, max_backoff=5.0),
         finish_timeout=args.finish_timeout,
+        token=args.token or None,
     )
     try:
         with client.start(
@@ -257,6 +261,16 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return EXIT_DELETED
 
 
+def cmd_token_new(args: argparse.Namespace) -> int:
+    from headway_server import auth  # the server's own format, not a copy of it
+
+    token = auth.new_token()
+    print(f"token (give it to {args.name}; it is not stored anywhere): {token}")
+    print("\nadd to the --auth-tokens file, then `kill -HUP` the server:\n")
+    print(auth.token_block(args.name, token, args.project, args.role), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="headway", description="Headway: progress tracking for long-running operations."
@@ -267,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="server address (env HEADWAY_TARGET; default %(default)s)",
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="per-call timeout, seconds")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("HEADWAY_TOKEN", ""),
+        help="bearer token for a server with --auth-tokens (env HEADWAY_TOKEN)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # Listed for --help; main() hands `headway serve ...` to the server's own parser.
@@ -355,6 +374,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait at the end for the server to take the last report (default 3)",
     )
     pipe.set_defaults(func=cmd_pipe)
+
+    token = commands.add_parser("token", help="make credentials for --auth-tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    new = token_commands.add_parser(
+        "new", help="print a fresh token and the [[token]] entry to paste into the file"
+    )
+    new.add_argument("--name", required=True, help="who uses it (shown in logs)")
+    new.add_argument(
+        "--project", action="append", required=True, help="a project it may use; '*' = all"
+    )
+    new.add_argument(
+        "--role",
+        action="append",
+        required=True,
+        choices=["report", "read", "admin"],
+        help="report, read or admin (repeat for several)",
+    )
+    new.set_defaults(func=cmd_token_new)
     return parser
 
 

@@ -9,8 +9,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from headway_server import auth, logs
 from headway_server import config as config_module
-from headway_server import logs
 from headway_server.server import create_server
 
 log = logging.getLogger("headway.server")
@@ -28,6 +28,7 @@ async def serve(config: config_module.ServerConfig) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, int(sig))
+    loop.add_signal_handler(signal.SIGHUP, server.reload_credentials)
     signum = await stopping
     log.info("signal received", extra={"signal": signal.Signals(signum).name})
     await server.shutdown()
@@ -44,6 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     logs.configure(config.log_level)
+    if config.auth_tokens:
+        try:  # refused here, once, rather than by every worker as it starts
+            auth.TokenTable.load(config.auth_tokens)
+        except auth.AuthConfigError as exc:
+            print(f"headway: {exc}", file=sys.stderr)
+            return 2
     if config.workers > 1:
         from headway_server.workers import supervise
 
@@ -53,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))
     try:
         asyncio.run(serve(config))
+    except auth.AuthConfigError as exc:
+        print(f"headway: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"headway: {exc}", file=sys.stderr)
         return 1

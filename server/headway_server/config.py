@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -15,6 +16,19 @@ from headway_server.app.watch import (
 )
 
 STORE_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether a --listen address only accepts this machine's connections."""
+    host = listen.rpartition(":")[0].strip("[]") if ":" in listen else listen
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name (or "0.0.0.0"-like wildcard): reachable from outside
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -66,6 +80,10 @@ class ServerConfig:
     store: str = "memory"
     # Server processes on one port (SO_REUSEPORT), sharing the store.
     workers: int = 1
+    # A TOML file of token hashes, projects and roles (see auth.py); "" = none.
+    auth_tokens: str = ""
+    # Serve a non-loopback address without authentication (protected mode off).
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -92,6 +110,13 @@ class ServerConfig:
                 "--workers above 1 needs a shared store: each process would hold "
                 "its own memory store; use --store redis://host:port/db"
             )
+        if not (self.auth_tokens or self.insecure or is_loopback(self.listen)):
+            raise ValueError(
+                f"refusing to serve {self.listen} without authentication: anyone who "
+                "reaches it could read, report, cancel and delete anything. Give "
+                "--auth-tokens FILE (tokens: `headway token new`), or --insecure "
+                "if something else guards the port"
+            )
         for name in ("max_operations", "history_size", "max_pending_requests", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -103,6 +128,15 @@ class ServerConfig:
             return self.store
         scheme, _, rest = self.store.partition("://")
         return f"{scheme}://{rest.rpartition('@')[2]}"
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on", ""):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not true or false: {text!r}")
 
 
 # flag -> (field, parser); each also read from HEADWAY_<FLAG>.
@@ -123,6 +157,8 @@ _FLAGS: dict[str, Callable[[str], object]] = {
     "watch-min-interval": parse_duration,
     "store": str,
     "workers": int,
+    "auth-tokens": str,
+    "insecure": _flag,
 }
 _FIELD = {"history": "history_size", "eta-slip": "eta_slip_seconds"}
 _HELP = {
@@ -146,6 +182,9 @@ _HELP = {
     "redis://[:password@]host:port/db[?namespace=name] (also rediss://), shared by "
     "every server process using it and kept across restarts",
     "workers": "server processes on one port (SO_REUSEPORT) sharing a Redis store",
+    "auth-tokens": "TOML file of token hashes with their projects and roles; every call "
+    "then needs 'authorization: Bearer <token>' (re-read on SIGHUP)",
+    "insecure": "serve a non-loopback address without authentication (true/false)",
 }
 
 
@@ -154,11 +193,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag in _FLAGS:
         name = _FIELD.get(flag, flag.replace("-", "_"))
         env = "HEADWAY_" + flag.replace("-", "_").upper()
+        switch = {"nargs": "?", "const": "true"} if _FLAGS[flag] is _flag else {}
         parser.add_argument(
             f"--{flag}",
             dest=name,
             default=None,
             help=f"{_HELP[flag]} (env {env}; default {getattr(defaults, name)})",
+            **switch,  # type: ignore[arg-type]
         )
 
 

@@ -9,6 +9,7 @@ count its calls in the metrics.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,6 +18,10 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from headway.v1 import progress_pb2 as pb
+
+from headway_server import auth
+
+log = logging.getLogger("headway.auth")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ProgressTracker"]
 
@@ -81,6 +86,56 @@ def _refusing_undecodable(behaviour: Callable[..., Any], streaming: bool) -> Cal
     return checked
 
 
+class Credentials:
+    """The token table calls are checked against; replaced whole on reload."""
+
+    def __init__(self, tokens: auth.TokenTable) -> None:
+        self.tokens = tokens
+
+
+_AUTH_STATUS = {
+    auth.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    auth.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+def _guarded(
+    behaviour: Callable[..., Any], method: str, streaming: bool, credentials: Credentials
+) -> Callable[..., Any]:
+    """`behaviour` for callers whose token has the role `method` needs; it
+    returns the behaviour's own coroutine or generator, with the caller set as
+    auth.current for the call."""
+
+    async def deny(exc: auth.Unauthenticated | auth.PermissionDenied, context: Any) -> Any:
+        await context.abort(_AUTH_STATUS[type(exc)], str(exc))
+
+    async def deny_stream(
+        exc: auth.Unauthenticated | auth.PermissionDenied, context: Any
+    ) -> AsyncIterator[Any]:
+        await context.abort(_AUTH_STATUS[type(exc)], str(exc))
+        yield  # pragma: no cover - abort raises
+
+    def checked(request: Any, context: Any) -> Any:
+        principal = None
+        try:
+            principal = credentials.tokens.authenticate(context.invocation_metadata())
+            auth.authorize(principal, method)
+        except (auth.Unauthenticated, auth.PermissionDenied) as exc:
+            log.warning(
+                "call denied",
+                extra={
+                    "method": method,
+                    "principal": principal.name if principal else "",
+                    "detail": str(exc),
+                },
+            )
+            return (deny_stream if streaming else deny)(exc, context)
+        auth.current.set(principal)
+        return behaviour(request, context)
+
+    return checked
+
+
 def serialize(response: Any) -> bytes:
     """A response message's wire bytes; bytes are taken as already serialized."""
     if type(response) is bytes:
@@ -89,9 +144,14 @@ def serialize(response: Any) -> bytes:
 
 
 def add_service(
-    server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any, wrap: Wrap
+    server: grpc.aio.Server,
+    service: ServiceDescriptor,
+    servicer: Any,
+    wrap: Wrap,
+    credentials: Credentials | None = None,
 ) -> None:
-    """Registers every method of `service` that `servicer` implements."""
+    """Registers every method of `service` that `servicer` implements; with
+    `credentials`, each call must carry a token with the role it needs."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
         behaviour = getattr(servicer, method.name, None)
@@ -102,6 +162,8 @@ def add_service(
         if not method.client_streaming:
             # (A streaming request's messages are checked as they are read.)
             behaviour = _refusing_undecodable(behaviour, method.server_streaming)
+        if credentials is not None:
+            behaviour = _guarded(behaviour, method.name, method.server_streaming, credentials)
         handlers[method.name] = make(
             wrap(method.name, behaviour, method.server_streaming),
             request_deserializer=_decoder(request),

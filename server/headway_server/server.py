@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from headway_server import handlers
+from headway_server import auth, handlers
 from headway_server.app.service import OperationService
 from headway_server.app.sweeper import Sweeper
 from headway_server.app.watch import WatchHub
@@ -57,6 +57,23 @@ class HeadwayServer:
         )
         self._store_checks: asyncio.Task[None] | None = None
         self.store_available = True
+        # The token table calls are checked against (None: no authentication).
+        self.credentials: handlers.Credentials | None = None
+
+    def reload_credentials(self) -> None:
+        """Reads the token file again (SIGHUP); a file that does not load is
+        logged and the tokens in use are kept. Open connections stay."""
+        if self.credentials is None or not self.config.auth_tokens:
+            return
+        try:
+            tokens = auth.TokenTable.load(self.config.auth_tokens)
+        except auth.AuthConfigError as exc:
+            log.error(
+                "token file not reloaded; keeping the tokens in use", extra={"detail": str(exc)}
+            )
+            return
+        self.credentials.tokens = tokens
+        log.info("token file reloaded", extra={"tokens": len(tokens)})
 
     async def start(self) -> None:
         await self.grpc_server.start()
@@ -171,8 +188,17 @@ def create_server(
         maximum_concurrent_rpcs=None,
         interceptors=interceptors or None,
     )
+    credentials = (
+        handlers.Credentials(auth.TokenTable.load(config.auth_tokens))
+        if config.auth_tokens
+        else None
+    )
     handlers.add_service(
-        grpc_server, handlers.SERVICE, ProgressTrackerServicer(service, hub), metrics.counted
+        grpc_server,
+        handlers.SERVICE,
+        ProgressTrackerServicer(service, hub),
+        metrics.counted,
+        credentials,
     )
     health = HealthServicer()
     handlers.add_service(
@@ -192,4 +218,6 @@ def create_server(
         port = grpc_server.add_insecure_port(config.listen)
     except RuntimeError as exc:  # grpcio reports a failed bind as RuntimeError
         raise OSError(f"cannot listen on {config.listen}: address in use or invalid") from exc
-    return HeadwayServer(config, grpc_server, service, hub, health, port, metrics), port
+    server = HeadwayServer(config, grpc_server, service, hub, health, port, metrics)
+    server.credentials = credentials
+    return server, port

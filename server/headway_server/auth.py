@@ -1,0 +1,246 @@
+"""Who may call what: bearer tokens from a file of hashes, and the role each RPC needs.
+
+The token file (`--auth-tokens`, TOML) holds only SHA-256 hashes of tokens:
+
+    [[token]]
+    name = "crawler-prod"
+    sha256 = "<hex sha256 of the token string>"
+    projects = ["acme"]          # or ["*"] for every project
+    roles = ["report"]           # any of: report, read, admin
+
+A call carries its token as `authorization: Bearer <token>`. Roles: `report`
+starts, reports to and finishes operations; `read` reads and watches them;
+`admin` may do everything, cancelling and deleting included.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import hashlib
+import json
+import re
+import secrets
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from headway_server.domain.errors import HeadwayError
+
+
+class Unauthenticated(HeadwayError):
+    """Missing, malformed or unknown credentials."""
+
+
+class PermissionDenied(HeadwayError):
+    """A known principal without the role (or project) the call needs."""
+
+
+class AuthConfigError(ValueError):
+    """The token file cannot be used; the message names the line and the reason."""
+
+
+class Role(enum.Enum):
+    REPORT = "report"
+    READ = "read"
+    ADMIN = "admin"
+
+
+# The role each ProgressTracker RPC needs (admin may call every one).
+METHOD_ROLES: Mapping[str, Role] = {
+    "StartOperation": Role.REPORT,
+    "UpdateOperation": Role.REPORT,
+    "ReportProgress": Role.REPORT,
+    "BatchUpdateOperations": Role.REPORT,
+    "CompleteOperation": Role.REPORT,
+    "FailOperation": Role.REPORT,
+    "ReportLogs": Role.REPORT,
+    "GetOperation": Role.READ,
+    "ListOperations": Role.READ,
+    "WatchOperation": Role.READ,
+    "WatchOperations": Role.READ,
+    "ListLogs": Role.READ,
+    "GetTimeline": Role.READ,
+    "GetStats": Role.READ,
+    "CancelOperation": Role.ADMIN,
+    "DeleteOperation": Role.ADMIN,
+}
+
+ALL_PROJECTS = "*"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+TOKEN_PREFIX = "hw_"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    name: str
+    # None: every project.
+    projects: frozenset[str] | None
+    roles: frozenset[Role]
+
+    def may(self, role: Role) -> bool:
+        return Role.ADMIN in self.roles or role in self.roles
+
+    def sees(self, project: str) -> bool:
+        return self.projects is None or project in self.projects
+
+
+# The principal of the call being served (set per call, in the call's task).
+current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "headway_principal", default=None
+)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    """A fresh random token (256 bits)."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_block(name: str, token: str, projects: Sequence[str], roles: Sequence[str]) -> str:
+    """The [[token]] entry for `token`, to paste into the token file."""
+
+    # JSON strings are TOML basic strings: quotes and backslashes come escaped.
+    return (
+        "[[token]]\n"
+        f"name = {json.dumps(name)}\n"
+        f'sha256 = "{token_hash(token)}"\n'
+        f"projects = [{', '.join(json.dumps(p) for p in projects)}]\n"
+        f"roles = [{', '.join(json.dumps(r) for r in roles)}]\n"
+    )
+
+
+class TokenTable:
+    """Principals by token hash, loaded from a token file."""
+
+    def __init__(self, principals: Mapping[str, Principal], source: str = "") -> None:
+        self._by_hash = dict(principals)
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenTable:
+        """Reads and checks a token file.
+
+        Raises:
+            AuthConfigError: unreadable, not TOML, or an entry is wrong; the
+                message names the file, the line and the reason.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise AuthConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise AuthConfigError(f"{path}: not valid TOML: {exc}") from exc
+        unknown = set(data) - {"token", "client"}
+        if unknown:
+            raise AuthConfigError(f"{path}: unknown table(s) {sorted(unknown)}")
+        entries = data.get("token", [])
+        if not isinstance(entries, list):
+            raise AuthConfigError(f"{path}: 'token' must be an array of tables ([[token]])")
+        text_lines = text.splitlines()
+        headers = [i for i, line in enumerate(text_lines) if line.strip() == "[[token]]"]
+        principals: dict[str, Principal] = {}
+        names: set[str] = set()
+        for i, entry in enumerate(entries):
+            header = headers[i] if i < len(headers) else None
+            where = f"{path}:{header + 1 if header is not None else '?'}: token #{i + 1}"
+            try:
+                principal, digest = _entry(entry)
+            except _Problem as problem:
+                line = _line_of(text_lines, header, problem.key)
+                at = f"{path}:{line}: token #{i + 1}" if line else where
+                raise AuthConfigError(f"{at}: {problem}") from None
+            if digest in principals:
+                raise AuthConfigError(f"{where}: the same sha256 as another token")
+            if principal.name in names:
+                raise AuthConfigError(f"{where}: the name {principal.name!r} is used twice")
+            names.add(principal.name)
+            principals[digest] = principal
+        return cls(principals, str(path))
+
+    def authenticate(self, metadata: Sequence[tuple[str, Any]] | None) -> Principal:
+        """The principal a call's `authorization` header names.
+
+        Raises:
+            Unauthenticated: no header, not a bearer token, or an unknown token.
+        """
+        header = None
+        for key, value in metadata or ():
+            if key == "authorization":
+                header = value
+                break
+        if header is None:
+            raise Unauthenticated("credentials required: send 'authorization: Bearer <token>'")
+        scheme, _, token = str(header).partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("malformed credentials: expected 'Bearer <token>'")
+        principal = self._by_hash.get(token_hash(token.strip()))
+        if principal is None:
+            raise Unauthenticated("token unknown")
+        return principal
+
+
+class _Problem(ValueError):
+    """What is wrong with one key of an entry."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.key = key
+
+
+def _line_of(lines: Sequence[str], header: int | None, key: str) -> int | None:
+    """The 1-based line of `key = ...` in the entry starting at `header`."""
+    if header is None:
+        return None
+    for i in range(header + 1, len(lines)):
+        stripped = lines[i].strip()
+        if stripped.startswith("["):
+            break
+        if stripped.split("=", 1)[0].strip() == key:
+            return i + 1
+    return header + 1
+
+
+def _entry(entry: Any) -> tuple[Principal, str]:
+    if not isinstance(entry, dict):
+        raise _Problem("", "must be a table")
+    unknown = sorted(set(entry) - {"name", "sha256", "projects", "roles"})
+    if unknown:
+        raise _Problem(unknown[0], f"unknown key(s) {unknown}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise _Problem("name", "'name' must be a non-empty string")
+    digest = entry.get("sha256")
+    if not isinstance(digest, str) or not _HEX64.match(digest.lower()):
+        raise _Problem("sha256", "'sha256' must be 64 hex digits (the token's hash)")
+    projects = entry.get("projects")
+    if (
+        not isinstance(projects, list)
+        or not projects
+        or not all(isinstance(p, str) and p for p in projects)
+    ):
+        raise _Problem("projects", "'projects' must be a non-empty list of names, or ['*']")
+    roles = entry.get("roles")
+    valid = {r.value for r in Role}
+    if not isinstance(roles, list) or not roles or not all(r in valid for r in roles):
+        raise _Problem("roles", f"'roles' must list some of {sorted(valid)}")
+    scope = None if ALL_PROJECTS in projects else frozenset(projects)
+    return Principal(name, scope, frozenset(Role(r) for r in roles)), digest.lower()
+
+
+def authorize(principal: Principal, method: str) -> None:
+    """Raises PermissionDenied unless `principal` has the role `method` needs."""
+    role = METHOD_ROLES.get(method)
+    if role is not None and not principal.may(role):
+        raise PermissionDenied(f"role {role.value} required for {method}")

@@ -1,0 +1,213 @@
+"""Bearer tokens and roles (issue 12, first part): a server with --auth-tokens
+refuses calls without a known token (UNAUTHENTICATED) or without the role the
+RPC needs (PERMISSION_DENIED); health stays open; the token file is checked at
+start and re-read on reload; protected mode refuses an open address without
+authentication."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from headway.v1 import progress_pb2 as pb
+from headway.v1 import progress_pb2_grpc as pb_grpc
+from headway_client import HeadwayClient, Unavailable
+from headway_client._errors import HeadwayError as ClientError
+from headway_server import auth
+from headway_server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from tests.conftest import ServerThread
+else:
+    from conftest import ServerThread
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS = {"reporter": ["report"], "reader": ["read"], "admin": ["admin"]}
+
+
+def write_tokens(path: Path, names: dict[str, list[str]]) -> dict[str, str]:
+    tokens = {name: auth.new_token() for name in names}
+    path.write_text(
+        "".join(auth.token_block(n, tokens[n], ["*"], roles) for n, roles in names.items())
+    )
+    return tokens
+
+
+@pytest.fixture
+def secured(
+    tmp_path: Path, server_factory: Any
+) -> Iterator[tuple[ServerThread, dict[str, str], Path]]:
+    path = tmp_path / "tokens.toml"
+    tokens = write_tokens(path, TOKENS)
+    yield server_factory(auth_tokens=str(path)), tokens, path
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def code_of(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code()
+
+
+def test_calls_need_a_known_token(secured: Any) -> None:
+    server, tokens, _ = secured
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ProgressTrackerStub(channel)
+        request = pb.ListOperationsRequest()
+        for metadata in (
+            (),
+            (("authorization", "Basic dXNlcjpwYXNz"),),
+            (("authorization", "Bearer "),),
+            bearer("hw_not-a-token-anyone-was-given"),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ListOperations(request, metadata=metadata, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "token" in (caught.value.details() or "")
+        assert stub.ListOperations(request, metadata=bearer(tokens["reader"]), timeout=5)
+        # Health stays open: orchestrators probe without credentials.
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_each_rpc_needs_its_role(secured: Any) -> None:
+    server, tokens, _ = secured
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ProgressTrackerStub(channel)
+        as_reporter, as_reader, as_admin = (
+            bearer(tokens[n]) for n in ("reporter", "reader", "admin")
+        )
+        start = pb.StartOperationRequest(kind="auth", project="acme")
+        op = stub.StartOperation(start, metadata=as_reporter, timeout=5)
+        get = pb.GetOperationRequest(operation_id=op.id)
+        update = pb.UpdateOperationRequest(operation_id=op.id, completed=1)
+        watch = pb.WatchOperationsRequest(filter=pb.OperationFilter(project="acme"))
+        cancel = pb.CancelOperationRequest(operation_id=op.id)
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(lambda: stub.GetOperation(get, metadata=as_reporter, timeout=5)) == denied
+        assert (
+            code_of(lambda: stub.UpdateOperation(update, metadata=as_reader, timeout=5)) == denied
+        )
+        assert (
+            code_of(lambda: list(stub.WatchOperations(watch, metadata=as_reporter, timeout=5)))
+            == denied
+        )
+        assert (
+            code_of(
+                lambda: list(stub.ReportProgress(iter([update]), metadata=as_reader, timeout=5))
+            )
+            == denied
+        )
+        assert (
+            code_of(lambda: stub.CancelOperation(cancel, metadata=as_reader, timeout=5)) == denied
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.CancelOperation(cancel, metadata=as_reporter, timeout=5)
+        assert caught.value.details() == "role admin required for CancelOperation"
+        # Allowed: each role its own calls; admin every one.
+        assert stub.UpdateOperation(update, metadata=as_reporter, timeout=5).applied
+        assert stub.GetOperation(get, metadata=as_reader, timeout=5).id == op.id
+        assert stub.GetOperation(get, metadata=as_admin, timeout=5).completed == 1
+        stub.CancelOperation(cancel, metadata=as_admin, timeout=5)
+
+
+def test_the_python_client_sends_its_token(secured: Any) -> None:
+    server, tokens, _ = secured
+    with HeadwayClient(server.address, token=tokens["admin"], strict=True) as client:
+        op = client.start_operation(kind="auth", project="py")
+        assert client.get(op.id).id == op.id
+    with (
+        HeadwayClient(server.address, token="hw_wrong", strict=True) as client,
+        pytest.raises(ClientError) as caught,
+    ):
+        client.get(op.id)
+    assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert not isinstance(caught.value, Unavailable)
+
+
+def test_a_reload_takes_new_tokens_and_keeps_the_old_ones_if_the_file_is_bad(
+    secured: Any,
+) -> None:
+    server, tokens, path = secured
+    added = write_tokens(path, {"newcomer": ["read"]})
+    server.run(_reload(server))
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ProgressTrackerStub(channel)
+        request = pb.ListOperationsRequest()
+        stub.ListOperations(request, metadata=bearer(added["newcomer"]), timeout=5)
+        with pytest.raises(grpc.RpcError):
+            stub.ListOperations(request, metadata=bearer(tokens["reader"]), timeout=5)
+        path.write_text("[[token]]\nname = 'broken'\n")
+        server.run(_reload(server))
+        stub.ListOperations(request, metadata=bearer(added["newcomer"]), timeout=5)
+
+
+async def _reload(server: ServerThread) -> None:
+    assert server.server is not None
+    server.server.reload_credentials()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[[token]\n", "not valid TOML"),
+        ('[[token]]\nname = "a"\nsha256 = "abc"\nprojects = ["*"]\nroles = ["read"]\n', ":3:"),
+        (
+            '[[token]]\nname = "a"\nsha256 = "' + "a" * 64 + '"\nprojects = []\nroles = ["read"]\n',
+            "'projects'",
+        ),
+        (
+            '[[token]]\nname = "a"\nsha256 = "'
+            + "a" * 64
+            + '"\nprojects = ["*"]\nroles = ["root"]\n',
+            "'roles'",
+        ),
+        ('[[token]]\nname = "a"\npassword = "x"\n', "unknown key"),
+    ],
+)
+def test_a_malformed_token_file_is_refused_with_its_line_and_reason(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    path = tmp_path / "tokens.toml"
+    path.write_text(text)
+    with pytest.raises(auth.AuthConfigError) as caught:
+        auth.TokenTable.load(path)
+    assert problem in str(caught.value)
+    result = subprocess.run(
+        [sys.executable, "-m", "headway_server", "serve", "--auth-tokens", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PYTHONPATH": f"{ROOT / 'server'}:{ROOT / 'client'}", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert problem in result.stderr
+
+
+def test_protected_mode_refuses_an_open_address_without_authentication(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--auth-tokens FILE"):
+        ServerConfig(listen="0.0.0.0:50051")
+    ServerConfig(listen="0.0.0.0:50051", insecure=True)
+    ServerConfig(listen="0.0.0.0:50051", auth_tokens=str(tmp_path / "t.toml"))
+    for loopback in ("127.0.0.1:0", "localhost:50051", "[::1]:50051", "127.0.0.2:1"):
+        ServerConfig(listen=loopback)
+    result = subprocess.run(
+        [sys.executable, "-m", "headway_server", "serve", "--listen", "0.0.0.0:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PYTHONPATH": f"{ROOT / 'server'}:{ROOT / 'client'}", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert "--insecure" in result.stderr
