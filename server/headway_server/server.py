@@ -112,7 +112,11 @@ class HeadwayServer:
     async def _check_store_forever(self) -> None:
         while True:
             await asyncio.sleep(STORE_CHECK_INTERVAL)
-            await self._check_store()
+            try:
+                await self._check_store()
+            except Exception:
+                # Health must keep following the store whatever one check hit.
+                log.exception("store check failed")
 
     async def _publish_gauges(self) -> None:
         if not self.metrics_port:

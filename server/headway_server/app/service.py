@@ -26,6 +26,7 @@ from headway_server.domain.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    StoreUnavailable,
 )
 from headway_server.domain.model import (
     JsonObject,
@@ -156,7 +157,18 @@ class OperationService:
                 op = await self.store.get_cached(operation_id) or await self._load(operation_id)
             else:
                 op = await self._load(operation_id)
-            new = change(op)
+            try:
+                new = change(op)
+            except HeadwayError:
+                if not cached:
+                    raise
+                # Refused on this process's copy: judged again on the stored
+                # value if another process changed (or replaced) it since.
+                cached = False
+                fresh = await self.store.get(operation_id)
+                if fresh is None or fresh.revision != op.revision:
+                    continue
+                raise
             if new is None:
                 if cached:
                     cached = False
@@ -331,6 +343,8 @@ class OperationService:
                 continue
             try:
                 op, new = await self._judge(operation_id, update, latest.get(operation_id))
+            except StoreUnavailable:
+                raise  # the whole batch: every other report would wait for it too
             except HeadwayError as exc:
                 results[i] = exc
                 if operation_id in planned:
@@ -373,6 +387,8 @@ class OperationService:
                 operation_id, update = reports[i]
                 try:
                     result = await self.update(operation_id, update)
+                except StoreUnavailable:
+                    raise
                 except HeadwayError as exc:
                     result = exc
             final.append(result)

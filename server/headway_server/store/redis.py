@@ -80,6 +80,21 @@ _POLL = 1.0
 # Writes are announced to other processes at most this long after they are
 # stored, together (bench: watch delivery to another replica, CPU per report).
 ANNOUNCE_DELAY = 0.001
+# Error replies that mean "this Redis cannot serve now", not "this call is wrong".
+_NOT_SERVING = frozenset(
+    {
+        "LOADING",
+        "BUSY",
+        "READONLY",
+        "MASTERDOWN",
+        "MISCONF",
+        "OOM",
+        "NOAUTH",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "NOREPLICAS",
+    }
+)
 # How long a failed store call may take before callers hear UNAVAILABLE.
 _SOCKET_TIMEOUT = 5.0
 _CONNECT_TIMEOUT = 2.0
@@ -200,6 +215,7 @@ class RedisStore:
         # The notification to PUBLISH at the end of this turn of the event
         # loop ([revision, finished]), and the tasks sending them.
         self._announcing: list[Any] | None = None
+        self._announce_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
         self.journal: Journal = RedisJournal(self)
@@ -210,17 +226,20 @@ class RedisStore:
         return self._prefix + name
 
     async def _exec(self, *args: Any) -> Any:
-        """One command on the pipelined connection; an unreachable Redis is
-        StoreUnavailable. A command that failed with its connection is sent
-        once more on a new one (Redis restarted, or failed over): repeating a
-        write is safe, its compare-and-set or AlreadyExists tells it was stored."""
+        """One command on the pipelined connection. An unreachable Redis, or
+        one that cannot serve now (loading its data, busy, a read-only
+        replica...), is StoreUnavailable. A command that failed with its
+        connection is not sent again: Redis may have run it before the reply
+        was lost, and the caller (its client's retry, with its sequence or
+        request id) knows how to repeat it safely."""
         try:
-            try:
-                return await self._fast.execute(*args)
-            except ConnectionError:
-                return await self._fast.execute(*args)
-        except ConnectionError as exc:
+            return await self._fast.execute(*args)
+        except (ConnectionError, OSError) as exc:
             raise StoreUnavailable(f"store {self.name} is unavailable: {exc}") from exc
+        except ReplyError as exc:
+            if str(exc).split(" ", 1)[0] in _NOT_SERVING:
+                raise StoreUnavailable(f"store {self.name} cannot serve now: {exc}") from exc
+            raise
 
     async def _eval(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
@@ -232,16 +251,38 @@ class RedisStore:
             await self._exec("SCRIPT", "LOAD", script.script)
             return await self._exec("EVALSHA", script.sha, len(keys), *keys, *args)
 
-    async def _run(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _run(
+        self,
+        script: Any,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        epoch_at: int = -1,
+        again: bool = True,
+    ) -> Any:
+        """Runs a script; `epoch_at`: the index in `args` where it expects this
+        process's epoch (scripts that write check it: a copy read from another
+        keyspace must not be written into this one). When the keyspace turns
+        out new, the script runs again in it if `again` (its arguments do not
+        depend on what was read before), else its NO_EPOCH/OTHER_EPOCH result
+        is returned for the caller to start over."""
         if self._epoch is None:
             await self.open()
-        result = await self._eval(script, keys, args)
-        if isinstance(result, list) and result and result[0] == lua.NO_EPOCH:
-            # The keyspace was flushed under us: it is a new store now.
-            log.warning("store keyspace is new (flushed?); starting a new epoch")
+        result = await self._eval(script, keys, self._with_epoch(args, epoch_at))
+        if isinstance(result, list) and result and result[0] in (lua.NO_EPOCH, lua.OTHER_EPOCH):
+            # The keyspace was flushed or replaced under us: it is a new store
+            # now; what this process held of the old one is dropped.
             await self.open()
-            result = await self._eval(script, keys, args)
+            if again:
+                result = await self._eval(script, keys, self._with_epoch(args, epoch_at))
         return result
+
+    def _with_epoch(self, args: Sequence[Any], at: int) -> Sequence[Any]:
+        if at < 0:
+            return args
+        filled = list(args)
+        filled[at] = self._epoch
+        return filled
 
     async def open(self) -> None:
         """Creates the keyspace's epoch and secret if it has none, reads them,
@@ -278,6 +319,10 @@ class RedisStore:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._tailer
             self._tailer = None
+        if self._announce_timer is not None:
+            self._announce_timer.cancel()
+            if self._announcing is not None:
+                self._publish()  # the last writes' notification still goes out
         if self._background:
             await asyncio.wait(self._background, timeout=1.0)
         await self._fast.close()
@@ -306,15 +351,21 @@ class RedisStore:
             while not self._closed:
                 try:
                     await subscription.open()
-                    # Anything written before the subscription took hold.
-                    self._see(await self.revision())
+                    # Anything written before the subscription took hold, and
+                    # whether the keyspace changed while it was down.
+                    await self._poll()
                     await self._read_finishes()
                     while not self._closed:
                         note = await subscription.next(_POLL)
                         if note is None:
                             await self._poll()
                             continue
-                        revision, _, finished = note.partition(b" ")
+                        revision, epoch, *finished = note.split()
+                        if epoch.decode() != self._epoch:
+                            # Written into another keyspace: ours was flushed
+                            # or replaced (open() tells which, and resets).
+                            await self.open()
+                            continue
                         self._see(int(revision))
                         if finished:
                             await self._read_finishes()
@@ -424,7 +475,7 @@ class RedisStore:
         one script, in order; each stored operation or its error."""
         k = self._k
         keys = list(self._write_keys)
-        args: list[Any] = [self._max_operations, self._max_summaries]
+        args: list[Any] = [None, self._max_operations, self._max_summaries]  # epoch: see _run
         for op, mode, expected in writes:
             parent = op.spec.parent_id
             keys.append(self.key("children:" + parent) if parent else k["created"])
@@ -445,7 +496,12 @@ class RedisStore:
                 finish,
                 "1" if parent else "0",
             )
-        result = await self._run(self._write_script, keys, args)
+        # Creates may run again in a new keyspace; replaces were judged on
+        # values from the old one: they answer Conflict and are read again.
+        creates_only = all(mode == "c" for _, mode, _ in writes)
+        result = await self._run(self._write_script, keys, args, epoch_at=0, again=creates_only)
+        if result and result[0] in (lua.NO_EPOCH, lua.OTHER_EPOCH):
+            result = [lua.CONFLICT, 0, b""] * len(writes)
         outcomes: list[Operation | HeadwayError] = []
         for i, (op, _, _) in enumerate(writes):
             code, created, entry = result[3 * i : 3 * i + 3]
@@ -471,7 +527,9 @@ class RedisStore:
         a crash only delays them until their tailer's next poll."""
         if self._announcing is None:
             self._announcing = [revision, finished]
-            asyncio.get_running_loop().call_later(ANNOUNCE_DELAY, self._publish)
+            self._announce_timer = asyncio.get_running_loop().call_later(
+                ANNOUNCE_DELAY, self._publish
+            )
         else:
             self._announcing[0] = max(self._announcing[0], revision)
             self._announcing[1] = self._announcing[1] or finished
@@ -480,7 +538,7 @@ class RedisStore:
         assert self._announcing is not None
         revision, finished = self._announcing
         self._announcing = None
-        note = f"{revision} f" if finished else str(revision)
+        note = f"{revision} {self._epoch}{' f' if finished else ''}"
         task = asyncio.ensure_future(self._send_note(note))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -547,7 +605,9 @@ class RedisStore:
             k["logsn"],
             k["timelinen"],
         ]
-        result = await self._run(self._delete, keys, [operation_id, self._history_size])
+        result = await self._run(
+            self._delete, keys, [operation_id, self._history_size, None], epoch_at=2
+        )
         self._cache.pop(operation_id, None)
         self._child_views.pop(operation_id, None)
         if result[0] == lua.NOT_FOUND:

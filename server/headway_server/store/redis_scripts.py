@@ -32,8 +32,8 @@ EXISTS = -3
 FULL = -4
 # The keyspace has no epoch: it is new, or was flushed; the caller initializes it.
 NO_EPOCH = -5
-# changes(): the epoch differs from the caller's, or the revision is outside
-# what the store holds.
+# The epoch differs from the caller's (changes(), and the scripts that write).
+# changes(): the revision is outside what the store holds.
 OTHER_EPOCH = -6
 OUT_OF_RANGE = -7
 
@@ -49,26 +49,28 @@ return redis.call('HMGET', KEYS[1], 'epoch', 'secret', 'rev')
 # KEYS: 1 meta, 2 rec, 3 rev, 4 made, 5 idx, 6 changes, 7 created, 8 leases,
 #       9 finished, 10 counts, 11 tombs, 12 finishes, then per write its
 #       parent's children ZSET (or any key, unused, when it has no parent)
-# ARGV: 1 max operations, 2 max finishes kept, then per write:
+# ARGV: 1 the caller's epoch, 2 max operations, 3 max finishes kept, then per write:
 #       mode (c: create, r: replace), id, expected revision ('^': whatever the
 #       previous write of this id in this call stored), record, terminal (1/0),
 #       count key, lease deadline or '', finish time or '', has parent (1/0)
 # Returns per write {revision, created revision, finishes entry id or ''}, or
-# {error, 0, ''}; or {NO_EPOCH} alone.
+# {error, 0, ''}; or {NO_EPOCH} or {OTHER_EPOCH} alone.
 WRITE = """
 local meta = KEYS[1]
-if redis.call('HEXISTS', meta, 'epoch') == 0 then return {-5} end
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then return {-5} end
+if epoch ~= ARGV[1] then return {-6} end
 local out, wrote = {}, {}
-local n = (#ARGV - 2) / 9
+local n = (#ARGV - 3) / 9
 for w = 0, n - 1 do
-  local a = 2 + 9 * w
+  local a = 3 + 9 * w
   local mode, id, expected, record = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local term, key, lease, finish = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
   local old = redis.call('HGET', KEYS[5], id)
   local err = nil
   if mode == 'c' then
     if old then err = -3
-    elseif redis.call('ZCARD', KEYS[7]) >= tonumber(ARGV[1]) then err = -4 end
+    elseif redis.call('ZCARD', KEYS[7]) >= tonumber(ARGV[2]) then err = -4 end
   elseif not old then err = -1
   else
     if expected == '^' then expected = wrote[id] or '' end
@@ -116,7 +118,7 @@ for w = 0, n - 1 do
     end
     local entry = ''
     if term == '1' and (not old or string.sub(old, 1, 1) ~= '1') then
-      entry = redis.call('XADD', KEYS[12], 'MAXLEN', '~', ARGV[2], '*', 'r', record)
+      entry = redis.call('XADD', KEYS[12], 'MAXLEN', '~', ARGV[3], '*', 'r', record)
     end
     wrote[id] = tostring(rev)
     out[#out + 1] = rev; out[#out + 1] = created; out[#out + 1] = entry
@@ -127,11 +129,13 @@ return out
 
 # KEYS: meta rec rev made idx changes created children leases finished counts
 #       tombs logs timeline logn timelinen
-# ARGV: 1 id, 2 history size (tombstones kept)
+# ARGV: 1 id, 2 history size (tombstones kept), 3 the caller's epoch
 # Returns {revision} or {error}.
 DELETE = """
 local meta, id = KEYS[1], ARGV[1]
-if redis.call('HEXISTS', meta, 'epoch') == 0 then return {-5} end
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then return {-5} end
+if epoch ~= ARGV[3] then return {-6} end
 local old = redis.call('HGET', KEYS[5], id)
 if not old then return {-1} end
 local rev = redis.call('HINCRBY', meta, 'rev', 1)

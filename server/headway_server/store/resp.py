@@ -35,6 +35,9 @@ class ReplyError(Exception):
     """Redis answered a command with an error (e.g. NOSCRIPT)."""
 
 
+_Pending = collections.deque[tuple["asyncio.Future[Any]", float]]
+
+
 class Endpoint:
     """Where and how to connect, from a redis://, rediss:// or unix:// URL."""
 
@@ -91,7 +94,12 @@ async def open_connection(
             hello.append(("SELECT", endpoint.db))
         for command in hello:
             writer.write(hiredis.pack_command(command))
-            reply = await asyncio.wait_for(read_reply(reader, parser), connect_timeout)
+            try:
+                reply = await asyncio.wait_for(read_reply(reader, parser), connect_timeout)
+            except TimeoutError as exc:
+                raise ConnectionError(
+                    f"{command[0]} got no answer in {connect_timeout:g}s"
+                ) from exc
             if isinstance(reply, hiredis.ReplyError):
                 raise ConnectionError(f"{command[0]} refused: {reply}")
     except BaseException:
@@ -170,8 +178,9 @@ class PipelinedConnection:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
-        # (future, time sent) of each command in flight, oldest first.
-        self._pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        # (future, time sent) of each command in flight on the current
+        # connection, oldest first; each connection has its own.
+        self._pending: _Pending = collections.deque()
         self._connecting: asyncio.Lock | None = None
         # Encoded commands not yet written (see execute).
         self._outgoing: list[bytes] = []
@@ -183,7 +192,8 @@ class PipelinedConnection:
         Raises:
             ReplyError: Redis answered with an error.
             ConnectionError: Redis could not be reached, or the connection
-                failed or stalled with the command in flight.
+                failed or stalled with the command in flight (which Redis may
+                or may not have run).
         """
         writer = self._writer
         if writer is None or writer.is_closing():
@@ -219,15 +229,19 @@ class PipelinedConnection:
             if self._writer is not None and not self._writer.is_closing():
                 return self._writer
             reader, writer, parser = await open_connection(self._endpoint, self._connect_timeout)
-            self._writer = writer
-            self._reader_task = asyncio.create_task(self._read(reader, parser, writer))
+            pending: _Pending = collections.deque()
+            self._writer, self._pending = writer, pending
+            self._reader_task = asyncio.create_task(self._read(reader, parser, writer, pending))
             self._arm_watchdog()
             return writer
 
     async def _read(
-        self, reader: asyncio.StreamReader, parser: hiredis.Reader, writer: asyncio.StreamWriter
+        self,
+        reader: asyncio.StreamReader,
+        parser: hiredis.Reader,
+        writer: asyncio.StreamWriter,
+        pending: _Pending,
     ) -> None:
-        pending = self._pending
         error: BaseException = ConnectionError("connection closed by Redis")
         try:
             while True:
@@ -244,20 +258,22 @@ class PipelinedConnection:
         except Exception as exc:
             error = ConnectionError(f"connection to Redis failed: {exc}")
         finally:
-            self._drop(writer, error)
+            self._drop(writer, pending, error)
 
-    def _drop(self, writer: asyncio.StreamWriter, error: BaseException) -> None:
+    def _drop(self, writer: asyncio.StreamWriter, pending: _Pending, error: BaseException) -> None:
         """Fails every command in flight on `writer` and forgets the connection."""
         if self._writer is writer:
             self._writer = None
             self._outgoing.clear()  # their futures fail below
         writer.close()
-        while self._pending:
-            future, _ = self._pending.popleft()
+        while pending:
+            future, _ = pending.popleft()
             if not future.done():
                 future.set_exception(error)
 
     def _arm_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         loop = asyncio.get_running_loop()
         self._watchdog = loop.call_later(min(1.0, self._timeout), self._check_stall)
 
@@ -266,10 +282,13 @@ class PipelinedConnection:
         writer = self._writer
         if writer is None:
             return
-        if self._pending and time.monotonic() - self._pending[0][1] > self._timeout:
+        pending = self._pending
+        if pending and time.monotonic() - pending[0][1] > self._timeout:
             if self._reader_task is not None:
                 self._reader_task.cancel()
-            self._drop(writer, ConnectionError(f"Redis did not answer in {self._timeout:g}s"))
+            self._drop(
+                writer, pending, ConnectionError(f"Redis did not answer in {self._timeout:g}s")
+            )
             return
         self._arm_watchdog()
 
@@ -284,4 +303,4 @@ class PipelinedConnection:
             except (asyncio.CancelledError, Exception):
                 pass
         if self._writer is not None:
-            self._drop(self._writer, ConnectionError("connection closed"))
+            self._drop(self._writer, self._pending, ConnectionError("connection closed"))
