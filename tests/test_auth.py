@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from headway.v1 import progress_pb2 as pb
 from headway.v1 import progress_pb2_grpc as pb_grpc
@@ -211,3 +212,131 @@ def test_protected_mode_refuses_an_open_address_without_authentication(tmp_path:
     )
     assert result.returncode == 2
     assert "--insecure" in result.stderr
+
+
+@pytest.fixture
+def two_teams(tmp_path: Path, server_factory: Any) -> Iterator[tuple[ServerThread, dict[str, str]]]:
+    path = tmp_path / "tokens.toml"
+    tokens = {name: auth.new_token() for name in ("acme", "beta", "both")}
+    path.write_text(
+        auth.token_block("acme", tokens["acme"], ["acme"], ["report", "read"])
+        + auth.token_block("beta", tokens["beta"], ["beta"], ["report", "read"])
+        + auth.token_block("both", tokens["both"], ["acme", "beta"], ["read"])
+    )
+    yield server_factory(auth_tokens=str(path)), tokens
+
+
+def test_a_foreign_projects_operations_do_not_exist_for_a_token(two_teams: Any) -> None:
+    server, tokens = two_teams
+    acme, beta, both = (bearer(tokens[n]) for n in ("acme", "beta", "both"))
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ProgressTrackerStub(channel)
+        mine = stub.StartOperation(
+            pb.StartOperationRequest(kind="k", project="acme"), metadata=acme, timeout=5
+        )
+        theirs = stub.StartOperation(
+            pb.StartOperationRequest(kind="k", project="beta"), metadata=beta, timeout=5
+        )
+        unknown = "op-" + "0" * 32
+
+        def details(call: Any) -> tuple[grpc.StatusCode, str]:
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            text = caught.value.details() or ""
+            return caught.value.code(), text.replace(theirs.id, "ID").replace(unknown, "ID")
+
+        def of(op_id: str) -> list[Any]:
+            def unary(method: Any, request: Any) -> Any:
+                return lambda: method(request, metadata=acme, timeout=5)
+
+            watch = pb.WatchOperationRequest(operation_id=op_id)
+            return [
+                unary(stub.GetOperation, pb.GetOperationRequest(operation_id=op_id)),
+                unary(
+                    stub.UpdateOperation, pb.UpdateOperationRequest(operation_id=op_id, completed=1)
+                ),
+                unary(stub.ListLogs, pb.ListLogsRequest(operation_id=op_id)),
+                lambda: list(stub.WatchOperation(watch, metadata=acme, timeout=5)),
+                unary(
+                    stub.StartOperation,
+                    pb.StartOperationRequest(kind="k", project="acme", parent_id=op_id),
+                ),
+            ]
+
+        # A foreign operation answers exactly as one that does not exist.
+        for foreign, missing in zip(of(theirs.id), of(unknown), strict=True):
+            answer = details(foreign)
+            assert answer[0] == grpc.StatusCode.NOT_FOUND
+            assert answer == details(missing)
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        assert (
+            details(
+                lambda: stub.StartOperation(
+                    pb.StartOperationRequest(kind="k", project="beta"), metadata=acme, timeout=5
+                )
+            )[0]
+            == denied
+        )
+        assert (
+            details(
+                lambda: stub.ListOperations(
+                    pb.ListOperationsRequest(filter=pb.OperationFilter(project="beta")),
+                    metadata=acme,
+                    timeout=5,
+                )
+            )[0]
+            == denied
+        )
+        batch = stub.BatchUpdateOperations(
+            pb.BatchUpdateOperationsRequest(
+                updates=[
+                    pb.UpdateOperationRequest(operation_id=mine.id, completed=1),
+                    pb.UpdateOperationRequest(operation_id=theirs.id, completed=1),
+                ]
+            ),
+            metadata=acme,
+            timeout=5,
+        )
+        assert [r.error_code for r in batch.results] == [0, grpc.StatusCode.NOT_FOUND.value[0]]
+        # Lists and statistics without a project see only the token's projects.
+        listed = stub.ListOperations(pb.ListOperationsRequest(), metadata=acme, timeout=5)
+        assert [op.project for op in listed.operations] == ["acme"]
+        stats = stub.GetStats(pb.GetStatsRequest(), metadata=acme, timeout=5)
+        assert sum(stats.counts_by_state.values()) == 1
+        wide = stub.ListOperations(pb.ListOperationsRequest(), metadata=both, timeout=5)
+        assert sorted(op.project for op in wide.operations) == ["acme", "beta"]
+
+
+def test_a_watcher_of_everything_sees_nothing_of_a_busy_foreign_project(
+    two_teams: Any, record: Any
+) -> None:
+    server, tokens = two_teams
+    acme, beta = bearer(tokens["acme"]), bearer(tokens["beta"])
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ProgressTrackerStub(channel)
+        watcher = record(
+            stub.WatchOperations(
+                pb.WatchOperationsRequest(min_interval=Duration()), metadata=acme, timeout=30
+            )
+        )
+        events = []
+        while True:
+            message = watcher.next(timeout=5)
+            events.extend(message.events)
+            if any(e.type == pb.OperationEvent.SYNCED for e in message.events):
+                break
+        busy = stub.StartOperation(
+            pb.StartOperationRequest(kind="k", project="beta"), metadata=beta, timeout=5
+        )
+        for i in range(20):
+            stub.UpdateOperation(
+                pb.UpdateOperationRequest(operation_id=busy.id, completed=i + 1),
+                metadata=beta,
+                timeout=5,
+            )
+        mine = stub.StartOperation(
+            pb.StartOperationRequest(kind="k", project="acme"), metadata=acme, timeout=5
+        )
+        while not any(e.operation.id == mine.id for e in events):
+            events.extend(watcher.next(timeout=5).events)
+        assert {e.operation.project for e in events if e.operation.id} == {"acme"}

@@ -16,6 +16,7 @@ starts, reports to and finishes operations; `read` reads and watches them;
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import enum
 import hashlib
 import json
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from headway_server.domain.errors import HeadwayError
+from headway_server.domain.model import OperationFilter
 
 
 class Unauthenticated(HeadwayError):
@@ -244,3 +246,32 @@ def authorize(principal: Principal, method: str) -> None:
     role = METHOD_ROLES.get(method)
     if role is not None and not principal.may(role):
         raise PermissionDenied(f"role {role.value} required for {method}")
+
+
+def visible(project: str) -> bool:
+    """Whether the caller of the current call may see `project` (any caller
+    may when no authentication is configured)."""
+    principal = current.get()
+    return principal is None or principal.sees(project)
+
+
+def require_project(project: str) -> None:
+    """Raises PermissionDenied unless the current caller may use `project`."""
+    if not visible(project):
+        raise PermissionDenied(f"project {project!r} is not one this token may use")
+
+
+def scoped(where: OperationFilter) -> OperationFilter:
+    """`where` narrowed to the current caller's projects: a filter naming a
+    project the caller may not use is PermissionDenied; one naming none sees
+    only the caller's projects."""
+    principal = current.get()
+    if principal is None or principal.projects is None:
+        return where
+    if where.project:
+        require_project(where.project)
+        return where
+    if len(principal.projects) == 1:
+        # One project: the filter the watch hub indexes by.
+        return dataclasses.replace(where, project=next(iter(principal.projects)))
+    return dataclasses.replace(where, projects=principal.projects)

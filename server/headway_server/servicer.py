@@ -12,7 +12,7 @@ from google.protobuf import empty_pb2
 from headway.v1 import progress_pb2 as pb
 from headway.v1 import progress_pb2_grpc as pb_grpc
 
-from headway_server import convert, handlers
+from headway_server import auth, convert, handlers
 from headway_server.app.service import OperationService, UpdateResult
 from headway_server.app.watch import MAX_MIN_INTERVAL, ShuttingDown, WatchEvent, WatchHub
 from headway_server.domain import errors
@@ -43,6 +43,8 @@ STATUS_BY_ERROR: dict[type[errors.HeadwayError], grpc.StatusCode] = {
     errors.Conflict: grpc.StatusCode.ABORTED,
     errors.HistoryCompacted: grpc.StatusCode.OUT_OF_RANGE,
     errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    auth.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    auth.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     # A domain error with no more specific entry: a server defect, not the caller's.
     errors.HeadwayError: grpc.StatusCode.INTERNAL,
 }
@@ -234,7 +236,7 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
         self, request: pb.ListOperationsRequest, context: Any
     ) -> pb.ListOperationsResponse:
         page, token = await self.service.list(
-            convert.operation_filter(request.filter),
+            auth.scoped(convert.operation_filter(request.filter)),
             page_size=request.page_size,
             page_token=request.page_token,
         )
@@ -295,7 +297,8 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
     @unary
     async def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.GetStatsResponse:
         window = request.window.ToNanoseconds() / 1e9 if request.HasField("window") else None
-        found = await self.service.stats(convert.operation_filter(request.filter), window=window)
+        where = auth.scoped(convert.operation_filter(request.filter))
+        found = await self.service.stats(where, window=window)
         return convert.stats(found)
 
     async def WatchOperation(  # type: ignore[override]  # yields serialized events
@@ -306,6 +309,10 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
         try:
             check_id("operation_id", request.operation_id)
             _check_resume(request)
+            if auth.current.get() is not None:
+                # NOT_FOUND, as for every call, for an operation of a project
+                # the caller may not use (a deleted one's tombstone included).
+                await self.service.check_visible(request.operation_id)
             async for event in self.hub.watch_operation(
                 request.operation_id,
                 request.from_revision,
@@ -322,7 +329,7 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
         self, request: pb.WatchOperationsRequest, context: Any
     ) -> AsyncIterator[bytes]:
         try:
-            where = convert.operation_filter(request.filter)
+            where = auth.scoped(convert.operation_filter(request.filter))
             _check_resume(request)
             async for batch in self.hub.watch_operations(
                 where,

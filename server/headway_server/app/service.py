@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from headway_server import auth
 from headway_server.domain import lifecycle, progress, timeline
 from headway_server.domain import validation as v
 from headway_server.domain.alerts import AlertThresholds
@@ -130,17 +131,29 @@ class OperationService:
 
     async def _load(self, operation_id: str) -> Operation:
         op = await self.store.get(operation_id)
-        if op is None:
-            # Only valid ids are ever stored: one found needs no check.
+        if op is None or not auth.visible(op.project):
+            # Only valid ids are ever stored: one found needs no check. One in
+            # a project the caller may not use is answered as if it did not
+            # exist: its existence must not leak.
             check_id("operation_id", operation_id)
-            raise await self._not_found(operation_id)
+            raise await self._not_found(operation_id, visible=op is None)
         return op
 
-    async def _not_found(self, operation_id: str, field: str = "") -> NotFound:
+    async def _cached(self, operation_id: str) -> Operation:
+        """This process's copy (for a compare-and-set write), else the stored one."""
+        op = await self.store.get_cached(operation_id)
+        if op is None or not auth.visible(op.project):
+            return await self._load(operation_id)
+        return op
+
+    async def _not_found(
+        self, operation_id: str, field: str = "", *, visible: bool = True
+    ) -> NotFound:
         """The error for an operation the store does not hold. Off the hot path,
         it tells a producer "deleted, leave it" (Deleted) from "never seen" (a
         restarted store), which a best-effort client registers again."""
-        deleted = await self.store.tombstone(operation_id) is not None
+        tomb = await self.store.tombstone(operation_id) if visible else None
+        deleted = tomb is not None and auth.visible(tomb.operation.project)
         prefix = f"{field}: " if field else ""
         return (Deleted if deleted else NotFound)(f"{prefix}operation {operation_id!r} not found")
 
@@ -154,7 +167,7 @@ class OperationService:
         cached = True
         for _ in range(_CAS_ATTEMPTS):
             if cached:
-                op = await self.store.get_cached(operation_id) or await self._load(operation_id)
+                op = await self._cached(operation_id)
             else:
                 op = await self._load(operation_id)
             try:
@@ -238,6 +251,7 @@ class OperationService:
         self, spec: StartSpec, *, operation_id: str = "", request_id: str = ""
     ) -> Operation:
         spec = self._specs.share(lifecycle.validate_start(spec, operation_id, request_id))
+        auth.require_project(spec.project)
         operation_id = operation_id or await self._generated_id(spec, request_id)
         existing = await self.store.get(operation_id)
         if existing is None:
@@ -263,8 +277,8 @@ class OperationService:
         if not parent_id:
             return 0
         parent = await self.store.get(parent_id)
-        if parent is None:
-            raise await self._not_found(parent_id, "parent_id")
+        if parent is None or not auth.visible(parent.project):
+            raise await self._not_found(parent_id, "parent_id", visible=parent is None)
         if parent.depth + 1 > progress.MAX_DEPTH:
             raise InvalidArgument(
                 "parent_id", f"would nest operations deeper than {progress.MAX_DEPTH} levels"
@@ -300,7 +314,7 @@ class OperationService:
         again on the stored value if that is newer (raises the refusal)."""
         if planned is not None:
             return planned, self._report(planned, update)
-        op = await self.store.get_cached(operation_id) or await self._load(operation_id)
+        op = await self._cached(operation_id)
         try:
             new = self._report(op, update)
         except HeadwayError:
@@ -551,6 +565,18 @@ class OperationService:
     async def get(self, operation_id: str) -> Operation:
         return await self._load(operation_id)
 
+    async def check_visible(self, operation_id: str) -> None:
+        """Raises NotFound unless the caller may see the operation, live or
+        (its tombstone) deleted; an unknown one is left to the caller."""
+        op = await self.store.get(operation_id)
+        if op is None:
+            tomb = await self.store.tombstone(operation_id)
+            if tomb is None:
+                return
+            op = tomb.operation
+        if not auth.visible(op.project):
+            raise NotFound(f"operation {operation_id!r} not found")
+
     async def list(
         self, where: OperationFilter, *, page_size: int = 0, page_token: str = ""
     ) -> tuple[Page, str]:
@@ -616,6 +642,7 @@ def _filter_key(where: OperationFilter) -> str:
     """What a page token is tied to: the filter it pages through."""
     fields = dataclasses.asdict(where)
     fields["states"] = sorted(int(s) for s in where.states)
+    fields["projects"] = None if where.projects is None else sorted(where.projects)
     return _key(json.dumps(fields, sort_keys=True, default=str))
 
 

@@ -387,11 +387,14 @@ class OperationFilter:
     labels: Mapping[str, str] = field(default_factory=dict)
     parent_id: str = ""
     active_only: bool = False
+    # Only these projects (a caller's scope, under authentication); None = any.
+    projects: frozenset[str] | None = None
 
     def matches_spec(self, spec: StartSpec) -> bool:
         """Matches on the start parameters, which never change."""
         return (
             (not self.project or spec.project == self.project)
+            and (self.projects is None or spec.project in self.projects)
             and (not self.dataset or spec.dataset == self.dataset)
             and (not self.kind or spec.kind == self.kind)
             and (not self.parent_id or spec.parent_id == self.parent_id)
