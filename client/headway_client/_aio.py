@@ -73,6 +73,9 @@ class AsyncHeadwayClient:
         timeout: float = 10.0,
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
         retry: RetryPolicy | None = None,
         strict: bool = False,
         finish_timeout: float = FINISH_TIMEOUT,
@@ -80,6 +83,7 @@ class AsyncHeadwayClient:
         self.target = target
         self.timeout = timeout
         self.metadata = _common.with_token(metadata, token)
+        credentials = credentials or _common.tls_credentials(tls_ca, tls_cert, tls_key)
         self.retry = retry or RetryPolicy()
         self.strict = strict
         self.finish_timeout = finish_timeout

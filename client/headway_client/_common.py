@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from headway.v1 import progress_pb2 as pb
 
 from headway_client._errors import InvalidArgument
@@ -70,6 +71,30 @@ def channel_target(target: str) -> str:
         return "ipv6:" + ",".join(dict.fromkeys(v6))
     # grpc's list targets take one family; IPv4 is what mixed hosts all have.
     return "ipv4:" + ",".join(dict.fromkeys(v4))
+
+
+def tls_credentials(
+    tls_ca: str | None, tls_cert: str | None, tls_key: str | None
+) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials from PEM files (None: none given, plaintext).
+
+    `tls_ca`: the CA that signed the server's certificate (default: the system's);
+    `tls_cert`/`tls_key`: this client's certificate, for a server that asks (mTLS).
+    """
+    if not (tls_ca or tls_cert or tls_key):
+        return None
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("tls_cert and tls_key go together")
+
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as pem:
+            return pem.read()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(tls_ca), private_key=read(tls_key), certificate_chain=read(tls_cert)
+    )
 
 
 def with_token(

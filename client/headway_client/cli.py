@@ -77,6 +77,9 @@ def _client(args: argparse.Namespace) -> HeadwayClient:
         timeout=args.timeout,
         retry=RetryPolicy(attempts=2, initial_backoff=0.2),
         token=args.token or None,
+        tls_ca=args.tls_ca or None,
+        tls_cert=args.tls_cert or None,
+        tls_key=args.tls_key or None,
     )
 
 
@@ -199,6 +202,9 @@ def cmd_pipe(args: argparse.Namespace) -> int:
         retry=RetryPolicy(initial_backoff=0.2, max_backoff=5.0),
         finish_timeout=args.finish_timeout,
         token=args.token or None,
+        tls_ca=args.tls_ca or None,
+        tls_cert=args.tls_cert or None,
+        tls_key=args.tls_key or None,
     )
     try:
         with client.start(
@@ -286,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("HEADWAY_TOKEN", ""),
         help="bearer token for a server with --auth-tokens (env HEADWAY_TOKEN)",
     )
+    for flag, what in (
+        ("ca", "CA certificate (PEM) that signed the server's: use TLS"),
+        ("cert", "this client's certificate (PEM), for mTLS"),
+        ("key", "this client's private key (PEM), for mTLS"),
+    ):
+        env = f"HEADWAY_TLS_{flag.upper()}"
+        parser.add_argument(
+            f"--tls-{flag}", default=os.environ.get(env, ""), help=f"{what} (env {env})"
+        )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # Listed for --help; main() hands `headway serve ...` to the server's own parser.

@@ -120,8 +120,15 @@ def token_block(name: str, token: str, projects: Sequence[str], roles: Sequence[
 class TokenTable:
     """Principals by token hash, loaded from a token file."""
 
-    def __init__(self, principals: Mapping[str, Principal], source: str = "") -> None:
+    def __init__(
+        self,
+        principals: Mapping[str, Principal],
+        source: str = "",
+        clients: Mapping[str, Principal] | None = None,
+    ) -> None:
         self._by_hash = dict(principals)
+        # Client certificate subject (a SAN or the CN) -> principal (mTLS).
+        self._by_subject = dict(clients or {})
         self.source = source
 
     def __len__(self) -> int:
@@ -150,6 +157,7 @@ class TokenTable:
         entries = data.get("token", [])
         if not isinstance(entries, list):
             raise AuthConfigError(f"{path}: 'token' must be an array of tables ([[token]])")
+        clients = _clients(data.get("client", []), path, text.splitlines())
         text_lines = text.splitlines()
         headers = [i for i, line in enumerate(text_lines) if line.strip() == "[[token]]"]
         principals: dict[str, Principal] = {}
@@ -169,13 +177,19 @@ class TokenTable:
                 raise AuthConfigError(f"{where}: the name {principal.name!r} is used twice")
             names.add(principal.name)
             principals[digest] = principal
-        return cls(principals, str(path))
+        return cls(principals, str(path), clients)
 
-    def authenticate(self, metadata: Sequence[tuple[str, Any]] | None) -> Principal:
-        """The principal a call's `authorization` header names.
+    def authenticate(
+        self,
+        metadata: Sequence[tuple[str, Any]] | None,
+        peer: Mapping[str, Sequence[bytes]] | None = None,
+    ) -> Principal:
+        """The principal a call's `authorization` header names, else the one
+        its client certificate's subject names (`peer`: grpc's auth context).
 
         Raises:
-            Unauthenticated: no header, not a bearer token, or an unknown token.
+            Unauthenticated: no header, not a bearer token, an unknown token,
+                or (without a header) an unknown certificate subject.
         """
         header = None
         for key, value in metadata or ():
@@ -183,6 +197,17 @@ class TokenTable:
                 header = value
                 break
         if header is None:
+            subjects = [
+                s.decode(errors="replace")
+                for key in ("x509_subject_alternative_name", "x509_common_name")
+                for s in (peer or {}).get(key, ())
+            ]
+            for subject in subjects:
+                principal = self._by_subject.get(subject)
+                if principal is not None:
+                    return principal
+            if subjects:
+                raise Unauthenticated("client certificate subject unknown")
             raise Unauthenticated("credentials required: send 'authorization: Bearer <token>'")
         scheme, _, token = str(header).partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -191,6 +216,31 @@ class TokenTable:
         if principal is None:
             raise Unauthenticated("token unknown")
         return principal
+
+
+def _clients(entries: Any, path: Path, lines: Sequence[str]) -> dict[str, Principal]:
+    """[[client]] entries: certificate subjects (mTLS) with projects and roles."""
+    if not isinstance(entries, list):
+        raise AuthConfigError(f"{path}: 'client' must be an array of tables ([[client]])")
+    headers = [i for i, line in enumerate(lines) if line.strip() == "[[client]]"]
+    clients: dict[str, Principal] = {}
+    for i, entry in enumerate(entries):
+        header = headers[i] if i < len(headers) else None
+        try:
+            if not isinstance(entry, dict):
+                raise _Problem("", "must be a table")
+            subject = entry.get("subject")
+            if not isinstance(subject, str) or not subject.strip():
+                raise _Problem("subject", "'subject' must be a certificate's SAN or CN")
+            rest = {k: v for k, v in entry.items() if k != "subject"}
+            principal, _ = _entry({**rest, "name": subject, "sha256": "0" * 64})
+        except _Problem as problem:
+            line = _line_of(lines, header, problem.key) or "?"
+            raise AuthConfigError(f"{path}:{line}: client #{i + 1}: {problem}") from None
+        if subject in clients:
+            raise AuthConfigError(f"{path}: client subject {subject!r} is listed twice")
+        clients[subject] = principal
+    return clients
 
 
 class _Problem(ValueError):

@@ -84,6 +84,11 @@ class ServerConfig:
     auth_tokens: str = ""
     # Serve a non-loopback address without authentication (protected mode off).
     insecure: bool = False
+    # TLS: the server's certificate chain and key (PEM files); with a client CA,
+    # clients must present a certificate it signed (mTLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
     def __post_init__(self) -> None:
         for name in (
@@ -110,6 +115,10 @@ class ServerConfig:
                 "--workers above 1 needs a shared store: each process would hold "
                 "its own memory store; use --store redis://host:port/db"
             )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
         if not (self.auth_tokens or self.insecure or is_loopback(self.listen)):
             raise ValueError(
                 f"refusing to serve {self.listen} without authentication: anyone who "
@@ -159,6 +168,9 @@ _FLAGS: dict[str, Callable[[str], object]] = {
     "workers": int,
     "auth-tokens": str,
     "insecure": _flag,
+    "tls-cert": str,
+    "tls-key": str,
+    "tls-client-ca": str,
 }
 _FIELD = {"history": "history_size", "eta-slip": "eta_slip_seconds"}
 _HELP = {
@@ -185,6 +197,10 @@ _HELP = {
     "auth-tokens": "TOML file of token hashes with their projects and roles; every call "
     "then needs 'authorization: Bearer <token>' (re-read on SIGHUP)",
     "insecure": "serve a non-loopback address without authentication (true/false)",
+    "tls-cert": "PEM certificate chain: serve TLS (with --tls-key)",
+    "tls-key": "PEM private key of --tls-cert",
+    "tls-client-ca": "PEM CA certificates: clients must present a certificate one signed "
+    "(mTLS); its subject is a principal ([[client]] in --auth-tokens)",
 }
 
 

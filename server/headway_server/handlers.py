@@ -118,7 +118,9 @@ def _guarded(
     def checked(request: Any, context: Any) -> Any:
         principal = None
         try:
-            principal = credentials.tokens.authenticate(context.invocation_metadata())
+            principal = credentials.tokens.authenticate(
+                context.invocation_metadata(), context.auth_context()
+            )
             auth.authorize(principal, method)
         except (auth.Unauthenticated, auth.PermissionDenied) as exc:
             log.warning(

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -219,9 +220,30 @@ def create_server(
     # Last, so that only calls no service above answers reach it.
     grpc_server.add_generic_rpc_handlers((metrics.unknown_methods(),))
     try:
-        port = grpc_server.add_insecure_port(config.listen)
+        port = (
+            grpc_server.add_secure_port(config.listen, _tls(config))
+            if config.tls_cert
+            else grpc_server.add_insecure_port(config.listen)
+        )
     except RuntimeError as exc:  # grpcio reports a failed bind as RuntimeError
         raise OSError(f"cannot listen on {config.listen}: address in use or invalid") from exc
     server = HeadwayServer(config, grpc_server, service, hub, health, port, metrics)
     server.credentials = credentials
     return server, port
+
+
+def _tls(config: ServerConfig) -> grpc.ServerCredentials:
+    """TLS from the configured PEM files; mTLS when a client CA is given."""
+
+    def read(path: str, flag: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise OSError(f"{flag} {path}: {exc.strerror}") from exc
+
+    client_ca = read(config.tls_client_ca, "--tls-client-ca") if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(config.tls_key, "--tls-key"), read(config.tls_cert, "--tls-cert"))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
