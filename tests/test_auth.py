@@ -340,3 +340,31 @@ def test_a_watcher_of_everything_sees_nothing_of_a_busy_foreign_project(
         while not any(e.operation.id == mine.id for e in events):
             events.extend(watcher.next(timeout=5).events)
         assert {e.operation.project for e in events if e.operation.id} == {"acme"}
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_reflection_is_open_unless_auth_reflection(
+    tmp_path: Path, server_factory: Any, guarded: bool
+) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    path = tmp_path / "tokens.toml"
+    tokens = write_tokens(path, {"reader": ["read"]})
+    server = server_factory(auth_tokens=str(path), auth_reflection=guarded)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+        def services(metadata: tuple[tuple[str, str], ...] = ()) -> list[str]:
+            (reply,) = list(
+                stub.ServerReflectionInfo(iter([request]), metadata=metadata, timeout=5)
+            )
+            return [s.name for s in reply.list_services_response.service]
+
+        if guarded:
+            with pytest.raises(grpc.RpcError) as caught:
+                services()
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "headway.v1.ProgressTracker" in services(bearer(tokens["reader"]))
+        else:
+            assert "headway.v1.ProgressTracker" in services()

@@ -86,6 +86,8 @@ class ServerConfig:
     insecure: bool = False
     # TLS: the server's certificate chain and key (PEM files); with a client CA,
     # clients must present a certificate it signed (mTLS).
+    # Reflection asks for a token too (else it is open, like health).
+    auth_reflection: bool = False
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -115,6 +117,8 @@ class ServerConfig:
                 "--workers above 1 needs a shared store: each process would hold "
                 "its own memory store; use --store redis://host:port/db"
             )
+        if self.auth_reflection and not self.auth_tokens:
+            raise ValueError("--auth-reflection needs --auth-tokens")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
@@ -168,6 +172,7 @@ _FLAGS: dict[str, Callable[[str], object]] = {
     "workers": int,
     "auth-tokens": str,
     "insecure": _flag,
+    "auth-reflection": _flag,
     "tls-cert": str,
     "tls-key": str,
     "tls-client-ca": str,
@@ -197,6 +202,7 @@ _HELP = {
     "auth-tokens": "TOML file of token hashes with their projects and roles; every call "
     "then needs 'authorization: Bearer <token>' (re-read on SIGHUP)",
     "insecure": "serve a non-loopback address without authentication (true/false)",
+    "auth-reflection": "server reflection asks for a valid token too (true/false)",
     "tls-cert": "PEM certificate chain: serve TLS (with --tls-key)",
     "tls-key": "PEM private key of --tls-cert",
     "tls-client-ca": "PEM CA certificates: clients must present a certificate one signed "

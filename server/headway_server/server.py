@@ -12,7 +12,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from headway_server import auth, handlers
 from headway_server.app.service import OperationService
@@ -209,14 +210,23 @@ def create_server(
     handlers.add_service(
         grpc_server, health_pb2.DESCRIPTOR.services_by_name["Health"], health, metrics.counted
     )
-    reflection.enable_server_reflection(
-        (
-            handlers.SERVICE.full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        grpc_server,
+    described = (
+        handlers.SERVICE.full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
     )
+    if config.auth_reflection and credentials is not None:
+        # Registered like the service, so that it asks for a token too (its
+        # calls are not counted in the metrics, as before).
+        handlers.add_service(
+            grpc_server,
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+            ReflectionServicer(described),
+            handlers.uncounted,
+            credentials,
+        )
+    else:
+        reflection.enable_server_reflection(described, grpc_server)
     # Last, so that only calls no service above answers reach it.
     grpc_server.add_generic_rpc_handlers((metrics.unknown_methods(),))
     try:
