@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -368,3 +369,50 @@ def test_reflection_is_open_unless_auth_reflection(
             assert "headway.v1.ProgressTracker" in services(bearer(tokens["reader"]))
         else:
             assert "headway.v1.ProgressTracker" in services()
+
+
+def test_limits_per_project_and_per_principal(tmp_path: Path, server_factory: Any) -> None:
+    path = tmp_path / "tokens.toml"
+    tokens = write_tokens(path, {"admin": ["admin"]})
+    server = server_factory(
+        auth_tokens=str(path),
+        max_active_operations_per_project=2,
+        max_watch_streams_per_principal=1,
+    )
+    as_admin = bearer(tokens["admin"])
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ProgressTrackerStub(channel)
+
+        def start(project: str) -> pb.Operation:
+            request = pb.StartOperationRequest(kind="k", project=project)
+            return stub.StartOperation(request, metadata=as_admin, timeout=5)
+
+        first, _ = start("acme"), start("acme")
+        with pytest.raises(grpc.RpcError) as caught:
+            start("acme")
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-active-operations-per-project" in (caught.value.details() or "")
+        start("beta")  # another project has its own count
+        stub.CompleteOperation(
+            pb.CompleteOperationRequest(operation_id=first.id), metadata=as_admin, timeout=5
+        )
+        start("acme")  # a finished one no longer counts
+
+        watch = pb.WatchOperationsRequest(filter=pb.OperationFilter(project="acme"))
+        held = stub.WatchOperations(watch, metadata=as_admin, timeout=30)
+        next(iter(held))  # open and synced
+        second = stub.WatchOperations(watch, metadata=as_admin, timeout=5)
+        with pytest.raises(grpc.RpcError) as caught:
+            next(iter(second))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        held.cancel()
+        deadline = time.monotonic() + 5
+        while True:  # released once the server has seen the cancel
+            again = stub.WatchOperations(watch, metadata=as_admin, timeout=5)
+            try:
+                next(iter(again))
+                again.cancel()
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)

@@ -86,6 +86,10 @@ class ServerConfig:
     insecure: bool = False
     # TLS: the server's certificate chain and key (PEM files); with a client CA,
     # clients must present a certificate it signed (mTLS).
+    # Limits (0 = none): active operations per project, open watch streams per
+    # principal (per server process), answered RESOURCE_EXHAUSTED.
+    max_active_operations_per_project: int = 0
+    max_watch_streams_per_principal: int = 0
     # Reflection asks for a token too (else it is open, like health).
     auth_reflection: bool = False
     tls_cert: str = ""
@@ -130,6 +134,9 @@ class ServerConfig:
                 "--auth-tokens FILE (tokens: `headway token new`), or --insecure "
                 "if something else guards the port"
             )
+        for name in ("max_active_operations_per_project", "max_watch_streams_per_principal"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative (0 = no limit)")
         for name in ("max_operations", "history_size", "max_pending_requests", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -173,6 +180,8 @@ _FLAGS: dict[str, Callable[[str], object]] = {
     "auth-tokens": str,
     "insecure": _flag,
     "auth-reflection": _flag,
+    "max-active-operations-per-project": int,
+    "max-watch-streams-per-principal": int,
     "tls-cert": str,
     "tls-key": str,
     "tls-client-ca": str,
@@ -203,6 +212,10 @@ _HELP = {
     "then needs 'authorization: Bearer <token>' (re-read on SIGHUP)",
     "insecure": "serve a non-loopback address without authentication (true/false)",
     "auth-reflection": "server reflection asks for a valid token too (true/false)",
+    "max-active-operations-per-project": "StartOperation is RESOURCE_EXHAUSTED when the "
+    "project has this many queued, running or paused operations (0 = no limit)",
+    "max-watch-streams-per-principal": "a token (or client certificate) may hold this many "
+    "watch streams open on one server process (0 = no limit)",
     "tls-cert": "PEM certificate chain: serve TLS (with --tls-key)",
     "tls-key": "PEM private key of --tls-cert",
     "tls-client-ca": "PEM CA certificates: clients must present a certificate one signed "

@@ -170,7 +170,11 @@ def create_server(
         eta_slip_seconds=config.eta_slip_seconds,
     )
     service = OperationService(
-        chosen, retention=config.retention, thresholds=thresholds, observer=metrics
+        chosen,
+        retention=config.retention,
+        thresholds=thresholds,
+        observer=metrics,
+        max_active_per_project=config.max_active_operations_per_project,
     )
     hub = WatchHub(
         chosen,
@@ -202,7 +206,9 @@ def create_server(
     handlers.add_service(
         grpc_server,
         handlers.SERVICE,
-        ProgressTrackerServicer(service, hub),
+        ProgressTrackerServicer(
+            service, hub, max_streams_per_principal=config.max_watch_streams_per_principal
+        ),
         metrics.counted,
         credentials,
     )

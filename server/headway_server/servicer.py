@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -91,9 +92,39 @@ def unary(
 
 
 class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
-    def __init__(self, service: OperationService, hub: WatchHub) -> None:
+    def __init__(
+        self, service: OperationService, hub: WatchHub, *, max_streams_per_principal: int = 0
+    ) -> None:
         self.service = service
         self.hub = hub
+        self.max_streams_per_principal = max_streams_per_principal
+        # Open watch streams by principal name (under authentication).
+        self._streams: Counter[str] = Counter()
+
+    def _open_stream(self) -> str:
+        """Counts a watch stream against its principal's limit; the name to
+        release it with ("" when nothing is counted).
+
+        Raises:
+            ResourceExhausted: the principal holds its maximum already.
+        """
+        principal = auth.current.get()
+        limit = self.max_streams_per_principal
+        if principal is None or not limit:
+            return ""
+        if self._streams[principal.name] >= limit:
+            raise errors.ResourceExhausted(
+                f"{principal.name!r} holds its maximum of {limit} open watch streams "
+                "(--max-watch-streams-per-principal)"
+            )
+        self._streams[principal.name] += 1
+        return principal.name
+
+    def _close_stream(self, name: str) -> None:
+        if name:
+            self._streams[name] -= 1
+            if self._streams[name] <= 0:
+                del self._streams[name]
 
     @unary
     async def StartOperation(self, request: pb.StartOperationRequest, context: Any) -> pb.Operation:
@@ -306,7 +337,9 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
     ) -> AsyncIterator[bytes]:
         # Watch streams yield serialized messages (see handlers.serialize): the
         # operation's bytes are shared by every watcher of it.
+        counted = ""
         try:
+            counted = self._open_stream()
             check_id("operation_id", request.operation_id)
             _check_resume(request)
             if auth.current.get() is not None:
@@ -324,11 +357,15 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
             await _end_for_shutdown(context, exc)
         except Exception as exc:
             await _abort(context, exc, "WatchOperation")
+        finally:
+            self._close_stream(counted)
 
     async def WatchOperations(  # type: ignore[override]  # yields serialized responses
         self, request: pb.WatchOperationsRequest, context: Any
     ) -> AsyncIterator[bytes]:
+        counted = ""
         try:
+            counted = self._open_stream()
             where = auth.scoped(convert.operation_filter(request.filter))
             _check_resume(request)
             async for batch in self.hub.watch_operations(
@@ -343,6 +380,8 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
             await _end_for_shutdown(context, exc)
         except Exception as exc:
             await _abort(context, exc, "WatchOperations")
+        finally:
+            self._close_stream(counted)
 
 
 def _refuse(ack: pb.ReportProgressResponse, exc: errors.HeadwayError) -> None:

@@ -686,3 +686,25 @@ async def test_timelines_are_capped_and_forgotten_with_the_operation(
     await journal.forget("a")
     assert await journal.timeline("a") == ([], 0)
     assert await journal.logs("a") == ([], 0)
+
+
+async def test_active_operations_are_counted_by_project(store: OperationStore) -> None:
+    assert await store.active_in("acme") == 0
+    await store.create(new_op("a", project="acme"))
+    await store.create(new_op("b", project="acme"))
+    await store.create(new_op("c", project="beta"))
+    assert (await store.active_in("acme"), await store.active_in("beta")) == (2, 1)
+    await bump(store, "a", state=State.RUNNING)
+    await bump(store, "a", state=State.PAUSED)
+    assert await store.active_in("acme") == 2
+    await bump(store, "a", state=State.SUCCEEDED, finished_at=1.0)
+    await bump(store, "a", error_count=1)  # still finished
+    assert await store.active_in("acme") == 1
+    await store.delete("b")
+    await store.delete("a")
+    assert (await store.active_in("acme"), await store.active_in("beta")) == (0, 1)
+    c = await store.get("c")
+    assert c is not None
+    outcomes = await store.replace_many([(dataclasses.replace(c, state=State.FAILED), c.revision)])
+    assert isinstance(outcomes[0], Operation)
+    assert await store.active_in("beta") == 0

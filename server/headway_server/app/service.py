@@ -99,6 +99,7 @@ class OperationService:
         journal: Journal | None = None,
         thresholds: AlertThresholds | None = None,
         observer: Observer | None = None,
+        max_active_per_project: int = 0,
     ) -> None:
         self.store = store
         self.retention = retention
@@ -118,6 +119,8 @@ class OperationService:
         # process sharing the store, so a retry that lands elsewhere (or after a
         # restart) finds the same operation.
         self._specs = SharedSpecs()
+        # StartOperation's limit of active operations per project (0: none).
+        self.max_active_per_project = max_active_per_project
 
     async def _generated_id(self, spec: StartSpec, request_id: str) -> str:
         if not request_id:
@@ -255,6 +258,12 @@ class OperationService:
         operation_id = operation_id or await self._generated_id(spec, request_id)
         existing = await self.store.get(operation_id)
         if existing is None:
+            limit = self.max_active_per_project
+            if limit and await self.store.active_in(spec.project) >= limit:
+                raise ResourceExhausted(
+                    f"project {spec.project!r} has its maximum of {limit} active operations "
+                    "(--max-active-operations-per-project)"
+                )
             depth = await self._child_depth(spec.parent_id)
             try:
                 new = lifecycle.new_operation(operation_id, spec, self._clock())

@@ -177,3 +177,8 @@ class OperationStore(Protocol):
         """How many operations the store holds, by (state name, kind), kept
         up to date on every write rather than counted by a scan."""
         ...
+
+    async def active_in(self, project: str) -> int:
+        """How many active (QUEUED, RUNNING, PAUSED) operations `project` has,
+        kept up to date on every write rather than counted by a scan."""
+        ...

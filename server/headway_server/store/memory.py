@@ -163,6 +163,7 @@ class MemoryStore:
         self._finish_times: dict[str, float] = {}
         self._finish_heap: list[tuple[float, str]] = []
         self._counts: Counter[tuple[str, str]] = Counter()
+        self._active: Counter[str] = Counter()  # active operations by project
 
     async def revision(self) -> int:
         return self._revision
@@ -179,6 +180,8 @@ class MemoryStore:
         """Keeps the lease, finish-time and count indexes in step with a write."""
         if previous is not None:
             self._counts[previous.state.name, previous.kind] -= 1
+            if previous.state.active:
+                self._active[previous.spec.project] -= 1
             if previous.state.terminal and (stored is None or not stored.state.terminal):
                 self._finish_times.pop(previous.id, None)
                 # Its heap entry is now stale; rebuild when stale ones dominate,
@@ -191,6 +194,8 @@ class MemoryStore:
                 self._leases.pop(previous.id, None)
             return
         self._counts[stored.state.name, stored.kind] += 1
+        if stored.state.active:
+            self._active[stored.spec.project] += 1
         if isinstance(stored, Operation):
             if (
                 stored.state is State.RUNNING
@@ -472,3 +477,6 @@ class MemoryStore:
 
     async def counts(self) -> dict[tuple[str, str], int]:
         return {key: n for key, n in self._counts.items() if n > 0}
+
+    async def active_in(self, project: str) -> int:
+        return self._active[project]

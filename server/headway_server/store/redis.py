@@ -166,6 +166,7 @@ class RedisStore:
                 "finishes",
                 "logsn",
                 "timelinen",
+                "active",
             )
         }
         self.channel = prefix + "notify"
@@ -185,6 +186,7 @@ class RedisStore:
                 "counts",
                 "tombs",
                 "finishes",
+                "active",
             )
         )
         register = Script
@@ -495,6 +497,7 @@ class RedisStore:
                 lease,
                 finish,
                 "1" if parent else "0",
+                op.spec.project,
             )
         # Creates may run again in a new keyspace; replaces were judged on
         # values from the old one: they answer Conflict and are read again.
@@ -604,9 +607,13 @@ class RedisStore:
             self.key("timeline:" + operation_id),
             k["logsn"],
             k["timelinen"],
+            k["active"],
         ]
         result = await self._run(
-            self._delete, keys, [operation_id, self._history_size, None], epoch_at=2
+            self._delete,
+            keys,
+            [operation_id, self._history_size, None, current.spec.project],
+            epoch_at=2,
         )
         self._cache.pop(operation_id, None)
         self._child_views.pop(operation_id, None)
@@ -760,6 +767,9 @@ class RedisStore:
             "ZRANGEBYSCORE", self._k["finished"], "-inf", repr(cutoff), "LIMIT", 0, limit
         )
         return [i.decode() for i in ids]
+
+    async def active_in(self, project: str) -> int:
+        return int(await self._exec("HGET", self._k["active"], project) or 0)
 
     async def counts(self) -> dict[tuple[str, str], int]:
         raw = await self._exec("HGETALL", self._k["counts"])

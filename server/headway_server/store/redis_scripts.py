@@ -47,12 +47,14 @@ return redis.call('HMGET', KEYS[1], 'epoch', 'secret', 'rev')
 # Creates or replaces operations, in order, each on its own (one failing does
 # not stop the rest).
 # KEYS: 1 meta, 2 rec, 3 rev, 4 made, 5 idx, 6 changes, 7 created, 8 leases,
-#       9 finished, 10 counts, 11 tombs, 12 finishes, then per write its
-#       parent's children ZSET (or any key, unused, when it has no parent)
+#       9 finished, 10 counts, 11 tombs, 12 finishes, 13 active (HASH project ->
+#       active operations), then per write its parent's children ZSET (or any
+#       key, unused, when it has no parent)
 # ARGV: 1 the caller's epoch, 2 max operations, 3 max finishes kept, then per write:
 #       mode (c: create, r: replace), id, expected revision ('^': whatever the
 #       previous write of this id in this call stored), record, terminal (1/0),
-#       count key, lease deadline or '', finish time or '', has parent (1/0)
+#       count key, lease deadline or '', finish time or '', has parent (1/0),
+#       project
 # Returns per write {revision, created revision, finishes entry id or ''}, or
 # {error, 0, ''}; or {NO_EPOCH} or {OTHER_EPOCH} alone.
 WRITE = """
@@ -61,9 +63,9 @@ local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then return {-5} end
 if epoch ~= ARGV[1] then return {-6} end
 local out, wrote = {}, {}
-local n = (#ARGV - 3) / 9
+local n = (#ARGV - 3) / 10
 for w = 0, n - 1 do
-  local a = 3 + 9 * w
+  local a = 3 + 10 * w
   local mode, id, expected, record = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local term, key, lease, finish = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
   local old = redis.call('HGET', KEYS[5], id)
@@ -87,9 +89,14 @@ for w = 0, n - 1 do
       redis.call('ZADD', KEYS[7], rev, id)
       -- an id deleted earlier and created again is live, not a tombstone
       redis.call('ZREM', KEYS[11], id)
-      if ARGV[a + 9] == '1' then redis.call('ZADD', KEYS[12 + w + 1], rev, id) end
+      if ARGV[a + 9] == '1' then redis.call('ZADD', KEYS[13 + w + 1], rev, id) end
     else
       created = tonumber(redis.call('HGET', KEYS[4], id))
+    end
+    -- active (not terminal) operations by project
+    local was_active = (old and string.sub(old, 1, 1) == '0') == true
+    if was_active ~= (term == '0') then
+      redis.call('HINCRBY', KEYS[13], ARGV[a + 10], term == '0' and 1 or -1)
     end
     -- most reports change neither state nor kind: their counts stay
     if old ~= term .. key then
@@ -128,8 +135,8 @@ return out
 """
 
 # KEYS: meta rec rev made idx changes created children leases finished counts
-#       tombs logs timeline logn timelinen
-# ARGV: 1 id, 2 history size (tombstones kept), 3 the caller's epoch
+#       tombs logs timeline logn timelinen active
+# ARGV: 1 id, 2 history size (tombstones kept), 3 the caller's epoch, 4 its project
 # Returns {revision} or {error}.
 DELETE = """
 local meta, id = KEYS[1], ARGV[1]
@@ -139,6 +146,7 @@ if epoch ~= ARGV[3] then return {-6} end
 local old = redis.call('HGET', KEYS[5], id)
 if not old then return {-1} end
 local rev = redis.call('HINCRBY', meta, 'rev', 1)
+if string.sub(old, 1, 1) == '0' then redis.call('HINCRBY', KEYS[17], ARGV[4], -1) end
 local key = string.sub(old, 2)
 if redis.call('HINCRBY', KEYS[11], key, -1) <= 0 then redis.call('HDEL', KEYS[11], key) end
 redis.call('HDEL', KEYS[5], id)
