@@ -66,14 +66,22 @@ async def test_a_process_that_only_sees_others_writes_notices_a_flush(
     assert await b.epoch() == await a.epoch()
 
 
+@pytest.mark.parametrize("noticed", [False, True], ids=["unnoticed", "noticed-first"])
 async def test_a_copy_from_before_a_flush_is_not_written_into_the_new_keyspace(
-    replicas: Callable[[], RedisStore],
+    replicas: Callable[[], RedisStore], noticed: bool
 ) -> None:
     a, b = replicas(), replicas()
     stale = await b.create(Operation(id="x", spec=StartSpec(), message="old world"))
     await flush(a)
     fresh = await a.create(Operation(id="x", spec=StartSpec(), message="new world"))
     assert fresh.revision == stale.revision  # the same number, another keyspace
+    if noticed:
+        # B's tailer hears of the new keyspace before B writes its old copy.
+        for _ in range(100):
+            if await b.epoch() == await a.epoch():
+                break
+            await asyncio.sleep(0.01)
+        assert await b.epoch() == await a.epoch()
     with pytest.raises(Conflict):
         await b.replace(dataclasses.replace(stale, message="stale"), expected_revision=1)
     assert (await b.get("x")) == fresh

@@ -426,6 +426,12 @@ class RedisStore:
             self._cache.pop(op_id, None)
         return op
 
+    def _read_here(self, operation_id: str, revision: int) -> bool:
+        """Whether this process holds `operation_id` at `revision` from the
+        current keyspace (the cache is emptied when the epoch changes)."""
+        cached = self._cache.get(operation_id)
+        return cached is not None and cached.revision == revision
+
     def _remember(self, op: Operation) -> None:
         self._cache[op.id] = op
         self._cache.move_to_end(op.id)
@@ -479,6 +485,12 @@ class RedisStore:
         keys = list(self._write_keys)
         args: list[Any] = [None, self._max_operations, self._max_summaries]  # epoch: see _run
         for op, mode, expected in writes:
+            if mode == "r" and expected is not None and not self._read_here(op.id, expected):
+                # Judged on a value this process did not read in the current
+                # keyspace (it was flushed since): revisions there may repeat
+                # the old ones, so the script's compare-and-set could not tell.
+                # Sent as a chained write with nothing before it: Conflict.
+                expected = None
             parent = op.spec.parent_id
             keys.append(self.key("children:" + parent) if parent else k["created"])
             lease = ""
