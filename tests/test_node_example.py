@@ -114,12 +114,15 @@ def node_example() -> Path:
 class NodeProcess:
     """A node script whose stdout JSON lines are read in a thread, each read bounded."""
 
-    def __init__(self, cwd: Path, args: tuple[str, ...], stdin: bool) -> None:
+    def __init__(
+        self, cwd: Path, args: tuple[str, ...], stdin: bool, env: dict[str, str] | None = None
+    ) -> None:
         assert NODE is not None
         self.args = args
         self.proc = subprocess.Popen(
             [NODE, *args],
             cwd=cwd,
+            env=None if env is None else {**os.environ, **env},
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -198,8 +201,8 @@ def node(node_example: Path) -> Iterator[Callable[..., NodeProcess]]:
     """Starts `node ARGS...` in examples/node; every process is killed at teardown."""
     started: list[NodeProcess] = []
 
-    def run(*args: str, stdin: bool = False) -> NodeProcess:
-        process = NodeProcess(node_example, args, stdin)
+    def run(*args: str, stdin: bool = False, env: dict[str, str] | None = None) -> NodeProcess:
+        process = NodeProcess(node_example, args, stdin, env)
         started.append(process)
         return process
 
@@ -632,3 +635,34 @@ def test_tracked_job_leaves_a_deleted_operation_deleted(
     assert records == [{"step": "done", "id": op_id, "items": 40, "tracked": False, "state": None}]
     assert list_project(grpc_stub, project) == []  # not brought back
     assert any("deleted on the server" in w for w in warnings_of(job))
+
+
+def test_node_clients_use_a_token_and_tls_from_the_environment(
+    node: Callable[..., NodeProcess], server_factory: Any, tmp_path: Path
+) -> None:
+    import trustme
+    from headway_server import auth
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    files = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    cert.private_key_pem.write_to_path(str(files["key"]))
+    token = auth.new_token()
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(auth.token_block("node", token, ["node-demo"], ["report"]))
+    server = server_factory(
+        auth_tokens=str(tokens), tls_cert=str(files["cert"]), tls_key=str(files["key"])
+    )
+    tls = {"HEADWAY_TLS_CA": str(files["ca"])}
+    producer = node(
+        "producer.js", server.address, "--interval-ms", "0", env={**tls, "HEADWAY_TOKEN": token}
+    )
+    code, steps = producer.finish()
+    assert code == 0, producer.stderr
+    assert steps[-1]["step"] == "completed"
+    refused = node("producer.js", server.address, "--interval-ms", "0", env=tls)
+    code, steps = refused.finish()
+    assert code == 1
+    assert "UNAUTHENTICATED" in refused.stderr + json.dumps(steps), (steps, refused.stderr)

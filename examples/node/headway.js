@@ -2,6 +2,7 @@
 // Loads Headway's contract straight from the repository's protos/ (no copy) and
 // makes clients for it and for the standard grpc.health.v1.Health service.
 
+const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -98,13 +99,48 @@ function load() {
   return cached;
 }
 
-/** A ProgressTracker client on a plaintext channel (what `make run` serves). */
-function createClient(address, credentials = grpc.credentials.createInsecure()) {
-  return new (load().headway.ProgressTracker)(address, credentials);
+/**
+ * Channel credentials from the environment: TLS when HEADWAY_TLS_CA names the
+ * CA file that signed the server's certificate (with HEADWAY_TLS_CERT and
+ * HEADWAY_TLS_KEY for a server that asks for client certificates), else
+ * plaintext (what `make run` serves).
+ */
+function defaultCredentials() {
+  const ca = process.env.HEADWAY_TLS_CA;
+  if (!ca) return grpc.credentials.createInsecure();
+  const read = (name) => (process.env[name] ? fs.readFileSync(process.env[name]) : null);
+  return grpc.credentials.createSsl(
+    fs.readFileSync(ca),
+    read('HEADWAY_TLS_KEY'),
+    read('HEADWAY_TLS_CERT'),
+  );
 }
 
-/** A grpc.health.v1.Health client on a plaintext channel. */
-function createHealthClient(address, credentials = grpc.credentials.createInsecure()) {
+/**
+ * Client options: with HEADWAY_TOKEN set, every call carries
+ * `authorization: Bearer <token>` (a server started with --auth-tokens needs it).
+ * An interceptor rather than call credentials, which grpc-js sends only over TLS.
+ */
+function clientOptions() {
+  const token = process.env.HEADWAY_TOKEN;
+  if (!token) return {};
+  const bearer = (options, nextCall) =>
+    new grpc.InterceptingCall(nextCall(options), {
+      start(metadata, listener, next) {
+        metadata.set('authorization', `Bearer ${token}`);
+        next(metadata, listener);
+      },
+    });
+  return { interceptors: [bearer] };
+}
+
+/** A ProgressTracker client; credentials and token from the environment by default. */
+function createClient(address, credentials = defaultCredentials()) {
+  return new (load().headway.ProgressTracker)(address, credentials, clientOptions());
+}
+
+/** A grpc.health.v1.Health client (health needs no token). */
+function createHealthClient(address, credentials = defaultCredentials()) {
   return new (load().health.Health)(address, credentials);
 }
 
