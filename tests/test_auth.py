@@ -416,3 +416,121 @@ def test_limits_per_project_and_per_principal(tmp_path: Path, server_factory: An
             except grpc.RpcError:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+
+
+# --- JWT ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def jwt_server(tmp_path: Path, server_factory: Any) -> Iterator[tuple[Any, Any, Path]]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    key_file = tmp_path / "jwt.pem"
+    key_file.write_bytes(public_pem)
+    server = server_factory(
+        auth_jwt_key=str(key_file),
+        auth_jwt_issuer="https://issuer.example",
+        auth_jwt_audience="headway",
+    )
+    yield server, private, key_file
+
+
+def _jwt(private: Any, **overrides: Any) -> str:
+    import time as clock
+
+    import jwt
+
+    claims = {
+        "iss": "https://issuer.example",
+        "aud": "headway",
+        "sub": "svc-crawler",
+        "exp": int(clock.time()) + 300,
+        "projects": ["acme"],
+        "roles": ["report", "read"],
+    }
+    claims.update(overrides)
+    algorithm = str(claims.pop("alg", "ES256"))
+    return str(jwt.encode({k: v for k, v in claims.items() if v is not None}, private, algorithm))
+
+
+def test_jwt_bearer_tokens_carry_projects_and_roles(jwt_server: Any) -> None:
+    import time as clock
+
+    import jwt
+
+    server, private, _ = jwt_server
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ProgressTrackerStub(channel)
+
+        def start(token: str, project: str = "acme") -> pb.Operation:
+            request = pb.StartOperationRequest(kind="k", project=project)
+            return stub.StartOperation(request, metadata=bearer(token), timeout=5)
+
+        assert start(_jwt(private)).project == "acme"
+        with pytest.raises(grpc.RpcError) as caught:
+            start(_jwt(private), project="beta")
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        forged_hmac = str(jwt.encode({"projects": ["*"]}, "s" * 32, "HS256"))
+        for token, problem in (
+            (_jwt(private, exp=int(clock.time()) - 10), "token expired"),
+            (_jwt(private, iss="https://elsewhere"), "token invalid"),
+            (_jwt(private, aud="another-service"), "token invalid"),
+            (_jwt(private, exp=None), "token invalid"),
+            (_jwt(private, roles=["root"]), "claim 'roles'"),
+            (forged_hmac, "token invalid"),
+            (_jwt(private)[:-4] + "AAAA", "token invalid"),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                start(token)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, token
+            assert problem in (caught.value.details() or ""), caught.value.details()
+
+
+def test_a_jwks_file_picks_the_key_by_kid(tmp_path: Path, server_factory: Any) -> None:
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    keys = {kid: rsa.generate_private_key(public_exponent=65537, key_size=2048) for kid in "ab"}
+    jwks = {
+        "keys": [
+            {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(k.public_key())), "kid": kid}
+            for kid, k in keys.items()
+        ]
+    }
+    key_file = tmp_path / "jwks.json"
+    key_file.write_text(json.dumps(jwks))
+    server = server_factory(
+        auth_jwt_key=str(key_file),
+        auth_jwt_issuer="https://issuer.example",
+        auth_jwt_audience="headway",
+    )
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ProgressTrackerStub(channel)
+        for kid, key in keys.items():
+            token = jwt.encode(
+                {
+                    "iss": "https://issuer.example",
+                    "aud": "headway",
+                    "exp": 4102444800,
+                    "projects": ["*"],
+                    "roles": ["read"],
+                },
+                key,
+                "RS256",
+                headers={"kid": kid},
+            )
+            stub.ListOperations(pb.ListOperationsRequest(), metadata=bearer(token), timeout=5)
+
+
+def test_a_jwt_key_that_is_not_asymmetric_is_refused(tmp_path: Path) -> None:
+    key_file = tmp_path / "secret.pem"
+    key_file.write_text("not a key")
+    with pytest.raises(auth.AuthConfigError, match="not a PEM public key or JWKS"):
+        auth.load(jwt_key=str(key_file), jwt_issuer="i", jwt_audience="a")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from headway_server import auth, logs
 from headway_server import config as config_module
-from headway_server.server import create_server
+from headway_server.server import create_server, load_credentials
 
 log = logging.getLogger("headway.server")
 
@@ -45,9 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     logs.configure(config.log_level)
-    if config.auth_tokens:
+    if config.authenticates:
         try:  # refused here, once, rather than by every worker as it starts
-            auth.TokenTable.load(config.auth_tokens)
+            load_credentials(config)
         except auth.AuthConfigError as exc:
             print(f"headway: {exc}", file=sys.stderr)
             return 2

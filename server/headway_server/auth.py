@@ -130,6 +130,8 @@ class TokenTable:
         # Client certificate subject (a SAN or the CN) -> principal (mTLS).
         self._by_subject = dict(clients or {})
         self.source = source
+        # Bearer tokens that are JWTs are checked by this (see JwtVerifier).
+        self.jwt: JwtVerifier | None = None
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -212,6 +214,8 @@ class TokenTable:
         scheme, _, token = str(header).partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("malformed credentials: expected 'Bearer <token>'")
+        if self.jwt is not None and looks_like_jwt(token.strip()):
+            return self.jwt.principal(token.strip())
         principal = self._by_hash.get(token_hash(token.strip()))
         if principal is None:
             raise Unauthenticated("token unknown")
@@ -325,3 +329,111 @@ def scoped(where: OperationFilter) -> OperationFilter:
         # One project: the filter the watch hub indexes by.
         return dataclasses.replace(where, project=next(iter(principal.projects)))
     return dataclasses.replace(where, projects=principal.projects)
+
+
+# Asymmetric algorithms only, pinned by the key's type: a token cannot choose
+# "none" or an HMAC keyed with the public key.
+_ALGORITHMS_BY_KEY = {
+    "RSAPublicKey": ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"],
+    "EllipticCurvePublicKey": ["ES256", "ES384", "ES512"],
+    "Ed25519PublicKey": ["EdDSA"],
+    "Ed448PublicKey": ["EdDSA"],
+}
+
+
+class JwtVerifier:
+    """Bearer tokens that are JWTs signed by a configured key: `--auth-jwt-key`
+    (a PEM public key or a JWKS file), with the issuer and audience they must
+    name. Claims: `projects` (names, or ["*"]), `roles`, `exp` (required) and
+    `sub` (the principal's name in logs)."""
+
+    def __init__(self, key_file: str, *, issuer: str, audience: str) -> None:
+        import jwt  # only a server configured for JWTs needs it
+
+        self._jwt = jwt
+        self.issuer = issuer
+        self.audience = audience
+        try:
+            text = Path(key_file).read_text()
+        except OSError as exc:
+            raise AuthConfigError(f"{key_file}: cannot read: {exc.strerror}") from exc
+        # kid -> (key, algorithms); "" for a single PEM key.
+        self._keys: dict[str, tuple[Any, list[str]]] = {}
+        try:
+            if text.lstrip().startswith("{"):
+                for jwk in jwt.PyJWKSet.from_json(text).keys:
+                    self._keys[jwk.key_id or ""] = (jwk.key, self._algorithms(jwk.key, key_file))
+            else:
+                from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+                key = load_pem_public_key(text.encode())
+                self._keys[""] = (key, self._algorithms(key, key_file))
+        except (ValueError, jwt.PyJWKError, jwt.PyJWKSetError) as exc:
+            raise AuthConfigError(f"{key_file}: not a PEM public key or JWKS: {exc}") from exc
+        if not self._keys:
+            raise AuthConfigError(f"{key_file}: no keys")
+
+    @staticmethod
+    def _algorithms(key: Any, source: str) -> list[str]:
+        from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+        kinds = {
+            "RSAPublicKey": rsa.RSAPublicKey,
+            "EllipticCurvePublicKey": ec.EllipticCurvePublicKey,
+            "Ed25519PublicKey": ed25519.Ed25519PublicKey,
+            "Ed448PublicKey": ed448.Ed448PublicKey,
+        }
+        for name, kind in kinds.items():
+            if isinstance(key, kind):
+                return _ALGORITHMS_BY_KEY[name]
+        raise AuthConfigError(f"{source}: only asymmetric public keys are accepted")
+
+    def principal(self, token: str) -> Principal:
+        jwt = self._jwt
+        try:
+            kid = jwt.get_unverified_header(token).get("kid") or ""
+            key, algorithms = self._keys.get(kid) or self._keys.get("") or (None, [])
+            if key is None:
+                raise Unauthenticated("token signed by an unknown key")
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=algorithms,
+                issuer=self.issuer,
+                audience=self.audience,
+                options={"require": ["exp", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated(f"token invalid: {exc}") from None
+        projects, roles = claims.get("projects"), claims.get("roles")
+        valid = {r.value for r in Role}
+        if not isinstance(projects, list) or not all(isinstance(p, str) for p in projects):
+            raise Unauthenticated("token invalid: claim 'projects' must list project names")
+        if not isinstance(roles, list) or not roles or not all(r in valid for r in roles):
+            raise Unauthenticated(f"token invalid: claim 'roles' must list some of {sorted(valid)}")
+        scope = None if ALL_PROJECTS in projects else frozenset(projects)
+        name = str(claims.get("sub") or "jwt")
+        return Principal(name, scope, frozenset(Role(r) for r in roles))
+
+
+def looks_like_jwt(token: str) -> bool:
+    return token.count(".") == 2 and not token.startswith(TOKEN_PREFIX)
+
+
+def load(
+    tokens_file: str = "", *, jwt_key: str = "", jwt_issuer: str = "", jwt_audience: str = ""
+) -> TokenTable | None:
+    """What calls are checked against: the token file's table and, with a JWT
+    key, a verifier for JWT bearer tokens; None when neither is configured.
+
+    Raises:
+        AuthConfigError: a file cannot be used (its line and the reason).
+    """
+    if not tokens_file and not jwt_key:
+        return None
+    table = TokenTable.load(tokens_file) if tokens_file else TokenTable({})
+    if jwt_key:
+        table.jwt = JwtVerifier(jwt_key, issuer=jwt_issuer, audience=jwt_audience)
+    return table

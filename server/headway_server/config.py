@@ -82,6 +82,11 @@ class ServerConfig:
     workers: int = 1
     # A TOML file of token hashes, projects and roles (see auth.py); "" = none.
     auth_tokens: str = ""
+    # JWT bearer tokens: the signer's public key (PEM or JWKS file) and the
+    # issuer and audience tokens must name.
+    auth_jwt_key: str = ""
+    auth_jwt_issuer: str = ""
+    auth_jwt_audience: str = ""
     # Serve a non-loopback address without authentication (protected mode off).
     insecure: bool = False
     # TLS: the server's certificate chain and key (PEM files); with a client CA,
@@ -121,13 +126,15 @@ class ServerConfig:
                 "--workers above 1 needs a shared store: each process would hold "
                 "its own memory store; use --store redis://host:port/db"
             )
-        if self.auth_reflection and not self.auth_tokens:
-            raise ValueError("--auth-reflection needs --auth-tokens")
+        if self.auth_jwt_key and not (self.auth_jwt_issuer and self.auth_jwt_audience):
+            raise ValueError("--auth-jwt-key needs --auth-jwt-issuer and --auth-jwt-audience")
+        if self.auth_reflection and not self.authenticates:
+            raise ValueError("--auth-reflection needs --auth-tokens or --auth-jwt-key")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-        if not (self.auth_tokens or self.insecure or is_loopback(self.listen)):
+        if not (self.authenticates or self.insecure or is_loopback(self.listen)):
             raise ValueError(
                 f"refusing to serve {self.listen} without authentication: anyone who "
                 "reaches it could read, report, cancel and delete anything. Give "
@@ -140,6 +147,11 @@ class ServerConfig:
         for name in ("max_operations", "history_size", "max_pending_requests", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether calls must carry credentials."""
+        return bool(self.auth_tokens or self.auth_jwt_key)
 
     @property
     def store_name(self) -> str:
@@ -178,6 +190,9 @@ _FLAGS: dict[str, Callable[[str], object]] = {
     "store": str,
     "workers": int,
     "auth-tokens": str,
+    "auth-jwt-key": str,
+    "auth-jwt-issuer": str,
+    "auth-jwt-audience": str,
     "insecure": _flag,
     "auth-reflection": _flag,
     "max-active-operations-per-project": int,
@@ -210,6 +225,10 @@ _HELP = {
     "workers": "server processes on one port (SO_REUSEPORT) sharing a Redis store",
     "auth-tokens": "TOML file of token hashes with their projects and roles; every call "
     "then needs 'authorization: Bearer <token>' (re-read on SIGHUP)",
+    "auth-jwt-key": "PEM public key or JWKS file: bearer tokens may be JWTs it signed "
+    "(asymmetric algorithms only; claims projects, roles, exp)",
+    "auth-jwt-issuer": "the iss a JWT must name",
+    "auth-jwt-audience": "the aud a JWT must name",
     "insecure": "serve a non-loopback address without authentication (true/false)",
     "auth-reflection": "server reflection asks for a valid token too (true/false)",
     "max-active-operations-per-project": "StartOperation is RESOURCE_EXHAUSTED when the "

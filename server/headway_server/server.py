@@ -65,10 +65,11 @@ class HeadwayServer:
     def reload_credentials(self) -> None:
         """Reads the token file again (SIGHUP); a file that does not load is
         logged and the tokens in use are kept. Open connections stay."""
-        if self.credentials is None or not self.config.auth_tokens:
+        if self.credentials is None:
             return
         try:
-            tokens = auth.TokenTable.load(self.config.auth_tokens)
+            tokens = load_credentials(self.config)
+            assert tokens is not None  # configured at start, so still configured
         except auth.AuthConfigError as exc:
             log.error(
                 "token file not reloaded; keeping the tokens in use", extra={"detail": str(exc)}
@@ -198,11 +199,8 @@ def create_server(
         maximum_concurrent_rpcs=None,
         interceptors=interceptors or None,
     )
-    credentials = (
-        handlers.Credentials(auth.TokenTable.load(config.auth_tokens))
-        if config.auth_tokens
-        else None
-    )
+    table = load_credentials(config)
+    credentials = handlers.Credentials(table) if table is not None else None
     handlers.add_service(
         grpc_server,
         handlers.SERVICE,
@@ -262,4 +260,14 @@ def _tls(config: ServerConfig) -> grpc.ServerCredentials:
         [(read(config.tls_key, "--tls-key"), read(config.tls_cert, "--tls-cert"))],
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
+    )
+
+
+def load_credentials(config: ServerConfig) -> auth.TokenTable | None:
+    """The token file and JWT key the configuration names (None: no authentication)."""
+    return auth.load(
+        config.auth_tokens,
+        jwt_key=config.auth_jwt_key,
+        jwt_issuer=config.auth_jwt_issuer,
+        jwt_audience=config.auth_jwt_audience,
     )
