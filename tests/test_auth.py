@@ -534,3 +534,30 @@ def test_a_jwt_key_that_is_not_asymmetric_is_refused(tmp_path: Path) -> None:
     key_file.write_text("not a key")
     with pytest.raises(auth.AuthConfigError, match="not a PEM public key or JWKS"):
         auth.load(jwt_key=str(key_file), jwt_issuer="i", jwt_audience="a")
+
+
+def test_writes_and_denials_are_logged_with_the_principals_name_never_the_token(
+    secured: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, tokens, _ = secured
+    caplog.set_level("INFO", logger="headway.auth")
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ProgressTrackerStub(channel)
+        stub.StartOperation(
+            pb.StartOperationRequest(kind="k", project="p"),
+            metadata=bearer(tokens["reporter"]),
+            timeout=5,
+        )
+        with pytest.raises(grpc.RpcError):
+            stub.DeleteOperation(
+                pb.DeleteOperationRequest(operation_id="op-x"),
+                metadata=bearer(tokens["reader"]),
+                timeout=5,
+            )
+    records = [
+        (r.getMessage(), getattr(r, "principal", ""), getattr(r, "method", ""))
+        for r in caplog.records
+    ]
+    assert ("write", "reporter", "StartOperation") in records
+    assert ("call denied", "reader", "DeleteOperation") in records
+    assert not any(t in caplog.text for t in tokens.values())

@@ -93,6 +93,16 @@ class Credentials:
         self.tokens = tokens
 
 
+_REPORTS = frozenset({"UpdateOperation", "ReportProgress", "BatchUpdateOperations"})
+_WRITES = _REPORTS | {
+    "StartOperation",
+    "CompleteOperation",
+    "FailOperation",
+    "CancelOperation",
+    "DeleteOperation",
+    "ReportLogs",
+}
+
 _AUTH_STATUS = {
     auth.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     auth.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
@@ -133,6 +143,12 @@ def _guarded(
             )
             return (deny_stream if streaming else deny)(exc, context)
         auth.current.set(principal)
+        if method in _WRITES:
+            # Who changed what: one line per write, with the principal's name
+            # (never the token). Reports, many a second, at DEBUG.
+            level = logging.DEBUG if method in _REPORTS else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(level, "write", extra={"method": method, "principal": principal.name})
         return behaviour(request, context)
 
     return checked
