@@ -109,6 +109,23 @@ def _text(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+_WRITE_KEYS = (
+    "meta",
+    "rec",
+    "rev",
+    "made",
+    "idx",
+    "changes",
+    "created",
+    "leases",
+    "finished",
+    "counts",
+    "tombs",
+    "finishes",
+    "active",
+)
+
+
 class Script:
     """A Lua script and its SHA1, by which EVALSHA runs it once Redis has it."""
 
@@ -149,46 +166,10 @@ class RedisStore:
         # One hash tag for every key: one Cluster slot, so scripts may touch them all.
         prefix = "{" + namespace + "}:"
         self._prefix = prefix
-        self._k = {
-            name: prefix + name
-            for name in (
-                "meta",
-                "rec",
-                "rev",
-                "made",
-                "idx",
-                "changes",
-                "tombs",
-                "created",
-                "leases",
-                "finished",
-                "counts",
-                "finishes",
-                "logsn",
-                "timelinen",
-                "active",
-            )
-        }
+        # The keys a WRITE script takes first, in its KEYS order (redis_scripts.py).
+        self._write_keys = tuple(prefix + name for name in _WRITE_KEYS)
+        self._k = {name: prefix + name for name in (*_WRITE_KEYS, "logsn", "timelinen")}
         self.channel = prefix + "notify"
-        k = self._k
-        self._write_keys = tuple(
-            k[name]
-            for name in (
-                "meta",
-                "rec",
-                "rev",
-                "made",
-                "idx",
-                "changes",
-                "created",
-                "leases",
-                "finished",
-                "counts",
-                "tombs",
-                "finishes",
-                "active",
-            )
-        )
         register = Script
         self._init = register(lua.INIT)
         self._write_script = register(lua.WRITE)
