@@ -561,3 +561,40 @@ def test_writes_and_denials_are_logged_with_the_principals_name_never_the_token(
     assert ("write", "reporter", "StartOperation") in records
     assert ("call denied", "reader", "DeleteOperation") in records
     assert not any(t in caplog.text for t in tokens.values())
+
+
+def test_sighup_re_reads_the_token_file_of_a_running_server(tmp_path: Path) -> None:
+    import os
+    import signal as signals
+
+    if TYPE_CHECKING:
+        from tests.redis_e2e import ServerProcess
+        from tests.redis_support import free_port
+    else:
+        from redis_e2e import ServerProcess
+        from redis_support import free_port
+
+    path = tmp_path / "tokens.toml"
+    first = write_tokens(path, {"first": ["read"]})
+    server = ServerProcess("memory", free_port(), "--auth-tokens", str(path)).start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ProgressTrackerStub(channel)
+            request = pb.ListOperationsRequest()
+            stub.ListOperations(request, metadata=bearer(first["first"]), timeout=5)
+            second = write_tokens(path, {"second": ["read"]})
+            assert server.process is not None
+            os.kill(server.process.pid, signals.SIGHUP)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    stub.ListOperations(request, metadata=bearer(second["second"]), timeout=5)
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline, "SIGHUP did not load the new file"
+                    time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ListOperations(request, metadata=bearer(first["first"]), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop()
