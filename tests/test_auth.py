@@ -598,3 +598,27 @@ def test_sighup_re_reads_the_token_file_of_a_running_server(tmp_path: Path) -> N
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         server.stop()
+
+
+def test_under_authentication_a_child_is_in_its_parents_project(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    path = tmp_path / "tokens.toml"
+    token = auth.new_token()
+    path.write_text(auth.token_block("ops", token, ["acme", "beta"], ["report", "read"]))
+    server = server_factory(auth_tokens=str(path))
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ProgressTrackerStub(channel)
+        ops = bearer(token)
+
+        def start(project: str, parent_id: str = "") -> pb.Operation:
+            request = pb.StartOperationRequest(kind="k", project=project, parent_id=parent_id)
+            return stub.StartOperation(request, metadata=ops, timeout=5)
+
+        parent = start("acme")
+        assert start("acme", parent.id).parent_id == parent.id
+        # A beta child would show beta's progress to acme's readers, in the roll-up.
+        with pytest.raises(grpc.RpcError) as caught:
+            start("beta", parent.id)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "parent_id" in (caught.value.details() or "")

@@ -264,7 +264,7 @@ class OperationService:
                     f"project {spec.project!r} has its maximum of {limit} active operations "
                     "(--max-active-operations-per-project)"
                 )
-            depth = await self._child_depth(spec.parent_id)
+            depth = await self._child_depth(spec.parent_id, spec.project)
             try:
                 new = lifecycle.new_operation(operation_id, spec, self._clock())
                 op = await self.store.create(evolve(new, depth=depth))
@@ -281,13 +281,19 @@ class OperationService:
             )
         return existing
 
-    async def _child_depth(self, parent_id: str) -> int:
+    async def _child_depth(self, parent_id: str, project: str = "") -> int:
         """The depth a new child of `parent_id` gets; checks the nesting limits."""
         if not parent_id:
             return 0
         parent = await self.store.get(parent_id)
         if parent is None or not auth.visible(parent.project):
             raise await self._not_found(parent_id, "parent_id", visible=parent is None)
+        if auth.current.get() is not None and parent.project != project:
+            # A parent's roll-up shows its children's progress to whoever may
+            # read the parent's project: under authentication, one project.
+            raise InvalidArgument(
+                "parent_id", f"is an operation of project {parent.project!r}, not {project!r}"
+            )
         if parent.depth + 1 > progress.MAX_DEPTH:
             raise InvalidArgument(
                 "parent_id", f"would nest operations deeper than {progress.MAX_DEPTH} levels"
