@@ -622,3 +622,16 @@ def test_under_authentication_a_child_is_in_its_parents_project(
             start("beta", parent.id)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "parent_id" in (caught.value.details() or "")
+
+
+def test_an_id_taken_in_a_foreign_project_says_nothing_of_it(two_teams: Any) -> None:
+    server, tokens = two_teams
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ProgressTrackerStub(channel)
+        taken = pb.StartOperationRequest(operation_id="op-shared-name", kind="k", project="beta")
+        stub.StartOperation(taken, metadata=bearer(tokens["beta"]), timeout=5)
+        mine = pb.StartOperationRequest(operation_id="op-shared-name", kind="k", project="acme")
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.StartOperation(mine, metadata=bearer(tokens["acme"]), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert caught.value.details() == "operation id 'op-shared-name' is not available"

@@ -275,6 +275,10 @@ class OperationService:
                 existing = await self.store.get(operation_id)
                 if existing is None:
                     raise
+        if not auth.visible(existing.project):
+            # Ids are global: the id cannot be had, but nothing of the
+            # operation holding it is told (not even that it differs).
+            raise AlreadyExists(f"operation id {operation_id!r} is not available")
         if existing.spec != spec:
             raise AlreadyExists(
                 f"operation {operation_id!r} already exists with different parameters"
