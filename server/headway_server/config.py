@@ -95,6 +95,8 @@ class ServerConfig:
     # principal (per server process), answered RESOURCE_EXHAUSTED.
     max_active_operations_per_project: int = 0
     max_watch_streams_per_principal: int = 0
+    # HTTP/JSON gateway address ("" = none), on the same loop and store.
+    http_listen: str = ""
     # Reflection asks for a token too (else it is open, like health).
     auth_reflection: bool = False
     tls_cert: str = ""
@@ -134,13 +136,14 @@ class ServerConfig:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-        if not (self.authenticates or self.insecure or is_loopback(self.listen)):
-            raise ValueError(
-                f"refusing to serve {self.listen} without authentication: anyone who "
-                "reaches it could read, report, cancel and delete anything. Give "
-                "--auth-tokens FILE (tokens: `headway token new`), or --insecure "
-                "if something else guards the port"
-            )
+        for address in filter(None, (self.listen, self.http_listen)):
+            if not (self.authenticates or self.insecure or is_loopback(address)):
+                raise ValueError(
+                    f"refusing to serve {address} without authentication: anyone who "
+                    "reaches it could read, report, cancel and delete anything. Give "
+                    "--auth-tokens FILE (tokens: `headway token new`), or --insecure "
+                    "if something else guards the port"
+                )
         for name in ("max_active_operations_per_project", "max_watch_streams_per_principal"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative (0 = no limit)")
@@ -189,6 +192,7 @@ _FLAGS: dict[str, Callable[[str], object]] = {
     "watch-min-interval": parse_duration,
     "store": str,
     "workers": int,
+    "http-listen": str,
     "auth-tokens": str,
     "auth-jwt-key": str,
     "auth-jwt-issuer": str,
@@ -225,6 +229,7 @@ _HELP = {
     "workers": "server processes on one port (SO_REUSEPORT) sharing a Redis store",
     "auth-tokens": "TOML file of token hashes with their projects and roles; every call "
     "then needs 'authorization: Bearer <token>' (re-read on SIGHUP)",
+    "http-listen": "serve the HTTP/JSON API too, at host:port (empty = off)",
     "auth-jwt-key": "PEM public key or JWKS file: bearer tokens may be JWTs it signed "
     "(asymmetric algorithms only; claims projects, roles, exp)",
     "auth-jwt-issuer": "the iss a JWT must name",

@@ -61,6 +61,9 @@ class HeadwayServer:
         self.store_available = True
         # The token table calls are checked against (None: no authentication).
         self.credentials: handlers.Credentials | None = None
+        # The HTTP/JSON gateway (None: --http-listen not given) and its port.
+        self.http: Any = None
+        self.http_port = 0
 
     def reload_credentials(self) -> None:
         """Reads the token file again (SIGHUP); a file that does not load is
@@ -80,6 +83,9 @@ class HeadwayServer:
 
     async def start(self) -> None:
         await self.grpc_server.start()
+        if self.http is not None:
+            self.http_port = await self.http.start()
+            log.info("serving HTTP", extra={"port": self.http_port})
         await self._check_store()
         self._store_checks = asyncio.create_task(self._check_store_forever())
         self.sweeper.start()
@@ -139,6 +145,8 @@ class HeadwayServer:
         await self.health.enter_graceful_shutdown()
         self.hub.stop()
         await self.sweeper.stop()
+        if self.http is not None:
+            await self.http.stop()
         await self.grpc_server.stop(grace)
         try:
             # Bounded: a store that does not answer must not hold the exit up.
@@ -201,15 +209,10 @@ def create_server(
     )
     table = load_credentials(config)
     credentials = handlers.Credentials(table) if table is not None else None
-    handlers.add_service(
-        grpc_server,
-        handlers.SERVICE,
-        ProgressTrackerServicer(
-            service, hub, max_streams_per_principal=config.max_watch_streams_per_principal
-        ),
-        metrics.counted,
-        credentials,
+    servicer = ProgressTrackerServicer(
+        service, hub, max_streams_per_principal=config.max_watch_streams_per_principal
     )
+    handlers.add_service(grpc_server, handlers.SERVICE, servicer, metrics.counted, credentials)
     health = HealthServicer()
     handlers.add_service(
         grpc_server, health_pb2.DESCRIPTOR.services_by_name["Health"], health, metrics.counted
@@ -243,6 +246,10 @@ def create_server(
         raise OSError(f"cannot listen on {config.listen}: address in use or invalid") from exc
     server = HeadwayServer(config, grpc_server, service, hub, health, port, metrics)
     server.credentials = credentials
+    if config.http_listen:
+        from headway_server.gateway import Gateway, HttpListener  # only when asked for
+
+        server.http = HttpListener(Gateway(servicer, credentials), config.http_listen)
     return server, port
 
 

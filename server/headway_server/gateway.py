@@ -1,0 +1,265 @@
+"""HTTP/JSON gateway: the same API for clients that cannot speak gRPC.
+
+Requests and responses are the proto3 JSON mapping of the gRPC messages
+(lowerCamelCase, as grpc-gateway and Envoy's transcoder emit), on routes in the
+style of Google's API guidelines (`POST /v1/operations/{id}:update`). Each
+route calls the gRPC servicer's method in-process, not over the network, so
+validation, idempotency, authentication and project scoping are exactly
+those of gRPC; its errors come back as
+`{"error": {"code": 404, "status": "NOT_FOUND", "message": "..."}}`.
+
+Served by uvicorn on the gRPC server's event loop (`--http-listen`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+import uvicorn
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from headway.v1 import progress_pb2 as pb
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from headway_server import auth, handlers
+from headway_server.servicer import ProgressTrackerServicer
+
+log = logging.getLogger("headway.gateway")
+
+# gRPC status -> HTTP status, as grpc-gateway maps them.
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Context:
+    """What the servicer's methods use of a gRPC context, for an HTTP request."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code, details)
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+
+def _error(code: grpc.StatusCode, message: str) -> JSONResponse:
+    status = HTTP_STATUS.get(code, 500)
+    body = {"error": {"code": status, "status": code.name, "message": message}}
+    return JSONResponse(body, status_code=status)
+
+
+def _json(message: Message) -> JSONResponse:
+    return JSONResponse(json_format.MessageToDict(message, preserving_proto_field_name=False))
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Gateway:
+    """The HTTP routes, over a servicer (and the credentials, when configured)."""
+
+    def __init__(
+        self, servicer: ProgressTrackerServicer, credentials: handlers.Credentials | None
+    ) -> None:
+        self.servicer = servicer
+        self.credentials = credentials
+        self.app = Starlette(
+            routes=[
+                Route("/v1/operations", self._route(self._collection), methods=["GET", "POST"]),
+                Route(
+                    "/v1/operations/{name:path}",
+                    self._route(self._one),
+                    methods=["GET", "POST", "DELETE"],
+                ),
+                Route("/v1/stats", self._route(self._stats), methods=["GET"]),
+            ]
+        )
+
+    def _route(self, inner: Handler) -> Handler:
+        async def handle(request: Request) -> Response:
+            try:
+                return await inner(request)
+            except _Aborted as exc:
+                return _error(exc.code, exc.message)
+            except json_format.ParseError as exc:
+                return _error(grpc.StatusCode.INVALID_ARGUMENT, f"request body: {exc}")
+            except Exception:
+                log.exception("gateway error", extra={"path": request.url.path})
+                return _error(grpc.StatusCode.INTERNAL, "internal error")
+
+        return handle
+
+    def _authorize(self, request: Request, method: str) -> None:
+        if self.credentials is None:
+            return
+        headers = [(k.lower(), v) for k, v in request.headers.items()]
+        try:
+            principal = self.credentials.tokens.authenticate(headers)
+            auth.authorize(principal, method)
+        except auth.Unauthenticated as exc:
+            raise _Aborted(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+        except auth.PermissionDenied as exc:
+            raise _Aborted(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
+        auth.current.set(principal)
+
+    async def _call(self, method: str, request: Message) -> JSONResponse:
+        response = await getattr(self.servicer, method)(request, _Context())
+        return _json(response)
+
+    async def _body(self, request: Request, message: Message) -> Message:
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise _Aborted(grpc.StatusCode.INVALID_ARGUMENT, "request body is too large")
+        if raw.strip():
+            try:
+                json_format.Parse(raw, message)
+            except json_format.ParseError as exc:
+                raise _Aborted(grpc.StatusCode.INVALID_ARGUMENT, f"request body: {exc}") from None
+        return message
+
+    async def _collection(self, request: Request) -> Response:
+        if request.method == "POST":
+            self._authorize(request, "StartOperation")
+            body = await self._body(request, pb.StartOperationRequest())
+            return await self._call("StartOperation", body)
+        self._authorize(request, "ListOperations")
+        query = request.query_params
+        listing = pb.ListOperationsRequest(
+            filter=pb.OperationFilter(
+                project=query.get("project", ""),
+                kind=query.get("kind", ""),
+                active_only=query.get("activeOnly", "").lower() in ("1", "true"),
+            ),
+            page_token=query.get("pageToken", ""),
+        )
+        for state in query.getlist("states"):
+            try:
+                listing.filter.states.append(pb.Operation.State.Value(state))
+            except ValueError:
+                raise _Aborted(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"states: {state!r} is not a state"
+                ) from None
+        page_size = query.get("pageSize", "")
+        if page_size:
+            if not page_size.isdigit():
+                raise _Aborted(grpc.StatusCode.INVALID_ARGUMENT, "pageSize: not a number")
+            listing.page_size = int(page_size)
+        return await self._call("ListOperations", listing)
+
+    async def _one(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        operation_id, _, verb = name.partition(":")
+        if "/" in operation_id:
+            operation_id, _, sub = operation_id.partition("/")
+        else:
+            sub = ""
+        verbs: dict[tuple[str, str, str], tuple[str, Callable[[], Message]]] = {
+            ("GET", "", ""): ("GetOperation", pb.GetOperationRequest),
+            ("DELETE", "", ""): ("DeleteOperation", pb.DeleteOperationRequest),
+            ("POST", "", "update"): ("UpdateOperation", pb.UpdateOperationRequest),
+            ("POST", "", "complete"): ("CompleteOperation", pb.CompleteOperationRequest),
+            ("POST", "", "fail"): ("FailOperation", pb.FailOperationRequest),
+            ("POST", "", "cancel"): ("CancelOperation", pb.CancelOperationRequest),
+            ("GET", "logs", ""): ("ListLogs", pb.ListLogsRequest),
+            ("POST", "logs", ""): ("ReportLogs", pb.ReportLogsRequest),
+            ("GET", "timeline", ""): ("GetTimeline", pb.GetTimelineRequest),
+        }
+        found = verbs.get((request.method, sub, verb))
+        if found is None:
+            route = f"{request.method} {request.url.path}"
+            raise _Aborted(grpc.StatusCode.NOT_FOUND, f"no route {route}")
+        method, message_class = found
+        self._authorize(request, method)
+        message = message_class()
+        if request.method == "POST":
+            await self._body(request, message)
+        elif method == "ListLogs":
+            query = request.query_params
+            message.page_token = query.get("pageToken", "")  # type: ignore[attr-defined]
+            message.stage = query.get("stage", "")  # type: ignore[attr-defined]
+            if query.get("pageSize", "").isdigit():
+                message.page_size = int(query["pageSize"])  # type: ignore[attr-defined]
+        message.operation_id = operation_id  # type: ignore[attr-defined]
+        return await self._call(method, message)
+
+    async def _stats(self, request: Request) -> Response:
+        self._authorize(request, "GetStats")
+        query = request.query_params
+        stats = pb.GetStatsRequest(
+            filter=pb.OperationFilter(project=query.get("project", ""), kind=query.get("kind", ""))
+        )
+        return await self._call("GetStats", stats)
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn on the gRPC server's loop: signals stay the server's own."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpListener:
+    """Serves a Gateway with uvicorn as a task on the running loop."""
+
+    def __init__(self, gateway: Gateway, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        config = uvicorn.Config(
+            gateway.app,
+            host=host.strip("[]") or "127.0.0.1",
+            port=int(port),
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+        )
+        self._server = _QuietServer(config)
+        self._task: asyncio.Task[None] | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        self._task = asyncio.create_task(self._server.serve(), name="headway-http")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises why it could not start
+                raise OSError("HTTP listener did not start")
+            await asyncio.sleep(0.01)
+        sockets = [s for server in self._server.servers for s in server.sockets]
+        self.port = int(sockets[0].getsockname()[1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._task, 5.0)
+        self._task = None

@@ -1,0 +1,133 @@
+"""The HTTP/JSON gateway (issue 13, first part) with httpx against a real
+server: the routes, the proto3 JSON mapping, the error mapping, idempotency,
+and the same authentication and project scoping as gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+from headway_server import auth
+
+if TYPE_CHECKING:
+    from tests.conftest import ServerThread
+else:
+    from conftest import ServerThread
+
+
+@pytest.fixture
+def http(server_factory: Any) -> Iterator[httpx.Client]:
+    server: ServerThread = server_factory(http_listen="127.0.0.1:0")
+    assert server.server is not None
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.server.http_port}", timeout=5) as client:
+        yield client
+
+
+def test_an_operation_from_start_to_finish_over_http(http: httpx.Client) -> None:
+    started = http.post(
+        "/v1/operations",
+        json={"kind": "upload", "project": "web", "total": "10", "requestId": "r-1"},
+    )
+    assert started.status_code == 200, started.text
+    op = started.json()
+    assert (op["kind"], op["project"], op["state"]) == ("upload", "web", "QUEUED")
+    # A retried start with the same request id is the same operation.
+    again = http.post(
+        "/v1/operations",
+        json={"kind": "upload", "project": "web", "total": "10", "requestId": "r-1"},
+    )
+    assert again.json()["id"] == op["id"]
+    update = http.post(
+        f"/v1/operations/{op['id']}:update", json={"completed": "4", "sequence": "1"}
+    )
+    assert update.status_code == 200, update.text
+    assert update.json()["applied"] is True
+    duplicate = http.post(
+        f"/v1/operations/{op['id']}:update", json={"completed": "5", "sequence": "1"}
+    )
+    assert duplicate.json().get("applied", False) is False
+    logged = http.post(
+        f"/v1/operations/{op['id']}/logs",
+        json={"entries": [{"level": "ERROR", "message": "bad row", "item": "row 7"}]},
+    )
+    assert logged.status_code == 200, logged.text
+    logs = http.get(f"/v1/operations/{op['id']}/logs").json()
+    assert [e["message"] for e in logs["entries"]] == ["bad row"]
+    got = http.get(f"/v1/operations/{op['id']}").json()
+    assert (got["completed"], got["state"]) == ("4", "RUNNING")
+    listed = http.get("/v1/operations", params={"project": "web", "states": "RUNNING"}).json()
+    assert [o["id"] for o in listed["operations"]] == [op["id"]]
+    done = http.post(f"/v1/operations/{op['id']}:complete", json={"message": "ok"})
+    assert done.json()["state"] == "SUCCEEDED"
+    timeline = http.get(f"/v1/operations/{op['id']}/timeline").json()
+    assert [e["type"] for e in timeline["entries"]][-1] == "SUCCEEDED"
+    stats = http.get("/v1/stats", params={"project": "web"}).json()
+    assert int(stats["finished"]) == 1  # int64: a JSON string, as proto3 maps it
+    assert http.delete(f"/v1/operations/{op['id']}").status_code == 200
+    assert http.get(f"/v1/operations/{op['id']}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code"),
+    [
+        ("GET", "/v1/operations/op-missing", None, 404, "NOT_FOUND"),
+        ("POST", "/v1/operations", {"kind": "x", "total": "-1"}, 400, "INVALID_ARGUMENT"),
+        ("POST", "/v1/operations", "not json", 400, "INVALID_ARGUMENT"),
+        ("POST", "/v1/operations", {"noSuchField": 1}, 400, "INVALID_ARGUMENT"),
+        ("GET", "/v1/operations?states=DONE", None, 400, "INVALID_ARGUMENT"),
+        ("POST", "/v1/operations/op-x:explode", {}, 404, "NOT_FOUND"),
+        ("GET", "/v1/operations/bad%20id", None, 400, "INVALID_ARGUMENT"),
+    ],
+)
+def test_errors_map_to_http_status_and_a_json_body(
+    http: httpx.Client, method: str, path: str, body: Any, status: int, code: str
+) -> None:
+    kwargs: dict[str, Any] = {}
+    if isinstance(body, str):
+        kwargs["content"] = body
+    elif body is not None:
+        kwargs["json"] = body
+    reply = http.request(method, path, **kwargs)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert (error["code"], error["status"]) == (status, code)
+    assert error["message"]
+
+
+def test_finishing_twice_is_a_failed_precondition(http: httpx.Client) -> None:
+    op = http.post("/v1/operations", json={"kind": "k"}).json()
+    http.post(f"/v1/operations/{op['id']}:fail", json={"error": {"code": "E", "message": "x"}})
+    again = http.post(f"/v1/operations/{op['id']}:update", json={"completed": "1"})
+    assert again.status_code == 400
+    assert again.json()["error"]["status"] == "FAILED_PRECONDITION"
+
+
+def test_the_gateway_enforces_the_same_tokens_roles_and_projects(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    path = tmp_path / "tokens.toml"
+    tokens = {n: auth.new_token() for n in ("acme", "beta")}
+    path.write_text(
+        auth.token_block("acme", tokens["acme"], ["acme"], ["report", "read"])
+        + auth.token_block("beta", tokens["beta"], ["beta"], ["report", "read"])
+    )
+    server = server_factory(http_listen="127.0.0.1:0", auth_tokens=str(path))
+    base = f"http://127.0.0.1:{server.server.http_port}"
+    acme = {"Authorization": f"Bearer {tokens['acme']}"}
+    beta = {"Authorization": f"Bearer {tokens['beta']}"}
+    with httpx.Client(base_url=base, timeout=5) as http:
+        assert http.get("/v1/operations").status_code == 401
+        theirs = http.post("/v1/operations", json={"kind": "k", "project": "beta"}, headers=beta)
+        assert theirs.status_code == 200, theirs.text
+        foreign = http.get(f"/v1/operations/{theirs.json()['id']}", headers=acme)
+        missing = http.get("/v1/operations/op-nobody", headers=acme)
+        assert foreign.status_code == missing.status_code == 404
+        assert (
+            http.post("/v1/operations", json={"project": "beta"}, headers=acme).status_code == 403
+        )
+        cancel = http.post(f"/v1/operations/{theirs.json()['id']}:cancel", headers=beta)
+        assert cancel.status_code == 403  # role admin required
+        assert http.get("/v1/operations", headers=acme).json().get("operations", []) == []
