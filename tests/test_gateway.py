@@ -4,7 +4,8 @@ and the same authentication and project scoping as gRPC."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,3 +132,58 @@ def test_the_gateway_enforces_the_same_tokens_roles_and_projects(
         cancel = http.post(f"/v1/operations/{theirs.json()['id']}:cancel", headers=beta)
         assert cancel.status_code == 403  # role admin required
         assert http.get("/v1/operations", headers=acme).json().get("operations", []) == []
+
+
+def _events(lines: Iterator[str], until: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """SSE events (type, id, data) read until one satisfies `until`."""
+    events: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    for line in lines:
+        if line.startswith((":", "retry:")):
+            continue
+        if not line:
+            if current:
+                events.append(current)
+                if until(current):
+                    return events
+                current = {}
+            continue
+        field, _, value = line.partition(": ")
+        current[field] = json.loads(value) if field == "data" else value
+    raise AssertionError(f"stream ended: {events}")
+
+
+def test_sse_watchers_get_changes_and_resume_with_last_event_id(http: httpx.Client) -> None:
+    first = http.post("/v1/operations", json={"kind": "k", "project": "sse"}).json()
+    params = {"project": "sse", "minInterval": "0"}
+    with http.stream("GET", "/v1/operations:watch", params=params) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.iter_lines()
+        initial = _events(lines, lambda e: e["event"] == "synced")
+        assert [e["event"] for e in initial] == ["snapshot", "synced"]
+        assert initial[0]["data"]["operation"]["id"] == first["id"]
+        http.post(f"/v1/operations/{first['id']}:update", json={"completed": "3"})
+        changed = _events(lines, lambda e: e["event"] == "changed")
+        resume_at = changed[-1]["id"]
+        assert changed[-1]["data"]["operation"]["completed"] == "3"
+    # Changes while away, then a reconnect with Last-Event-ID: exactly those.
+    second = http.post("/v1/operations", json={"kind": "k", "project": "sse"}).json()
+    http.post(f"/v1/operations/{first['id']}:complete", json={})
+    headers = {"Last-Event-ID": resume_at}
+    with http.stream("GET", "/v1/operations:watch", params=params, headers=headers) as stream:
+        caught_up = _events(stream.iter_lines(), lambda e: e["event"] == "synced")
+    got = [(e["event"], e["data"]["operation"]["id"]) for e in caught_up if e["event"] != "synced"]
+    assert got == [("changed", second["id"]), ("changed", first["id"])]
+    revisions = [int(e["id"].rpartition(".")[2]) for e in caught_up]
+    assert revisions == sorted(revisions) and revisions[0] > int(resume_at.rpartition(".")[2])
+
+
+def test_sse_watch_of_one_operation_and_of_an_unknown_one(http: httpx.Client) -> None:
+    assert http.get("/v1/operations/op-nobody:watch").status_code == 404
+    op = http.post("/v1/operations", json={"kind": "k", "project": "one"}).json()
+    with http.stream("GET", f"/v1/operations/{op['id']}:watch", params={"minInterval": "0"}) as s:
+        lines = s.iter_lines()
+        assert _events(lines, lambda e: True)[0]["event"] == "snapshot"
+        http.post(f"/v1/operations/{op['id']}:complete", json={})
+        ended = _events(lines, lambda e: e["data"]["operation"]["state"] == "SUCCEEDED")
+        assert ended[-1]["event"] == "changed"

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -26,11 +27,14 @@ from google.protobuf.message import Message
 from headway.v1 import progress_pb2 as pb
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from headway_server import auth, handlers
-from headway_server.servicer import ProgressTrackerServicer
+from headway_server import auth, convert, handlers
+from headway_server.app.watch import ShuttingDown, WatchEvent
+from headway_server.domain.errors import HeadwayError
+from headway_server.domain.validation import check_id
+from headway_server.servicer import ProgressTrackerServicer, status_of
 
 log = logging.getLogger("headway.gateway")
 
@@ -94,6 +98,7 @@ class Gateway:
         self.credentials = credentials
         self.app = Starlette(
             routes=[
+                Route("/v1/operations:watch", self._route(self._watch_many), methods=["GET"]),
                 Route("/v1/operations", self._route(self._collection), methods=["GET", "POST"]),
                 Route(
                     "/v1/operations/{name:path}",
@@ -110,6 +115,8 @@ class Gateway:
                 return await inner(request)
             except _Aborted as exc:
                 return _error(exc.code, exc.message)
+            except HeadwayError as exc:
+                return _error(status_of(exc), str(exc))
             except json_format.ParseError as exc:
                 return _error(grpc.StatusCode.INVALID_ARGUMENT, f"request body: {exc}")
             except Exception:
@@ -193,6 +200,8 @@ class Gateway:
             ("POST", "logs", ""): ("ReportLogs", pb.ReportLogsRequest),
             ("GET", "timeline", ""): ("GetTimeline", pb.GetTimelineRequest),
         }
+        if (request.method, sub, verb) == ("GET", "", "watch"):
+            return await self._watch_one(request, operation_id)
         found = verbs.get((request.method, sub, verb))
         if found is None:
             route = f"{request.method} {request.url.path}"
@@ -218,6 +227,146 @@ class Gateway:
             filter=pb.OperationFilter(project=query.get("project", ""), kind=query.get("kind", ""))
         )
         return await self._call("GetStats", stats)
+
+    # --- live updates: Server-Sent Events ---------------------------------------------
+
+    def _filter(self, request: Request) -> pb.OperationFilter:
+        query = request.query_params
+        where = pb.OperationFilter(
+            project=query.get("project", ""),
+            kind=query.get("kind", ""),
+            active_only=query.get("activeOnly", "").lower() in ("1", "true"),
+        )
+        for state in query.getlist("states"):
+            try:
+                where.states.append(pb.Operation.State.Value(state))
+            except ValueError:
+                raise _Aborted(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"states: {state!r} is not a state"
+                ) from None
+        return where
+
+    @staticmethod
+    def _resume(request: Request) -> tuple[int, str, float | None]:
+        """(from revision, from epoch, pacing) from Last-Event-ID (which a
+        browser's EventSource sends by itself on reconnect) and the query."""
+        last = request.headers.get("last-event-id") or request.query_params.get("lastEventId", "")
+        revision, epoch = 0, ""
+        if last:
+            epoch, _, number = last.rpartition(".")
+            if not number.isdigit():
+                raise _Aborted(
+                    grpc.StatusCode.INVALID_ARGUMENT, "Last-Event-ID: not an id this server sent"
+                )
+            revision = int(number)
+        pacing = request.query_params.get("minInterval", "")
+        try:
+            interval = float(pacing) if pacing else None
+        except ValueError:
+            raise _Aborted(grpc.StatusCode.INVALID_ARGUMENT, "minInterval: seconds") from None
+        if interval is not None and not 0 <= interval <= 60:
+            raise _Aborted(grpc.StatusCode.INVALID_ARGUMENT, "minInterval: 0 to 60 seconds")
+        return revision, epoch, interval
+
+    async def _watch_many(self, request: Request) -> Response:
+        self._authorize(request, "WatchOperations")
+        revision, epoch, interval = self._resume(request)
+        where = auth.scoped(convert.operation_filter(self._filter(request)))
+        hub = self.servicer.hub
+        counted = self.servicer.open_stream()
+
+        async def batches() -> AsyncIterator[list[WatchEvent]]:
+            async for batch in hub.watch_operations(
+                where, revision, from_epoch=epoch, min_interval=interval
+            ):
+                yield batch
+
+        return self._stream(batches(), counted)
+
+    async def _watch_one(self, request: Request, operation_id: str) -> Response:
+        self._authorize(request, "WatchOperation")
+        revision, epoch, interval = self._resume(request)
+        check_id("operation_id", operation_id)
+        await self.servicer.service.check_visible(operation_id)
+        hub = self.servicer.hub
+        counted = self.servicer.open_stream()
+        # The first event (or NOT_FOUND) before the response starts, so that
+        # an unknown operation is a 404, not an empty stream.
+        events = hub.watch_operation(
+            operation_id, revision, from_epoch=epoch, min_interval=interval
+        )
+        try:
+            first = await anext(events)
+        except BaseException as exc:
+            await events.aclose()  # type: ignore[attr-defined]
+            self.servicer.close_stream(counted)
+            if isinstance(exc, HeadwayError):
+                raise _Aborted(status_of(exc), str(exc)) from None
+            raise
+
+        async def batches() -> AsyncIterator[list[WatchEvent]]:
+            yield [first]
+            async for event in events:
+                yield [event]
+
+        return self._stream(batches(), counted)
+
+    def _stream(self, batches: AsyncIterator[list[WatchEvent]], counted: str) -> Response:
+        epoch_holder = [""]
+        servicer = self.servicer
+
+        async def body() -> AsyncIterator[bytes]:
+            if not epoch_holder[0]:
+                epoch_holder[0] = await servicer.hub.epoch()
+            queue: asyncio.Queue[list[WatchEvent] | BaseException | None] = asyncio.Queue(8)
+
+            async def feed() -> None:
+                try:
+                    async for batch in batches:
+                        await queue.put(batch)
+                    await queue.put(None)
+                except BaseException as exc:  # handed to the response, which ends
+                    await queue.put(exc)
+
+            feeder = asyncio.create_task(feed())
+            try:
+                yield b"retry: 1000\n\n"
+                while True:
+                    try:
+                        item = await asyncio.wait_for(queue.get(), KEEPALIVE)
+                    except TimeoutError:
+                        yield b": keep-alive\n\n"
+                        continue
+                    if item is None:
+                        return
+                    if isinstance(item, BaseException):
+                        if not isinstance(item, (ShuttingDown, asyncio.CancelledError)):
+                            log.warning("watch stream ended", extra={"detail": str(item)})
+                        return  # the browser reconnects with Last-Event-ID
+                    yield b"".join(_sse(event, epoch_holder) for event in item)
+            finally:
+                feeder.cancel()
+                with contextlib.suppress(BaseException):
+                    await feeder
+                servicer.close_stream(counted)
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+# Quiet streams get a comment this often, so proxies keep them open.
+KEEPALIVE = 15.0
+
+
+def _sse(event: WatchEvent, epoch_holder: list[str]) -> bytes:
+    """One event as SSE: `event:` its type, `id:` epoch.revision (where to
+    resume), `data:` the OperationEvent's JSON."""
+    if event.epoch:
+        epoch_holder[0] = event.epoch
+    message = pb.OperationEvent.FromString(convert.event_bytes(event))
+    data = json.dumps(json_format.MessageToDict(message), separators=(",", ":"))
+    kind = event.type.name.lower()
+    return f"event: {kind}\nid: {epoch_holder[0]}.{event.revision}\ndata: {data}\n\n".encode()
 
 
 class _QuietServer(uvicorn.Server):

@@ -101,7 +101,7 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
         # Open watch streams by principal name (under authentication).
         self._streams: Counter[str] = Counter()
 
-    def _open_stream(self) -> str:
+    def open_stream(self) -> str:
         """Counts a watch stream against its principal's limit; the name to
         release it with ("" when nothing is counted).
 
@@ -120,7 +120,7 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
         self._streams[principal.name] += 1
         return principal.name
 
-    def _close_stream(self, name: str) -> None:
+    def close_stream(self, name: str) -> None:
         if name:
             self._streams[name] -= 1
             if self._streams[name] <= 0:
@@ -339,7 +339,7 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
         # operation's bytes are shared by every watcher of it.
         counted = ""
         try:
-            counted = self._open_stream()
+            counted = self.open_stream()
             check_id("operation_id", request.operation_id)
             _check_resume(request)
             if auth.current.get() is not None:
@@ -358,14 +358,14 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
         except Exception as exc:
             await _abort(context, exc, "WatchOperation")
         finally:
-            self._close_stream(counted)
+            self.close_stream(counted)
 
     async def WatchOperations(  # type: ignore[override]  # yields serialized responses
         self, request: pb.WatchOperationsRequest, context: Any
     ) -> AsyncIterator[bytes]:
         counted = ""
         try:
-            counted = self._open_stream()
+            counted = self.open_stream()
             where = auth.scoped(convert.operation_filter(request.filter))
             _check_resume(request)
             async for batch in self.hub.watch_operations(
@@ -381,7 +381,7 @@ class ProgressTrackerServicer(pb_grpc.ProgressTrackerServicer):
         except Exception as exc:
             await _abort(context, exc, "WatchOperations")
         finally:
-            self._close_stream(counted)
+            self.close_stream(counted)
 
 
 def _refuse(ack: pb.ReportProgressResponse, exc: errors.HeadwayError) -> None:
