@@ -161,20 +161,8 @@ class Gateway:
         self._authorize(request, "ListOperations")
         query = request.query_params
         listing = pb.ListOperationsRequest(
-            filter=pb.OperationFilter(
-                project=query.get("project", ""),
-                kind=query.get("kind", ""),
-                active_only=query.get("activeOnly", "").lower() in ("1", "true"),
-            ),
-            page_token=query.get("pageToken", ""),
+            filter=self._filter(request), page_token=query.get("pageToken", "")
         )
-        for state in query.getlist("states"):
-            try:
-                listing.filter.states.append(pb.Operation.State.Value(state))
-            except ValueError:
-                raise _Aborted(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"states: {state!r} is not a state"
-                ) from None
         page_size = query.get("pageSize", "")
         if page_size:
             if not page_size.isdigit():
