@@ -876,7 +876,7 @@ async def test_a_store_out_of_reach_ends_streams_with_where_to_resume(streams: A
 
         async def changes(self, after: int, *, limit: int) -> Any:
             if self.down:
-                raise StoreUnavailable("store redis://db:6379/0 is unavailable: refused")
+                raise StoreUnavailable("store redis://db.invalid:7000/0 is unavailable: refused")
             return await super().changes(after, limit=limit)
 
     store = DownStore()
@@ -891,6 +891,6 @@ async def test_a_store_out_of_reach_ends_streams_with_where_to_resume(streams: A
         with pytest.raises(ShuttingDown) as ended:
             await nxt(many)
         assert ended.value.revision == 1
-        assert "store redis://db:6379/0 is unavailable" in str(ended.value)
+        assert "store redis://db.invalid:7000/0 is unavailable" in str(ended.value)
     finally:
         hub.stop()

@@ -118,7 +118,7 @@ async def test_error_replies_that_mean_not_now_are_unavailable(
 async def test_a_batch_fails_whole_when_the_store_is_unavailable() -> None:
     class Down(MemoryStore):
         async def get_cached(self, operation_id: str) -> Operation | None:
-            raise StoreUnavailable("store redis://db:6379/0 is unavailable: refused")
+            raise StoreUnavailable("store redis://db.invalid:7000/0 is unavailable: refused")
 
     service = OperationService(Down())
     with pytest.raises(StoreUnavailable):
