@@ -123,13 +123,11 @@ class TokenTable:
     def __init__(
         self,
         principals: Mapping[str, Principal],
-        source: str = "",
         clients: Mapping[str, Principal] | None = None,
     ) -> None:
         self._by_hash = dict(principals)
         # Client certificate subject (a SAN or the CN) -> principal (mTLS).
         self._by_subject = dict(clients or {})
-        self.source = source
         # Bearer tokens that are JWTs are checked by this (see JwtVerifier).
         self.jwt: JwtVerifier | None = None
 
@@ -179,7 +177,7 @@ class TokenTable:
                 raise AuthConfigError(f"{where}: the name {principal.name!r} is used twice")
             names.add(principal.name)
             principals[digest] = principal
-        return cls(principals, str(path), clients)
+        return cls(principals, clients)
 
     def authenticate(
         self,

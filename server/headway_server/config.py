@@ -14,6 +14,7 @@ from headway_server.app.watch import (
     DEFAULT_YIELD_RATIO,
     MAX_MIN_INTERVAL,
 )
+from headway_server.store.base import redacted
 
 STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -159,10 +160,7 @@ class ServerConfig:
     @property
     def store_name(self) -> str:
         """The store, for logs: a URL's password left out."""
-        if self.store == "memory":
-            return self.store
-        scheme, _, rest = self.store.partition("://")
-        return f"{scheme}://{rest.rpartition('@')[2]}"
+        return self.store if self.store == "memory" else redacted(self.store)
 
 
 def _flag(text: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -165,37 +166,18 @@ class OperationService:
     ) -> tuple[Operation, bool]:
         """Reads, changes and writes back with compare-and-set; (operation, changed)."""
         # The first read may be this process's copy: a report then costs the
-        # store one round trip. A stale copy fails the compare-and-set, and a
-        # "nothing to change" judged on one is judged again on a fresh read.
-        cached = True
-        for _ in range(_CAS_ATTEMPTS):
-            if cached:
-                op = await self._cached(operation_id)
+        # store one round trip. A stale copy fails the compare-and-set.
+        for attempt in range(_CAS_ATTEMPTS):
+            if attempt == 0:
+                op, new = await self._judged(operation_id, change)
             else:
                 op = await self._load(operation_id)
-            try:
                 new = change(op)
-            except HeadwayError:
-                if not cached:
-                    raise
-                # Refused on this process's copy: judged again on the stored
-                # value if another process changed (or replaced) it since.
-                cached = False
-                fresh = await self.store.get(operation_id)
-                if fresh is None or fresh.revision != op.revision:
-                    continue
-                raise
             if new is None:
-                if cached:
-                    cached = False
-                    fresh = await self.store.get(operation_id)
-                    if fresh is None or fresh.revision != op.revision:
-                        continue
                 return op, False
             try:
                 stored = await self.store.replace(new, expected_revision=op.revision)
             except Conflict:
-                cached = False
                 continue
             await self._after_write(op, stored)
             return stored, True
@@ -324,30 +306,25 @@ class OperationService:
             self.observer.update_applied()
         return UpdateResult(op, applied)
 
-    async def _judge(
-        self, operation_id: str, update: Update, planned: Operation | None
+    async def _judged(
+        self, operation_id: str, change: Callable[[Operation], Operation | None]
     ) -> tuple[Operation, Operation | None]:
-        """(the operation a report applies to, its new value or None for a
-        duplicate), judged on the value this batch plans for it, else on this
-        process's copy; a duplicate or a refusal judged on a copy is judged
-        again on the stored value if that is newer (raises the refusal)."""
-        if planned is not None:
-            return planned, self._report(planned, update)
+        """(the operation, its changed value or None for nothing to change),
+        judged on this process's copy; a refusal or a "nothing to change"
+        judged on a copy is judged again on the stored value if that is newer
+        (a refusal raises)."""
         op = await self._cached(operation_id)
         try:
-            new = self._report(op, update)
+            new = change(op)
         except HeadwayError:
-            new = None
-            refused = True
+            new, refused = None, True
         else:
             refused = False
             if new is not None:
                 return op, new  # a stale copy fails the compare-and-set
         current = await self._load(operation_id)
-        if current.revision != op.revision:
-            return current, self._report(current, update)
-        if refused:
-            self._report(current, update)  # raises the refusal again
+        if refused or current.revision != op.revision:
+            return current, change(current)
         return current, None
 
     async def update_many(
@@ -375,7 +352,13 @@ class OperationService:
                 results[i] = exc
                 continue
             try:
-                op, new = await self._judge(operation_id, update, latest.get(operation_id))
+                value = latest.get(operation_id)
+                if value is not None:  # judged on what this batch plans for it
+                    op, new = value, self._report(value, update)
+                else:
+                    op, new = await self._judged(
+                        operation_id, functools.partial(self._report, update=update)
+                    )
             except StoreUnavailable:
                 raise  # the whole batch: every other report would wait for it too
             except HeadwayError as exc:

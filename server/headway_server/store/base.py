@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from headway_server.domain.errors import HeadwayError
 from headway_server.domain.model import (
@@ -22,6 +23,15 @@ from headway_server.domain.model import (
 )
 from headway_server.domain.stats import StatsAggregate
 from headway_server.store.journal import Journal
+
+
+def redacted(url: str) -> str:
+    """A store's URL for messages and logs: its password (and query) left out."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 @dataclass(frozen=True, slots=True)

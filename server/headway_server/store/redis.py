@@ -53,7 +53,7 @@ from headway_server.domain.model import (
 )
 from headway_server.domain.stats import DEFAULT_MAX_SUMMARIES, StatsAggregate
 from headway_server.store import redis_scripts as lua
-from headway_server.store.base import Changes, Page
+from headway_server.store.base import Changes, Page, redacted
 from headway_server.store.journal import MAX_LOG_ENTRIES, MAX_TIMELINE_ENTRIES, Journal
 from headway_server.store.packing import (
     pack_entry,
@@ -100,15 +100,6 @@ _SOCKET_TIMEOUT = 5.0
 _CONNECT_TIMEOUT = 2.0
 
 
-def _text(url: str) -> str:
-    """The store's URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
 _WRITE_KEYS = (
     "meta",
     "rec",
@@ -151,8 +142,7 @@ class RedisStore:
         namespace = query.pop("namespace", [namespace])[-1]
         if not namespace or any(c in namespace for c in "{}"):
             raise ValueError(f"invalid Redis namespace {namespace!r}")
-        self.url = url
-        self.name = _text(url)
+        self.name = redacted(url)
         # Every command goes through one pipelined connection (store/resp.py):
         # many in flight at once, none waiting for a pooled connection; the
         # tailer's subscription has a connection of its own.
@@ -170,16 +160,15 @@ class RedisStore:
         self._write_keys = tuple(prefix + name for name in _WRITE_KEYS)
         self._k = {name: prefix + name for name in (*_WRITE_KEYS, "logsn", "timelinen")}
         self.channel = prefix + "notify"
-        register = Script
-        self._init = register(lua.INIT)
-        self._write_script = register(lua.WRITE)
-        self._delete = register(lua.DELETE)
-        self._changes = register(lua.CHANGES)
-        self._get = register(lua.GET)
-        self._tombstone = register(lua.TOMBSTONE)
-        self._read_members = register(lua.MEMBERS)
-        self._append = register(lua.APPEND)
-        self._entries = register(lua.ENTRIES)
+        self._init = Script(lua.INIT)
+        self._write_script = Script(lua.WRITE)
+        self._delete = Script(lua.DELETE)
+        self._changes = Script(lua.CHANGES)
+        self._get = Script(lua.GET)
+        self._tombstone = Script(lua.TOMBSTONE)
+        self._read_members = Script(lua.MEMBERS)
+        self._append = Script(lua.APPEND)
+        self._entries = Script(lua.ENTRIES)
         self._epoch: str | None = None
         self._secret = b""
         self._cache: OrderedDict[str, Operation] = OrderedDict()
