@@ -262,14 +262,8 @@ class Gateway:
         where = auth.scoped(convert.operation_filter(self._filter(request)))
         hub = self.servicer.hub
         counted = self.servicer.open_stream()
-
-        async def batches() -> AsyncIterator[list[WatchEvent]]:
-            async for batch in hub.watch_operations(
-                where, revision, from_epoch=epoch, min_interval=interval
-            ):
-                yield batch
-
-        return self._stream(batches(), counted)
+        batches = hub.watch_operations(where, revision, from_epoch=epoch, min_interval=interval)
+        return self._stream(batches, counted)
 
     async def _watch_one(self, request: Request, operation_id: str) -> Response:
         self._authorize(request, "WatchOperation")

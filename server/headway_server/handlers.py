@@ -67,20 +67,27 @@ def _decoder(message_class: Any) -> Callable[[bytes], Any]:
     return decode
 
 
+def _refusal(code: grpc.StatusCode, message: str, context: Any, streaming: bool) -> Any:
+    """What a handler of either shape returns to end its call with `code`: a
+    coroutine, or an async generator for a streaming response."""
+
+    async def refuse() -> Any:
+        await context.abort(code, message)
+
+    async def refuse_stream() -> AsyncIterator[Any]:
+        await context.abort(code, message)
+        yield  # pragma: no cover - abort raises
+
+    return refuse_stream() if streaming else refuse()
+
+
 def _refusing_undecodable(behaviour: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
     """`behaviour`, but a request that did not decode is INVALID_ARGUMENT. It
     returns the behaviour's own coroutine or generator: no layer per call."""
 
-    async def refuse(request: Undecodable, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
-
-    async def refuse_stream(request: Undecodable, context: Any) -> AsyncIterator[Any]:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
-        yield  # pragma: no cover - abort raises
-
     def checked(request: Any, context: Any) -> Any:
         if type(request) is Undecodable:
-            return (refuse_stream if streaming else refuse)(request, context)
+            return _refusal(grpc.StatusCode.INVALID_ARGUMENT, request.problem, context, streaming)
         return behaviour(request, context)
 
     return checked
@@ -116,15 +123,6 @@ def _guarded(
     returns the behaviour's own coroutine or generator, with the caller set as
     auth.current for the call."""
 
-    async def deny(exc: auth.Unauthenticated | auth.PermissionDenied, context: Any) -> Any:
-        await context.abort(_AUTH_STATUS[type(exc)], str(exc))
-
-    async def deny_stream(
-        exc: auth.Unauthenticated | auth.PermissionDenied, context: Any
-    ) -> AsyncIterator[Any]:
-        await context.abort(_AUTH_STATUS[type(exc)], str(exc))
-        yield  # pragma: no cover - abort raises
-
     def checked(request: Any, context: Any) -> Any:
         principal = None
         try:
@@ -141,7 +139,7 @@ def _guarded(
                     "detail": str(exc),
                 },
             )
-            return (deny_stream if streaming else deny)(exc, context)
+            return _refusal(_AUTH_STATUS[type(exc)], str(exc), context, streaming)
         auth.current.set(principal)
         if method in _WRITES:
             # Who changed what: one line per write, with the principal's name
