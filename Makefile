@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := protos/headway/v1/progress.proto
 GEN_DIR := client
 
-.PHONY: venv run test demo bench bench-quick proto proto-check lint format typecheck check clean
+.PHONY: venv chromium run test demo bench bench-quick proto proto-check lint format typecheck check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The dashboard and HTTP/JSON API too, on loopback: http://127.0.0.1:8080/
+HTTP_LISTEN ?= 127.0.0.1:8080
+
 run: $(STAMP)
-	$(PY) -m headway_server serve $(ARGS)
+	$(PY) -m headway_server serve --http-listen $(HTTP_LISTEN) $(ARGS)
 
 # A server, a simulated multi-stage job, and `headway watch` following it live.
 demo: $(STAMP)
@@ -30,7 +33,18 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) bench/run.py --quick
 
-test: $(STAMP)
+# The dashboard's browser tests drive Debian's Chromium. As root (CI is), this
+# installs the package when it is missing; elsewhere those tests skip and say
+# how to install it.
+CHROMIUM ?= /usr/bin/chromium
+
+chromium:
+	@if [ ! -x $(CHROMIUM) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+test: $(STAMP) chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The one codegen command: python, grpc and typed (.pyi) stubs from protos/.

@@ -98,6 +98,8 @@ class ServerConfig:
     max_watch_streams_per_principal: int = 0
     # HTTP/JSON gateway address ("" = none), on the same loop and store.
     http_listen: str = ""
+    # Origins whose pages may call the HTTP API (CORS); none by default.
+    http_cors_origins: tuple[str, ...] = ()
     # Reflection asks for a token too (else it is open, like health).
     auth_reflection: bool = False
     tls_cert: str = ""
@@ -163,6 +165,14 @@ class ServerConfig:
         return self.store if self.store == "memory" else redacted(self.store)
 
 
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
+    return origins
+
+
 def _flag(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on", ""):
@@ -191,6 +201,7 @@ _FLAGS: dict[str, Callable[[str], object]] = {
     "store": str,
     "workers": int,
     "http-listen": str,
+    "http-cors-origin": _origins,
     "auth-tokens": str,
     "auth-jwt-key": str,
     "auth-jwt-issuer": str,
@@ -203,7 +214,11 @@ _FLAGS: dict[str, Callable[[str], object]] = {
     "tls-key": str,
     "tls-client-ca": str,
 }
-_FIELD = {"history": "history_size", "eta-slip": "eta_slip_seconds"}
+_FIELD = {
+    "history": "history_size",
+    "eta-slip": "eta_slip_seconds",
+    "http-cors-origin": "http_cors_origins",
+}
 _HELP = {
     "listen": "address to serve on; port 0 picks a free one",
     "retention": "how long terminal operations are kept (e.g. 1h)",
@@ -227,7 +242,10 @@ _HELP = {
     "workers": "server processes on one port (SO_REUSEPORT) sharing a Redis store",
     "auth-tokens": "TOML file of token hashes with their projects and roles; every call "
     "then needs 'authorization: Bearer <token>' (re-read on SIGHUP)",
-    "http-listen": "serve the HTTP/JSON API too, at host:port (empty = off)",
+    "http-listen": "serve the HTTP/JSON API, its SSE watches and the dashboard too, at "
+    "host:port (empty = off; HTTPS with --tls-cert)",
+    "http-cors-origin": "origins (comma-separated, e.g. https://ops.example.com) whose pages "
+    "may call the HTTP API; * for any",
     "auth-jwt-key": "PEM public key or JWKS file: bearer tokens may be JWTs it signed "
     "(asymmetric algorithms only; claims projects, roles, exp)",
     "auth-jwt-issuer": "the iss a JWT must name",

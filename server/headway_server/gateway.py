@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,9 +27,12 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from headway.v1 import progress_pb2 as pb
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from headway_server import auth, convert, handlers
 from headway_server.app.watch import ShuttingDown, WatchEvent
@@ -56,6 +60,8 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# The dashboard: static files shipped in the package, served at `/`.
+DASHBOARD = Path(__file__).parent / "dashboard"
 
 
 class _Aborted(Exception):
@@ -92,12 +98,28 @@ class Gateway:
     """The HTTP routes, over a servicer (and the credentials, when configured)."""
 
     def __init__(
-        self, servicer: ProgressTrackerServicer, credentials: handlers.Credentials | None
+        self,
+        servicer: ProgressTrackerServicer,
+        credentials: handlers.Credentials | None,
+        cors_origins: tuple[str, ...] = (),
     ) -> None:
         self.servicer = servicer
         self.credentials = credentials
+        # Browsers on other origins may call the API only from these (none by
+        # default); the dashboard itself is same-origin and needs none.
+        middleware = [
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                max_age=600,
+            )
+        ]
         self.app = Starlette(
+            middleware=middleware if cors_origins else [],
             routes=[
+                Route("/v1/me", self._route(self._me), methods=["GET"]),
                 Route("/v1/operations:watch", self._route(self._watch_many), methods=["GET"]),
                 Route("/v1/operations", self._route(self._collection), methods=["GET", "POST"]),
                 Route(
@@ -106,7 +128,9 @@ class Gateway:
                     methods=["GET", "POST", "DELETE"],
                 ),
                 Route("/v1/stats", self._route(self._stats), methods=["GET"]),
-            ]
+                Route("/v1/{rest:path}", self._route(self._no_route)),
+                Mount("/", StaticFiles(directory=DASHBOARD, html=True), name="dashboard"),
+            ],
         )
 
     def _route(self, inner: Handler) -> Handler:
@@ -125,18 +149,49 @@ class Gateway:
 
         return handle
 
-    def _authorize(self, request: Request, method: str) -> None:
+    def _authorize(self, request: Request, method: str) -> auth.Principal | None:
         if self.credentials is None:
-            return
+            return None
         headers = [(k.lower(), v) for k, v in request.headers.items()]
         try:
             principal = self.credentials.tokens.authenticate(headers)
-            auth.authorize(principal, method)
+            if method:
+                auth.authorize(principal, method)
         except auth.Unauthenticated as exc:
             raise _Aborted(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
         except auth.PermissionDenied as exc:
             raise _Aborted(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
         auth.current.set(principal)
+        return principal
+
+    async def _me(self, request: Request) -> Response:
+        """Who the caller is and what it may do: the dashboard shows a cancel
+        button only to principals allowed to cancel, and asks for a token when
+        the server wants one."""
+        principal = self._authorize(request, "")
+        if principal is None:
+            body: dict[str, Any] = {
+                "name": "",
+                "authenticated": False,
+                "projects": [auth.ALL_PROJECTS],
+                "roles": [role.value for role in auth.Role],
+            }
+        else:
+            body = {
+                "name": principal.name,
+                "authenticated": True,
+                "projects": sorted(principal.projects or [auth.ALL_PROJECTS]),
+                "roles": sorted(role.value for role in principal.roles),
+            }
+        body["methods"] = sorted(
+            method
+            for method, role in auth.METHOD_ROLES.items()
+            if principal is None or principal.may(role)
+        )
+        return JSONResponse(body)
+
+    async def _no_route(self, request: Request) -> Response:
+        raise _Aborted(grpc.StatusCode.NOT_FOUND, f"no route {request.method} {request.url.path}")
 
     async def _call(self, method: str, request: Message) -> JSONResponse:
         response = await getattr(self.servicer, method)(request, _Context())
@@ -362,8 +417,11 @@ class _QuietServer(uvicorn.Server):
 class HttpListener:
     """Serves a Gateway with uvicorn as a task on the running loop."""
 
-    def __init__(self, gateway: Gateway, listen: str) -> None:
+    def __init__(
+        self, gateway: Gateway, listen: str, tls_cert: str = "", tls_key: str = ""
+    ) -> None:
         host, _, port = listen.rpartition(":")
+        # With --tls-cert the HTTP side is HTTPS too, with the same certificate.
         config = uvicorn.Config(
             gateway.app,
             host=host.strip("[]") or "127.0.0.1",
@@ -371,6 +429,8 @@ class HttpListener:
             log_level="warning",
             lifespan="off",
             access_log=False,
+            ssl_certfile=tls_cert or None,
+            ssl_keyfile=tls_key or None,
         )
         self._server = _QuietServer(config)
         self._task: asyncio.Task[None] | None = None

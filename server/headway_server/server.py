@@ -249,7 +249,8 @@ def create_server(
     if config.http_listen:
         from headway_server.gateway import Gateway, HttpListener  # only when asked for
 
-        server.http = HttpListener(Gateway(servicer, credentials), config.http_listen)
+        gateway = Gateway(servicer, credentials, config.http_cors_origins)
+        server.http = HttpListener(gateway, config.http_listen, config.tls_cert, config.tls_key)
     return server, port
 
 
