@@ -277,9 +277,17 @@ class Gateway:
         query = request.query_params
         where = pb.OperationFilter(
             project=query.get("project", ""),
+            dataset=query.get("dataset", ""),
             kind=query.get("kind", ""),
+            parent_id=query.get("parentId", ""),
             active_only=query.get("activeOnly", "").lower() in ("1", "true"),
         )
+        # Labels as `label=key=value`, repeated; all must match.
+        for pair in query.getlist("label"):
+            key, equals, value = pair.partition("=")
+            if not key or not equals:
+                raise _Aborted(grpc.StatusCode.INVALID_ARGUMENT, f"label: {pair!r} is not key=value")
+            where.labels[key] = value
         for state in query.getlist("states"):
             try:
                 where.states.append(pb.Operation.State.Value(state))
