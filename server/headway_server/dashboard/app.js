@@ -255,7 +255,7 @@ function renderList(params) {
   }
   kindSelect.value = params.get("kind") || "";
   $("summary").innerHTML = f.STATES.map(
-    (s) => `<span><b class="state ${s}" data-count="${s}">${byState[s] || 0}</b>
+    (s) => `<span><b class="state ${s}" data-count="${s}">${(byState[s] || 0).toLocaleString("en-US")}</b>
       <span class="muted">${s.toLowerCase()}</span></span>`,
   ).join("");
   $("shown").textContent = `${shown.length.toLocaleString("en-US")} of ${app.operations.size.toLocaleString("en-US")}`;

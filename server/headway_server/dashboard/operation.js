@@ -21,6 +21,7 @@ export class OperationPage {
     this.timeline = [];
     this.children = [];
     this.refreshAt = { timeline: 0, children: 0, logs: 0 };
+    this.timers = {};
     this.seen = { revision: "", errors: "", warnings: "" };
     this.root.innerHTML = this.skeleton();
     this.bind();
@@ -36,6 +37,7 @@ export class OperationPage {
 
   close() {
     this.stream.close();
+    for (const timer of Object.values(this.timers)) clearTimeout(timer);
     this.root.innerHTML = "";
   }
 
@@ -146,11 +148,16 @@ export class OperationPage {
     }
   }
 
+  // Runs load() now, or at the end of the current second when it ran less
+  // than a second ago: never more often, and never missing the last change.
   soon(what, load) {
-    const now = Date.now();
-    if (this.refreshAt[what] > now) return;
-    this.refreshAt[what] = now + 1000;
-    setTimeout(load, 0);
+    if (this.timers[what]) return;
+    const wait = Math.max(0, this.refreshAt[what] - Date.now());
+    this.timers[what] = setTimeout(() => {
+      this.timers[what] = null;
+      this.refreshAt[what] = Date.now() + 1000;
+      load();
+    }, wait);
   }
 
   renderHead() {
