@@ -5,6 +5,7 @@ Protobuf stops here: the domain and the store never see generated classes.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -236,7 +237,9 @@ def _error(error: OperationError) -> pb.OperationError:
 # WatchOperationsResponse.events field or not. The epoch is in the key because
 # it is in the bytes: a WatchOperation stream's first event carries it, the
 # same change sent on as CHANGED does not.
-_EventKey = tuple[int, int, bool, str] | None
+# (event type, revision, framed, epoch); None: the operation alone; "json":
+# the operation as proto3 JSON (for the HTTP gateway's streams).
+_EventKey = tuple[int, int, bool, str] | str | None
 _cache: dict[int, tuple[Operation, dict[_EventKey, bytes]]] = {}
 
 
@@ -249,6 +252,20 @@ def _serialized(op: Operation) -> dict[_EventKey, bytes]:
     entry: dict[_EventKey, bytes] = {None: operation(op).SerializeToString()}
     _cache[id(op)] = (op, entry)
     return entry
+
+
+def operation_json(op: Operation) -> bytes:
+    """The operation as compact proto3 JSON, made once per stored state however
+    many SSE streams send it."""
+    entry = _serialized(op)
+    cached = entry.get("json")
+    if cached is None:
+        message = pb.Operation.FromString(entry[None])
+        cached = json.dumps(
+            json_format.MessageToDict(message), separators=(",", ":"), ensure_ascii=False
+        ).encode()
+        entry["json"] = cached
+    return cached
 
 
 def operation(op: Operation) -> pb.Operation:

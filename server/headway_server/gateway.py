@@ -286,7 +286,9 @@ class Gateway:
         for pair in query.getlist("label"):
             key, equals, value = pair.partition("=")
             if not key or not equals:
-                raise _Aborted(grpc.StatusCode.INVALID_ARGUMENT, f"label: {pair!r} is not key=value")
+                raise _Aborted(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"label: {pair!r} is not key=value"
+                )
             where.labels[key] = value
         for state in query.getlist("states"):
             try:
@@ -405,13 +407,20 @@ KEEPALIVE = 15.0
 
 def _sse(event: WatchEvent, epoch_holder: list[str]) -> bytes:
     """One event as SSE: `event:` its type, `id:` epoch.revision (where to
-    resume), `data:` the OperationEvent's JSON."""
+    resume), `data:` the OperationEvent's JSON (the operation's part made once
+    per stored state, not once per stream)."""
     if event.epoch:
         epoch_holder[0] = event.epoch
-    message = pb.OperationEvent.FromString(convert.event_bytes(event))
-    data = json.dumps(json_format.MessageToDict(message), separators=(",", ":"))
+    head = {"revision": str(event.revision), "type": event.type.name}
+    if event.epoch:
+        head["epoch"] = event.epoch
+    data = json.dumps(head, separators=(",", ":")).encode()
+    if event.operation is not None:
+        operation = convert.operation_json(event.operation)
+        data = b"".join((data[:-1], b',"operation":', operation, b"}"))
     kind = event.type.name.lower()
-    return f"event: {kind}\nid: {epoch_holder[0]}.{event.revision}\ndata: {data}\n\n".encode()
+    prefix = f"event: {kind}\nid: {epoch_holder[0]}.{event.revision}\ndata: ".encode()
+    return b"".join((prefix, data, b"\n\n"))
 
 
 class _QuietServer(uvicorn.Server):
