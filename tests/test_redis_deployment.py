@@ -7,6 +7,7 @@ directory on a free port, never the machine's shared one.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import httpx
 import pytest
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
@@ -394,6 +396,46 @@ def test_workers_share_one_port_and_a_dead_worker_is_replaced(
     wait_for_health(supervisor.address, SERVING)
     err = supervisor.stop()
     assert _children_gone(workers[1]), err
+
+
+def test_workers_serve_http_on_one_port_too(
+    redis_server: RedisServer, servers: list[ServerProcess]
+) -> None:
+    """With --workers every worker serves the HTTP gateway on the same port;
+    whichever worker a connection lands on, it sees the same store, and an SSE
+    stream on one worker carries changes made through the others."""
+    http_port = free_port()
+    supervisor = ServerProcess(
+        redis_server.url, free_port(), "--workers", "2", "--http-listen", f"127.0.0.1:{http_port}"
+    ).start()
+    servers.append(supervisor)
+    assert supervisor.process is not None
+    workers = _children(supervisor.process.pid)
+    base = f"http://127.0.0.1:{http_port}"
+    project = wc.unique("http-workers")
+    with httpx.Client(base_url=base, timeout=10) as watcher:
+        with watcher.stream(
+            "GET", "/v1/operations:watch", params={"project": project, "minInterval": "0"}
+        ) as stream:
+            ids = []
+            for i in range(6):  # a new connection each: the kernel spreads them
+                with httpx.Client(base_url=base, timeout=10) as client:
+                    reply = client.post(
+                        "/v1/operations", json={"kind": f"w{i}", "project": project}
+                    )
+                    assert reply.status_code == 200, reply.text
+                    ids.append(reply.json()["id"])
+            seen: set[str] = set()
+            for line in stream.iter_lines():
+                if line.startswith("data: ") and '"operation"' in line:
+                    seen.add(json.loads(line[6:])["operation"]["id"])
+                if seen >= set(ids):
+                    break
+    with httpx.Client(base_url=base, timeout=10) as client:
+        listed = client.get("/v1/operations", params={"project": project}).json()
+    assert sorted(op["id"] for op in listed["operations"]) == sorted(ids)
+    # Both workers bound the HTTP port: neither died and was replaced.
+    assert _children(supervisor.process.pid) == workers
 
 
 def test_workers_are_refused_for_the_memory_store() -> None:

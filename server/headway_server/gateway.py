@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -435,13 +436,24 @@ class HttpListener:
     """Serves a Gateway with uvicorn as a task on the running loop."""
 
     def __init__(
-        self, gateway: Gateway, listen: str, tls_cert: str = "", tls_key: str = ""
+        self,
+        gateway: Gateway,
+        listen: str,
+        tls_cert: str = "",
+        tls_key: str = "",
+        *,
+        reuse_port: bool = False,
     ) -> None:
         host, _, port = listen.rpartition(":")
+        self.host = host.strip("[]") or "127.0.0.1"
+        self.listen = listen
+        # With --workers every worker binds the port (SO_REUSEPORT) and the
+        # kernel spreads connections over them, as for gRPC.
+        self.reuse_port = reuse_port
         # With --tls-cert the HTTP side is HTTPS too, with the same certificate.
         config = uvicorn.Config(
             gateway.app,
-            host=host.strip("[]") or "127.0.0.1",
+            host=self.host,
             port=int(port),
             log_level="warning",
             lifespan="off",
@@ -453,15 +465,30 @@ class HttpListener:
         self._task: asyncio.Task[None] | None = None
         self.port = 0
 
+    def _bind(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.host, self._server.config.port))
+            sock.listen(2048)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"cannot listen on {self.listen} for HTTP: {exc.strerror}") from exc
+        return sock
+
     async def start(self) -> int:
-        self._task = asyncio.create_task(self._server.serve(), name="headway-http")
+        sock = self._bind()
+        self.port = int(sock.getsockname()[1])
+        self._task = asyncio.create_task(self._server.serve([sock]), name="headway-http")
         while not self._server.started:
             if self._task.done():
                 self._task.result()  # raises why it could not start
                 raise OSError("HTTP listener did not start")
             await asyncio.sleep(0.01)
-        sockets = [s for server in self._server.servers for s in server.sockets]
-        self.port = int(sockets[0].getsockname()[1])
         return self.port
 
     async def stop(self) -> None:

@@ -250,7 +250,13 @@ def create_server(
         from headway_server.gateway import Gateway, HttpListener  # only when asked for
 
         gateway = Gateway(servicer, credentials, config.http_cors_origins)
-        server.http = HttpListener(gateway, config.http_listen, config.tls_cert, config.tls_key)
+        server.http = HttpListener(
+            gateway,
+            config.http_listen,
+            config.tls_cert,
+            config.tls_key,
+            reuse_port=config.workers > 1,
+        )
     return server, port
 
 

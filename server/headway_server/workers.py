@@ -35,8 +35,9 @@ def _worker(config: ServerConfig, index: int) -> None:
 
 def supervise(config: ServerConfig) -> int:
     """Runs config.workers server processes until SIGTERM/SIGINT; the exit code."""
-    if config.listen.rsplit(":", 1)[-1] == "0":
-        raise ValueError("--workers needs a fixed port in --listen (port 0 differs per process)")
+    for flag, address in (("--listen", config.listen), ("--http-listen", config.http_listen)):
+        if address.rsplit(":", 1)[-1] == "0":
+            raise ValueError(f"--workers needs a fixed port in {flag} (port 0 differs per process)")
     context = multiprocessing.get_context("spawn")
     stopping = False
 
