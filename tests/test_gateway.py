@@ -187,3 +187,72 @@ def test_sse_watch_of_one_operation_and_of_an_unknown_one(http: httpx.Client) ->
         http.post(f"/v1/operations/{op['id']}:complete", json={})
         ended = _events(lines, lambda e: e["data"]["operation"]["state"] == "SUCCEEDED")
         assert ended[-1]["event"] == "changed"
+
+
+def test_me_says_who_the_caller_is_and_what_it_may_call(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    path = tmp_path / "tokens.toml"
+    reader = auth.new_token()
+    path.write_text(auth.token_block("viewer", reader, ["acme"], ["read"]))
+    server = server_factory(http_listen="127.0.0.1:0", auth_tokens=str(path))
+    base = f"http://127.0.0.1:{server.server.http_port}"
+    with httpx.Client(base_url=base, timeout=5) as http:
+        assert http.get("/v1/me").status_code == 401
+        me = http.get("/v1/me", headers={"Authorization": f"Bearer {reader}"}).json()
+    assert (me["name"], me["authenticated"], me["projects"]) == ("viewer", True, ["acme"])
+    assert "WatchOperations" in me["methods"] and "CancelOperation" not in me["methods"]
+
+
+def test_without_authentication_me_may_call_everything(http: httpx.Client) -> None:
+    me = http.get("/v1/me").json()
+    assert me["authenticated"] is False
+    assert {"CancelOperation", "DeleteOperation", "StartOperation"} <= set(me["methods"])
+
+
+def test_the_dashboard_is_served_at_the_root(http: httpx.Client) -> None:
+    page = http.get("/")
+    assert page.status_code == 200 and "<title>Headway</title>" in page.text
+    script = http.get("/app.js")
+    assert script.headers["content-type"].startswith(("text/javascript", "application/javascript"))
+    # Unknown API paths are JSON errors, not the dashboard.
+    missing = http.get("/v1/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"]["status"] == "NOT_FOUND"
+
+
+def test_children_and_labels_filter_listings(http: httpx.Client) -> None:
+    parent = http.post("/v1/operations", json={"kind": "p", "project": "f"}).json()
+    child = http.post(
+        "/v1/operations",
+        json={"kind": "c", "project": "f", "parentId": parent["id"], "labels": {"team": "a"}},
+    ).json()
+    http.post("/v1/operations", json={"kind": "c", "project": "f", "labels": {"team": "b"}})
+    children = http.get("/v1/operations", params={"parentId": parent["id"]}).json()
+    assert [o["id"] for o in children["operations"]] == [child["id"]]
+    labelled = http.get("/v1/operations", params={"project": "f", "label": "team=a"}).json()
+    assert [o["id"] for o in labelled["operations"]] == [child["id"]]
+    bad = http.get("/v1/operations", params={"label": "team"})
+    assert bad.status_code == 400 and "label" in bad.json()["error"]["message"]
+
+
+def test_cors_is_off_unless_origins_are_given(server_factory: Any) -> None:
+    preflight = {
+        "Origin": "https://ops.example.com",
+        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization",
+    }
+    plain = server_factory(http_listen="127.0.0.1:0")
+    allowed = server_factory(
+        http_listen="127.0.0.1:0", http_cors_origins=("https://ops.example.com",)
+    )
+    with httpx.Client(timeout=5) as client:
+        off = client.options(
+            f"http://127.0.0.1:{plain.server.http_port}/v1/stats", headers=preflight
+        )
+        assert "access-control-allow-origin" not in off.headers
+        url = f"http://127.0.0.1:{allowed.server.http_port}/v1/stats"
+        on = client.options(url, headers=preflight)
+        assert on.headers["access-control-allow-origin"] == "https://ops.example.com"
+        assert "authorization" in on.headers["access-control-allow-headers"].lower()
+        other = client.get(url, headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers

@@ -4,11 +4,13 @@ configured CA signed, and its subject is a principal with its projects."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 import trustme
 from headway.v1 import progress_pb2 as pb
@@ -123,3 +125,18 @@ def test_a_client_entry_is_checked_like_a_token(tmp_path: Path) -> None:
     path.write_text('[[client]]\nsubject = "a"\nprojects = ["*"]\nroles = ["root"]\n')
     with pytest.raises(auth.AuthConfigError, match=r":4: client #1: 'roles'"):
         auth.TokenTable.load(path)
+
+
+def test_the_http_gateway_serves_https_with_the_same_certificate(
+    server_factory: Any, server_files: dict[str, str]
+) -> None:
+    server = server_factory(
+        http_listen="127.0.0.1:0",
+        tls_cert=server_files["tls_cert"],
+        tls_key=server_files["tls_key"],
+    )
+    port = server.server.http_port
+    with httpx.Client(verify=ssl.create_default_context(cafile=server_files["ca"])) as client:
+        assert client.get(f"https://127.0.0.1:{port}/v1/stats").status_code == 200
+    with httpx.Client() as plain, pytest.raises(httpx.HTTPError):
+        plain.get(f"http://127.0.0.1:{port}/v1/stats", timeout=3)
