@@ -146,8 +146,11 @@ def test_filters_and_the_operation_page(page: Page, headway: Headway) -> None:
             ]
         },
     )
+    child = headway.api(
+        "POST", "/v1/operations", {"kind": "fetch", "project": "docs", "parentId": target}
+    )
     page.goto(f"{headway.url}/#/?project=docs")
-    expect(page.locator(".viewport a.row:visible")).to_have_count(2)
+    expect(page.locator(".viewport a.row:visible")).to_have_count(3)
     page.select_option("#f-kind", "crawl")
     expect(page.locator(".viewport a.row:visible")).to_have_count(1)
     row(page, target).click()
@@ -160,6 +163,8 @@ def test_filters_and_the_operation_page(page: Page, headway: Headway) -> None:
     expect(logs.first).to_contain_text("robots.txt forbids /private")
     page.select_option(".log-level", "WARNING")
     expect(logs).to_have_count(2)
+    expect(page.locator(".children")).to_contain_text(child["id"])
+    expect(page.locator(".children")).to_contain_text("1 queued")
     # The page is live too.
     headway.api("POST", f"/v1/operations/{target}:update", {"percent": 40, "message": "page 2"})
     expect(page.locator(".op-head .pct")).to_have_text("40.0%")
@@ -290,7 +295,6 @@ def test_five_thousand_operations_changing(page: Page, headway: Headway) -> None
         assert page.locator(".viewport a.row").count() < 100
         frames = page.evaluate(FRAME_COUNTER) - frames_before
         assert frames > 0, "the page stopped drawing"
-        screenshot(page, "dashboard.png")
 
 
 # Counts animation frames since the page loaded (installed on first call).
@@ -302,3 +306,63 @@ FRAME_COUNTER = """() => {
   }
   return window.__frames;
 }"""
+
+
+def test_badges_stages_and_errors_show_as_a_user_would_see_them(
+    page: Page, headway: Headway
+) -> None:
+    """A realistic scene (it is also the README's screenshot): kinds, stage
+    plans, a stalled producer, a failure with its error, logged errors."""
+    plan = [{"name": n, "weight": w} for n, w in (("clone", 1), ("parse", 3), ("embed", 5))]
+    scene = []
+    for i, (kind, project) in enumerate(
+        [("repo-ingest", "acme")] * 4 + [("web-crawl", "acme")] * 3 + [("batch-upload", "beta")] * 3
+    ):
+        op = headway.api(
+            "POST",
+            "/v1/operations",
+            {
+                "kind": kind,
+                "project": project,
+                "total": str(200 + 40 * i),
+                "unit": "files",
+                "stages": plan,
+                "labels": {"team": "search" if i % 2 else "data"},
+                "heartbeatTimeout": "1s" if i == 3 else "600s",
+            },
+        )
+        scene.append(op["id"])
+        for step, stage in enumerate(("clone", "parse", "embed")[: 1 + i % 3]):
+            headway.api(
+                "POST",
+                f"/v1/operations/{op['id']}:update",
+                {
+                    "stage": stage,
+                    "stageCompleted": str(10 + 7 * i),
+                    "stageTotal": "100",
+                    "completed": str((10 + 7 * i) * (step + 1)),
+                    "message": f"{stage} batch {i}",
+                },
+            )
+    failed, done, stalled, noisy = scene[1], scene[2], scene[3], scene[5]
+    headway.api(
+        "POST",
+        f"/v1/operations/{failed}:fail",
+        {"error": {"code": "RATE_LIMITED", "message": "GitHub API quota exhausted"}},
+    )
+    headway.api("POST", f"/v1/operations/{done}:complete", {"message": "indexed"})
+    headway.api(
+        "POST",
+        f"/v1/operations/{noisy}/logs",
+        {"entries": [{"level": "ERROR", "message": f"HTTP 503 on page {n}"} for n in range(3)]},
+    )
+    page.goto(f"{headway.url}/#/?project=acme")
+    expect(row(page, stalled).locator(".badge.stalled")).to_be_visible()
+    expect(row(page, noisy).locator(".badge.errors")).to_have_text("3 err")
+    expect(row(page, failed).locator(".state")).to_have_text("FAILED")
+    expect(page.locator('#projects a[data-project="beta"]')).to_be_visible()
+    screenshot(page, "dashboard.png")
+    row(page, failed).click()
+    expect(page.locator(".facts-card.error")).to_contain_text("GitHub API quota exhausted")
+    expect(page.locator('.stages tr[data-stage="parse"]')).to_contain_text("INTERRUPTED")
+    screenshot(page, "dashboard-operation.png")

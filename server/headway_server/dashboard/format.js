@@ -58,7 +58,7 @@ export function rate(value, unit) {
   const n = num(value);
   if (!n) return "";
   const shown = n >= 100 ? n.toFixed(0) : n >= 10 ? n.toFixed(1) : n.toFixed(2);
-  return `${shown} ${unit || "units"}/s`;
+  return unit === "" ? `${shown}/s` : `${shown} ${unit || "units"}/s`;
 }
 
 export function time(timestamp) {

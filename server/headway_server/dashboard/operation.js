@@ -81,7 +81,7 @@ export class OperationPage {
         <div class="card facts-card"><h2>Overview</h2><dl class="facts"></dl></div>
         <div class="card stages-card"><h2>Stages</h2><div class="stages"></div></div>
         <div class="card numbers-card"><h2>Counters and measures</h2><div class="numbers"></div></div>
-        <div class="card children-card"><h2>Children</h2><div class="children"></div></div>
+        <div class="card children-card" hidden><h2>Children</h2><div class="children"></div></div>
         <div class="card wide logs-card">
           <h2>Logs <span class="spacer"></span>
             <select class="log-level" aria-label="Log level"><option value="">all levels</option>${levels.join("")}</select>
@@ -134,6 +134,7 @@ export class OperationPage {
     this.renderStages();
     this.renderNumbers();
     const op = this.op;
+    this.$(".children-card").hidden = !(op.children && op.children.total);
     // Reload what the stream does not carry when it may have changed, at most
     // once a second each.
     if (op.revision !== this.seen.revision) {

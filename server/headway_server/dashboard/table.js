@@ -77,7 +77,15 @@ export class OperationTable {
       const row = this.rows[i];
       const op = this.shown[first + i];
       if (i >= needed || !op) {
-        row.element.hidden = true;
+        if (!row.element.hidden) {
+          // A spare row names no operation (a locator must find one row per id).
+          row.element.hidden = true;
+          row.id = "";
+          row.html = "";
+          delete row.element.dataset.id;
+          row.element.removeAttribute("href");
+          row.element.innerHTML = "";
+        }
         continue;
       }
       row.element.hidden = false;
