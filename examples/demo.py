@@ -1,4 +1,5 @@
-"""`make demo`: a server, a simulated multi-stage ingestion job, and `headway watch` on it."""
+"""`make demo`: a server, a simulated multi-stage ingestion job, and `headway watch` on it
+(also live on the dashboard, whose address it prints)."""
 
 from __future__ import annotations
 
@@ -66,8 +67,18 @@ def simulate_job(client: HeadwayClient, started: threading.Event, ids: list[str]
 def main() -> int:
     port = free_port()
     target = f"127.0.0.1:{port}"
+    http = f"127.0.0.1:{free_port()}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "headway_server", "serve", "--listen", target],
+        [
+            sys.executable,
+            "-m",
+            "headway_server",
+            "serve",
+            "--listen",
+            target,
+            "--http-listen",
+            http,
+        ],
         stderr=subprocess.DEVNULL,
     )
     try:
@@ -77,7 +88,8 @@ def main() -> int:
             job = threading.Thread(target=simulate_job, args=(client, started, ids), daemon=True)
             job.start()
             started.wait(10)
-            print(f"Headway on {target}; watching operation {ids[0]} (Ctrl-C to stop)\n")
+            print(f"Headway on {target}; watching operation {ids[0]} (Ctrl-C to stop)")
+            print(f"Dashboard: http://{http}/#/op/{ids[0]}\n")
             status = headway(["--target", target, "watch", ids[0]])
             job.join(5)
             print(f"\nheadway watch exited with status {status}")

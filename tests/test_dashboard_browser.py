@@ -172,6 +172,25 @@ def test_filters_and_the_operation_page(page: Page, headway: Headway) -> None:
     expect(page.locator(".timeline")).to_contain_text("RUNNING")
 
 
+def test_logs_page_on(page: Page, headway: Headway) -> None:
+    op = headway.api("POST", "/v1/operations", {"kind": "etl", "project": "logs"})
+    entries = [
+        {"level": "ERROR" if n % 10 == 0 else "INFO", "message": f"row {n}"} for n in range(150)
+    ]
+    headway.api("POST", f"/v1/operations/{op['id']}/logs", {"entries": entries})
+    page.goto(f"{headway.url}/#/op/{op['id']}")
+    logs = page.locator(".logs tr.log")
+    expect(logs).to_have_count(100)  # one page
+    page.select_option(".log-level", "ERROR")
+    expect(logs).to_have_count(10)
+    page.click(".log-more")
+    expect(logs).to_have_count(15)  # the next page's errors join the filtered view
+    expect(page.locator(".log-more")).to_be_hidden()
+    page.select_option(".log-level", "")
+    expect(logs).to_have_count(150)
+    expect(logs.last).to_contain_text("row 149")
+
+
 def test_cancel_from_the_operation_page(page: Page, headway: Headway) -> None:
     keep = headway.api("POST", "/v1/operations", {"kind": "batch", "project": "web"})
     victim = headway.api("POST", "/v1/operations", {"kind": "batch", "project": "web"})
