@@ -385,3 +385,31 @@ def test_badges_stages_and_errors_show_as_a_user_would_see_them(
     expect(page.locator(".facts-card.error")).to_contain_text("GitHub API quota exhausted")
     expect(page.locator('.stages tr[data-stage="parse"]')).to_contain_text("INTERRUPTED")
     screenshot(page, "dashboard-operation.png")
+
+
+def test_light_and_dark_schemes(page: Page, headway: Headway) -> None:
+    def background() -> str:
+        return str(page.evaluate("getComputedStyle(document.body).backgroundColor"))
+
+    page.emulate_media(color_scheme="dark")
+    page.goto(headway.url)
+    expect(page.locator("#connection")).to_have_text("live")
+    dark = background()
+    page.emulate_media(color_scheme="light")
+    light = background()
+    assert dark != light
+    assert _luminance(dark) < 0.2 < 0.8 < _luminance(light)
+    # ◐ cycles: as the system → light → dark, and the choice is kept.
+    page.emulate_media(color_scheme="light")
+    page.click("#theme")
+    assert background() == light
+    page.click("#theme")
+    assert background() == dark
+    screenshot(page, "dashboard-dark.png")
+    page.reload()
+    assert background() == dark
+
+
+def _luminance(css: str) -> float:
+    red, green, blue = (int(part) for part in css[css.index("(") + 1 : -1].split(",")[:3])
+    return (0.2126 * red + 0.7152 * green + 0.0722 * blue) / 255
