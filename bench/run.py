@@ -58,6 +58,17 @@ Sections (see `issues show 5`):
    the same time (goal: p99 within 10 ms of it); Redis round trips per report,
    counted under MONITOR (goal: 1); Redis memory per retained finished
    operation. A --quick run leaves it out unless named with --only.
+11. sse: Server-Sent Events (`--http-listen`, GET /v1/operations:watch) against
+   WatchOperations on the same server process in the same run: N SSE clients
+   and N gRPC watchers of one project of 100 changing operations, pacing off
+   (minInterval=0 / min_interval 0), each side alone in its runs: states
+   delivered/s over-driven, and ack-to-receipt p50/p99 with both paced at the
+   same rate (half the lower ceiling); server RSS per idle SSE stream against
+   per idle gRPC watcher, first, on the fresh process (N gRPC watchers opened,
+   then N SSE clients beside them). The SSE clients are the load generator's, as the
+   gRPC watchers are: raw asyncio connections (HTTP/1.1, one per client, as a
+   browser's EventSource opens), each event's revision read from its `id:`,
+   its JSON left unparsed. Ratios are SSE / gRPC.
 
 The machine's cores are shared: the load generator competes with the server
 for CPU, so every run records both processes' CPU use (100 % = one core).
@@ -119,9 +130,10 @@ SECTIONS = (
     "scaling",
     "unrelated_watchers",
     "redis",
+    "sse",
 )
 # What --quick runs without --only: tests/test_bench_quick.py checks this set.
-QUICK_SECTIONS = SECTIONS[:-1]
+QUICK_SECTIONS = tuple(name for name in SECTIONS if name != "redis")
 NOT_IMPLEMENTED = "not implemented"
 CHANNEL_OPTIONS = [
     # Every channel gets its own connection (grpc otherwise shares subchannels).
@@ -146,6 +158,8 @@ FANOUT_PRODUCERS = 4
 LATENCY_SAMPLE = 100
 # Of those, watchers whose view lag is computed (each one against every report).
 LAG_SAMPLE = 20
+# Seconds a fan-out run's producers get, once it is over, for the reports in flight.
+PRODUCER_GRACE = 2.0
 # Rate for the slow-consumer runs when the fan-out section gave none.
 DEFAULT_SLOW_RATE = 200.0
 # Reports per BatchUpdateOperations call measured (the server takes at most 1000).
@@ -192,6 +206,13 @@ class Sizes:
     redis_round_trip_reports: int
     redis_watch_duration: float
     redis_retained_ops: int
+    # The SSE section: clients of each kind (SSE, gRPC), seconds per run, and
+    # rounds of the over-driven SSE and gRPC runs alternated (one in a full
+    # run: the section's 1,000 SSE clients are opened four times, each with a
+    # snapshot of the project, and the section is kept to about 40 s).
+    sse_clients: int
+    sse_duration: float
+    sse_repeats: int
     # Headway and bare runs alternated this many times for the headline ratios;
     # each side's median run is reported (other tenants of a shared machine
     # move single runs by ±30 %).
@@ -225,6 +246,9 @@ QUICK = Sizes(
     redis_round_trip_reports=100,
     redis_watch_duration=1.0,
     redis_retained_ops=100,
+    sse_clients=50,
+    sse_duration=0.8,
+    sse_repeats=1,
     sections=QUICK_SECTIONS,
 )
 FULL = Sizes(
@@ -247,12 +271,16 @@ FULL = Sizes(
     batch_operations=1000,
     batch_duration=3.0,
     section_timeout=240.0,
-    total_limit=590.0,
+    # About 9½ minutes before the sse section, which adds about 40 s.
+    total_limit=650.0,
     redis_duration=1.0,
     redis_operations=1000,
     redis_round_trip_reports=500,
     redis_watch_duration=3.0,
     redis_retained_ops=1000,
+    sse_clients=1000,
+    sse_duration=3.0,
+    sse_repeats=1,
     repeats=3,
 )
 
@@ -487,9 +515,21 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3)
 
 
+class StreamFailed(Exception):
+    """A watcher of the bench's own making (not a grpc call) ended in error:
+    `code` says how (an HTTP status line, a socket error's name)."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details
+
+
 def rpc_code(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code().name
+    if isinstance(exc, StreamFailed):
+        return exc.code
     return type(exc).__name__
 
 
@@ -1186,6 +1226,8 @@ async def run_fanout(
             ended = "stream ended"
         except grpc.aio.AioRpcError as exc:
             ended = f"{exc.code().name}: {exc.details()}"
+        except StreamFailed as exc:
+            ended = str(exc)
         finally:
             await stream.aclose()
         # Only cancellation ends a reader normally: anything else is an error.
@@ -1264,6 +1306,12 @@ async def run_fanout(
             rss.append((round(time.perf_counter() - t0, 3), server.rss()))
     finally:
         stop = True
+        if producer_tasks:
+            # The reports in flight, answered or, from a server far behind (an
+            # over-driven SSE run's), abandoned: they would keep the run going.
+            _, late = await asyncio.wait(producer_tasks, timeout=PRODUCER_GRACE)
+            for task in late:
+                task.cancel()
         await asyncio.gather(*producer_tasks, return_exceptions=True)
         for task in reader_tasks:
             task.cancel()
@@ -1592,23 +1640,34 @@ async def close_streams(streams: Sequence[Any]) -> None:
     )
 
 
-async def idle_memory(open_stream: OpenStream, count: int, server: ServerProcess) -> Json:
-    warm = await open_synced(open_stream, range(count // 10))
-    await asyncio.sleep(0.5)
+async def rss_per_stream(
+    open_stream: OpenStream, indices: Sequence[int], server: ServerProcess
+) -> tuple[list[Any], Json]:
+    """Opens streams `indices` (each until its first item) and measures the
+    server's RSS growth per stream; returns the streams, left open, and that."""
     before = server.rss()
-    streams = await open_synced(open_stream, range(count // 10, count + count // 10))
+    streams = await open_synced(open_stream, indices)
     await asyncio.sleep(0.5)
     after = server.rss()
-    failed = [s for s in streams if isinstance(s, BaseException)]
-    await close_streams([*warm, *streams])
-    opened = count - len(failed)
-    return {
+    failed = sum(isinstance(s, BaseException) for s in streams)
+    opened = len(streams) - failed
+    return streams, {
         "watchers": opened,
-        "failed": len(failed),
+        "failed": failed,
         "rss_before": before,
         "rss_after": after,
         "bytes_per_watcher": round((after - before) / opened) if opened else None,
     }
+
+
+async def idle_memory(open_stream: OpenStream, count: int, server: ServerProcess) -> Json:
+    warm = await open_synced(open_stream, range(count // 10))
+    await asyncio.sleep(0.5)
+    streams, out = await rss_per_stream(
+        open_stream, range(count // 10, count + count // 10), server
+    )
+    await close_streams([*warm, *streams])
+    return out
 
 
 async def finished_operation(stub: Any, op_id: str) -> None:
@@ -2090,8 +2149,9 @@ class RedisProcess(ServerProcess):
 
 
 def headway_process(
-    name: str, log_dir: Path, *, store: str | None = None, workers: int = 1
+    name: str, log_dir: Path, *, store: str | None = None, workers: int = 1, http: bool = False
 ) -> ServerProcess:
+    """A Headway server; with `http`, its gateway on a port of its own too."""
     port = free_port()
     argv = [sys.executable, "-m", "headway_server", "serve", "--listen", f"127.0.0.1:{port}"]
     argv += ["--log-level", "WARNING"]
@@ -2100,6 +2160,8 @@ def headway_process(
     if workers > 1:
         argv += ["--workers", str(workers)]
         return WorkersProcess(name, argv, port, log_dir, workers)
+    if http:
+        return HttpServerProcess(name, argv, port, log_dir)
     return ServerProcess(name, argv, port, log_dir)
 
 
@@ -2550,6 +2612,232 @@ async def measure_redis(
 
 
 # --------------------------------------------------------------------------
+# 11. Server-Sent Events against gRPC watchers
+
+# Bytes an SSE client takes from its socket at once.
+SSE_READ_SIZE = 1 << 16
+# A server below this share of a core over QUIET_WINDOW is done with the run before.
+QUIET_CPU = 0.2
+QUIET_WINDOW = 0.2
+
+
+class HttpServerProcess(ServerProcess):
+    """A Headway server with its HTTP gateway (`--http-listen`) on a port of its own."""
+
+    def __init__(self, name: str, argv: Sequence[str], port: int, log_dir: Path) -> None:
+        self.http_port = free_port()
+        argv = [*argv, "--http-listen", f"127.0.0.1:{self.http_port}"]
+        super().__init__(name, argv, port, log_dir)
+
+    async def ready(self, limit: float = 30.0) -> None:
+        # The gateway starts after the gRPC server: wait until it accepts too.
+        deadline = time.monotonic() + limit
+        await super().ready(limit)
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.http_port)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name}: HTTP not ready after {limit:.0f}s") from None
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            return
+
+
+class EventStream:
+    """A text/event-stream body as the gateway sends it, in HTTP/1.1 chunked
+    transfer coding: feed() takes what the socket gave and returns each event
+    completed by it as (type, revision), the revision from its `id:
+    epoch.revision`. The `data:` JSON is not parsed, so that the client's cost
+    per event stays small beside the server's (a gRPC watcher's is protobuf
+    parsing in C)."""
+
+    def __init__(self) -> None:
+        self._coded = b""  # not yet decoded: an incomplete chunk
+        self._text = b""  # decoded: the start of an event not yet complete
+        self.ended = False  # the last (empty) chunk came
+
+    def feed(self, data: bytes) -> list[tuple[bytes, int]]:
+        coded, at, text = self._coded + data, 0, [self._text]
+        while not self.ended:
+            eol = coded.find(b"\r\n", at)
+            if eol < 0:
+                break
+            size = int(coded[at:eol].split(b";", 1)[0], 16)
+            end = eol + 2 + size
+            if len(coded) < end + 2:  # the chunk and its CRLF
+                break
+            text.append(coded[eol + 2 : end])
+            at = end + 2
+            self.ended = size == 0
+        self._coded = coded[at:]
+        *blocks, self._text = b"".join(text).split(b"\n\n")
+        events = []
+        for block in blocks:
+            kind, revision = b"", 0
+            for line in block.split(b"\n"):
+                field, _, value = line.partition(b": ")
+                if field == b"event":
+                    kind = value
+                elif field == b"id":
+                    revision = int(value.rpartition(b".")[2])
+            if kind:  # not the retry field's block, nor a keep-alive comment
+                events.append((kind, revision))
+        return events
+
+
+def sse_watch(host: str, port: int, path: str) -> OpenStream:
+    """SSE clients of GET `path`, each on a connection of its own (HTTP/1.1, as
+    a browser's EventSource): the first item once `synced` came, then per read
+    from the socket the revisions of the `changed` events it completed."""
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n"
+    ).encode()
+
+    async def open_stream(i: int) -> AsyncGenerator[list[int], None]:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError as exc:
+            raise StreamFailed(type(exc).__name__, str(exc)) from exc
+        try:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+            if status.split(" ")[1:2] != ["200"]:
+                body = await reader.read(500)
+                raise StreamFailed(status, body.decode(errors="replace"))
+            stream = EventStream()
+            synced = False
+            while not stream.ended:
+                data = await reader.read(SSE_READ_SIZE)
+                if not data:
+                    break
+                events = stream.feed(data)
+                if not synced:
+                    kinds = [kind for kind, _ in events]
+                    if b"synced" not in kinds:
+                        continue
+                    synced = True
+                    yield []
+                    events = events[kinds.index(b"synced") + 1 :]
+                revisions = [revision for kind, revision in events if kind == b"changed"]
+                if revisions:
+                    yield revisions
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            raise StreamFailed(type(exc).__name__, str(exc)) from exc
+        finally:
+            writer.close()
+
+    return open_stream
+
+
+async def quiet(server: ServerProcess, limit: float = 10.0) -> float:
+    """Waits until the server uses under QUIET_CPU of a core over QUIET_WINDOW
+    (done with the streams of the run before: closing a thousand of them takes
+    a while), at most `limit` seconds; returns the wait."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit:
+        meter = CpuMeter(server)
+        await asyncio.sleep(QUIET_WINDOW)
+        if meter.result()["server_cpu_pct"] < 100 * QUIET_CPU:
+            break
+    return round(time.perf_counter() - started, 3)
+
+
+async def section_sse(sizes: Sizes, log_dir: Path) -> Json:
+    n, project = sizes.sse_clients, "bench-sse"
+    async with Fleet() as fleet:
+        server = headway_process("headway-sse", log_dir, http=True)
+        assert isinstance(server, HttpServerProcess)
+        await fleet.start(server)
+        (stub,) = fleet.stubs(server)
+        ops = await start_ops(stub, "sse", PROJECT_OPS, project)
+        watch_stubs = fleet.stubs(server, sizes.watcher_channels)
+        grpc_fan = headway_project_fanout(stub, watch_stubs, project, ops, min_interval=UNPACED)
+        # The same project, operations and producers (whose sequences carry on
+        # from run to run); only the watchers differ.
+        path = f"/v1/operations:watch?project={project}&minInterval=0"
+        sse_fan = dataclasses.replace(
+            grpc_fan, open_stream=sse_watch("127.0.0.1", server.http_port, path), open_idle=None
+        )
+
+        # Memory first, on the fresh process: a tenth of each kind opened to warm
+        # up, then N gRPC watchers, then N SSE clients beside them (none closed
+        # in between, so neither kind reuses what the other freed).
+        warm = max(1, n // 10)
+        warmed = [
+            *await open_synced(grpc_fan.open_stream, range(warm)),
+            *await open_synced(sse_fan.open_stream, range(warm)),
+        ]
+        await asyncio.sleep(0.5)
+        grpc_streams, grpc_memory = await rss_per_stream(
+            grpc_fan.open_stream, range(warm, warm + n), server
+        )
+        sse_streams, sse_memory = await rss_per_stream(
+            sse_fan.open_stream, range(warm, warm + n), server
+        )
+        await close_streams([*warmed, *grpc_streams, *sse_streams])
+
+        waits: list[float] = []
+
+        def measure(fan: Fanout, rate: float | None) -> Callable[[], Awaitable[Json]]:
+            async def run() -> Json:
+                waits.append(await quiet(server))
+                return await run_fanout(
+                    fan,
+                    n,
+                    rate=rate,
+                    duration=sizes.sse_duration,
+                    warmup=sizes.warmup,
+                    server=server,
+                )
+
+            return run
+
+        # Over-driven, SSE and gRPC alternated: the delivery ceilings.
+        sse, grpc_ = await alternate(
+            [measure(sse_fan, None), measure(grpc_fan, None)],
+            sizes.sse_repeats,
+            "states_delivered_per_s",
+        )
+        # Latency with both at the same rate, half the lower ceiling.
+        rate = max(
+            1.0, 0.5 * min(sse["states_per_watcher_per_s"], grpc_["states_per_watcher_per_s"])
+        )
+        sse_paced = await measure(sse_fan, rate)()
+        grpc_paced = await measure(grpc_fan, rate)()
+    return {
+        "clients": n,
+        "project_operations": PROJECT_OPS,
+        "watcher_channels": sizes.watcher_channels,
+        "memory": {
+            "sse": sse_memory,
+            "grpc": grpc_memory,
+            "ratio": ratio(sse_memory["bytes_per_watcher"], grpc_memory["bytes_per_watcher"]),
+        },
+        "saturated": {
+            "sse": sse,
+            "grpc": grpc_,
+            "ratio": ratio(sse["states_delivered_per_s"], grpc_["states_delivered_per_s"]),
+            "cpu_ratio": ratio(
+                sse.get("server_cpu_us_per_item"), grpc_.get("server_cpu_us_per_item")
+            ),
+            "admitted_ratio": ratio(sse["admitted_s"], grpc_["admitted_s"]),
+        },
+        "same_rate": {
+            "rate": rate,
+            "sse": sse_paced,
+            "grpc": grpc_paced,
+            "p50_ratio": ratio(sse_paced["p50_ms"], grpc_paced["p50_ms"]),
+            "p99_ratio": ratio(sse_paced["p99_ms"], grpc_paced["p99_ms"]),
+        },
+        # Seconds each run waited for the server to finish with the run before.
+        "quiet_waits_s": waits,
+    }
+
+
+# --------------------------------------------------------------------------
 # Report
 
 
@@ -2814,6 +3102,57 @@ def redis_rows(sec: Json, memory_store: Json | None, row: Callable[..., None]) -
         "—",
         "—",
     )
+
+
+def sse_rows(sec: Json, row: Callable[..., None]) -> None:
+    """SSE clients against WatchOperations watchers (the bare column) of the
+    same project on the same server process; ratios are SSE / gRPC. No goals."""
+    n, ops = fmt(sec["clients"]), sec["project_operations"]
+    sat, paced, memory = sec["saturated"], sec["same_rate"], sec["memory"]
+    s, g = sat["sse"], sat["grpc"]
+    ps, pg = paced["sse"], paced["grpc"]
+    ms_, mg = memory["sse"], memory["grpc"]
+    failed = ms_["failed"] + mg["failed"]
+    rows = [
+        (
+            f"SSE: {n} clients of 1 project ({ops} ops), pacing off (minInterval=0), producers "
+            f"flat out: states delivered/s (bare: {n} WatchOperations watchers, same server)",
+            fmt(s["states_delivered_per_s"]),
+            fmt(g["states_delivered_per_s"]),
+            fmt_ratio(sat["ratio"]),
+        ),
+        (
+            "SSE: server CPU µs per state delivered, producers flat out "
+            "(bare: WatchOperations); ratio = SSE / gRPC",
+            fmt(s.get("server_cpu_us_per_item")),
+            fmt(g.get("server_cpu_us_per_item")),
+            fmt_ratio(sat["cpu_ratio"]),
+        ),
+        (
+            f"SSE: ack→receipt p50 / p99, {n} clients, both at {fmt(paced['rate'])} reports/s "
+            "(half the lower ceiling; bare: WatchOperations); server CPU, % of a core",
+            f"{lat(ps)}; {fmt(ps['server_cpu_pct'])} %",
+            f"{lat(pg)}; {fmt(pg['server_cpu_pct'])} %",
+            fmt_ratio(paced["p99_ratio"]) + " (p99)",
+        ),
+        (
+            f"SSE: seconds until all {n} clients synced, a snapshot of {ops} ops each "
+            "(bare: WatchOperations)",
+            fmt(s["admitted_s"], " s"),
+            fmt(g["admitted_s"], " s"),
+            fmt_ratio(sat["admitted_ratio"]),
+        ),
+        (
+            f"SSE: server RSS per idle stream, {fmt(ms_['watchers'])} SSE clients (bare: "
+            f"{fmt(mg['watchers'])} idle WatchOperations watchers, opened just before them)"
+            + (f"; {failed} failed to open" if failed else ""),
+            fmt(ms_["bytes_per_watcher"], " B"),
+            fmt(mg["bytes_per_watcher"], " B"),
+            fmt_ratio(memory["ratio"]),
+        ),
+    ]
+    for figure, sse, grpc_, r in rows:
+        row(figure, sse, grpc_, r, "—", "—")
 
 
 def table_rows(sections: Json) -> list[Json]:
@@ -3093,6 +3432,9 @@ def table_rows(sections: Json) -> list[Json]:
     if not failed("Redis store", sec):
         memory_section = sections.get("memory", {})
         redis_rows(sec, memory_section.get("retained_operations"), row)
+    sec = sections.get("sse", {"status": "not run"})
+    if not failed("SSE against gRPC watchers", sec):
+        sse_rows(sec, row)
     return rows
 
 
@@ -3237,6 +3579,7 @@ async def run_all(sizes: Sizes, only: set[str], log_dir: Path) -> Json:
     await run("scaling", lambda: section_scaling(sizes, log_dir))
     await run("unrelated_watchers", lambda: section_unrelated(sizes, log_dir))
     await run("redis", lambda: section_redis(sizes, log_dir))
+    await run("sse", lambda: section_sse(sizes, log_dir))
     return sections
 
 

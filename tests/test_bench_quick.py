@@ -24,6 +24,7 @@ SECTIONS = {
     "admission",
     "scaling",
     "unrelated_watchers",
+    "sse",
 }
 # A section either ran or found the RPC it measures not implemented yet.
 DONE = {"ok", "not implemented"}
@@ -87,6 +88,17 @@ def test_quick_suite_writes_json_and_a_markdown_table(tmp_path: Path) -> None:
         # Every watcher was admitted and synced; none heard of the producer's operation.
         assert run["events"]["SYNCED"] == run["watchers"]
         assert run["events"].get("CHANGED", 0) == 0
+    sse = sections["sse"]
+    for kind in ("sse", "grpc"):
+        # Every client of each kind opened, synced and received changes, and
+        # none of their streams ended early (the producers' errors aside).
+        assert sse["memory"][kind]["watchers"] == sse["clients"] > 0
+        assert sse["memory"][kind]["bytes_per_watcher"] is not None
+        for run in (sse["saturated"][kind], sse["same_rate"][kind]):
+            assert run["readers"] == sse["clients"]
+            assert run["states_delivered_per_s"] > 0 and run["latency_samples"] > 0
+            assert not [e for e in run["errors"] if not e.startswith("producer ")], run["errors"]
+    assert sse["saturated"]["ratio"] > 0 and sse["same_rate"]["p99_ratio"] is not None
 
     rows = results["table"]
     assert rows and all(
@@ -104,6 +116,7 @@ def test_quick_suite_writes_json_and_a_markdown_table(tmp_path: Path) -> None:
             "CPU µs per report" in f and f" {size} WatchOperations watchers" in f for f in figures
         )
     assert any(f.startswith("Scaling: reports/s 1 producer paced at") for f in figures)
+    assert sum(f.startswith("SSE: ") for f in figures) == 5
     markdown = (tmp_path / "results.md").read_text()
     assert "| figure | Headway | bare | ratio | goal | met? |" in markdown
     assert "| --- | --- | --- | --- | --- | --- |" in markdown
