@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import shutil
 import signal
 import socket
@@ -60,7 +61,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
+    def start(self, timeout: float = 10.0, *, first_start: bool = True) -> RedisServer:
         args = [
             self.executable,
             "--port",
@@ -86,16 +87,36 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
+                if "already in use" in err and first_start:
+                    # free_port() gave a port that another process took before
+                    # this one bound it: take another.
+                    self.port = free_port()
+                    return self.start(timeout, first_start=False)
                 raise RuntimeError(f"redis-server exited at start: {err}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
-                    conn.sendall(b"PING\r\n")
-                    # Up (NOAUTH: up, and wanting a password).
-                    if conn.recv(16).startswith((b"+PONG", b"-NOAUTH")):
-                        return self
-            except OSError:
-                time.sleep(0.02)
+            if self._answers_as(self.process.pid):
+                return self
+            time.sleep(0.02)
         raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout}s")
+
+    def _answers_as(self, pid: int) -> bool:
+        """Whether this server's port answers, and from this process: with
+        tests running side by side, a port can be another test's server."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                conn.sendall(b"INFO server\r\n")
+                reply = b""
+                while b"process_id:" not in reply or not reply.endswith(b"\r\n"):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    reply += chunk
+                    if reply.startswith(b"-NOAUTH"):
+                        # Up and wanting a password: ours if our process is alive.
+                        return True
+        except OSError:
+            return False
+        found = re.search(rb"process_id:(\d+)", reply)
+        return found is not None and int(found.group(1)) == pid
 
     def stop(self, *, kill: bool = False) -> None:
         """Stops it: SIGKILL (a crash) or SIGTERM (a clean shutdown)."""
@@ -120,7 +141,7 @@ class RedisServer:
 
     def restart(self, *, kill: bool = False) -> None:
         self.stop(kill=kill)
-        self.start()
+        self.start(first_start=False)  # the same port: clients reconnect to it
 
 
 _session_server: RedisServer | None = None

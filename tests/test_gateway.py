@@ -256,3 +256,25 @@ def test_cors_is_off_unless_origins_are_given(server_factory: Any) -> None:
         assert "authorization" in on.headers["access-control-allow-headers"].lower()
         other = client.get(url, headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_resuming_past_the_end_of_an_operation_is_204(http: httpx.Client) -> None:
+    """204 is what stops a browser's EventSource from reconnecting for ever to
+    the watch of an operation it has seen end."""
+    op = http.post("/v1/operations", json={"kind": "k", "project": "end"}).json()
+    with http.stream("GET", f"/v1/operations/{op['id']}:watch", params={"minInterval": "0"}) as s:
+        lines = s.iter_lines()
+        _events(lines, lambda e: True)
+        http.post(f"/v1/operations/{op['id']}:complete", json={})
+        ended = _events(lines, lambda e: e["data"]["operation"]["state"] == "SUCCEEDED")
+    last = ended[-1]["id"]
+    again = http.get(f"/v1/operations/{op['id']}:watch", headers={"Last-Event-ID": last})
+    assert again.status_code == 204
+    # From before the end, the stream still delivers the end.
+    earlier = last.rpartition(".")[0] + ".1"
+    with http.stream(
+        "GET", f"/v1/operations/{op['id']}:watch", headers={"Last-Event-ID": earlier}
+    ) as s:
+        assert s.status_code == 200
+        caught = _events(s.iter_lines(), lambda e: e["event"] == "changed")
+        assert caught[-1]["data"]["operation"]["state"] == "SUCCEEDED"

@@ -38,7 +38,7 @@ from starlette.staticfiles import StaticFiles
 from headway_server import auth, convert, handlers
 from headway_server.app.watch import ShuttingDown, WatchEvent
 from headway_server.domain.errors import HeadwayError
-from headway_server.domain.validation import check_id
+from headway_server.domain.validation import MAX_EPOCH_LENGTH, check_id, check_name
 from headway_server.servicer import ProgressTrackerServicer, status_of
 
 log = logging.getLogger("headway.gateway")
@@ -308,10 +308,12 @@ class Gateway:
         revision, epoch = 0, ""
         if last:
             epoch, _, number = last.rpartition(".")
-            if not number.isdigit():
+            # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+            if not (number.isascii() and number.isdecimal()):
                 raise _Aborted(
                     grpc.StatusCode.INVALID_ARGUMENT, "Last-Event-ID: not an id this server sent"
                 )
+            check_name("from_epoch", epoch, MAX_EPOCH_LENGTH)  # as gRPC checks it
             revision = int(number)
         pacing = request.query_params.get("minInterval", "")
         try:
@@ -337,6 +339,10 @@ class Gateway:
         check_id("operation_id", operation_id)
         await self.servicer.service.check_visible(operation_id)
         hub = self.servicer.hub
+        if revision and await self._ended_before(operation_id, revision, epoch):
+            # 204 tells a browser's EventSource to stop reconnecting: the
+            # operation ended and the client has seen its end already.
+            return Response(status_code=204)
         counted = self.servicer.open_stream()
         # The first event (or NOT_FOUND) before the response starts, so that
         # an unknown operation is a 404, not an empty stream.
@@ -358,6 +364,16 @@ class Gateway:
                 yield [event]
 
         return self._stream(batches(), counted)
+
+    async def _ended_before(self, operation_id: str, revision: int, epoch: str) -> bool:
+        """Whether the operation is finished at or before `revision` of this epoch."""
+        if epoch != await self.servicer.hub.epoch():
+            return False
+        try:
+            op = await self.servicer.service.get(operation_id)
+        except HeadwayError:
+            return False  # deleted or gone: the stream says so
+        return op.state.terminal and op.revision <= revision
 
     def _stream(self, batches: AsyncIterator[list[WatchEvent]], counted: str) -> Response:
         epoch_holder = [""]

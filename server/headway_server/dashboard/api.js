@@ -117,6 +117,12 @@ export class LiveStream {
       cache: "no-store",
     });
     if (!response.ok) throw await failure(response);
+    if (response.status === 204) {
+      // Nothing more will come (an operation that ended, seen to its end).
+      this.closed = true;
+      this.onStatus("ended");
+      return;
+    }
     this.onStatus("live");
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
