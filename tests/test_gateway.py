@@ -213,6 +213,9 @@ def test_without_authentication_me_may_call_everything(http: httpx.Client) -> No
 def test_the_dashboard_is_served_at_the_root(http: httpx.Client) -> None:
     page = http.get("/")
     assert page.status_code == 200 and "<title>Headway</title>" in page.text
+    # It shows strings producers wrote: only its own scripts may run.
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert "script-src" not in page.headers["content-security-policy"]  # no inline scripts
     script = http.get("/app.js")
     assert script.headers["content-type"].startswith(("text/javascript", "application/javascript"))
     # Unknown API paths are JSON errors, not the dashboard.

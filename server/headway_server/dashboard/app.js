@@ -154,6 +154,7 @@ function syncFilters(params) {
   $("f-sort").value = params.get("sort") || "created";
 }
 
+$("filters").addEventListener("submit", (event) => event.preventDefault());
 for (const [id, key] of [
   ["f-search", "q"],
   ["f-state", "state"],
