@@ -413,3 +413,25 @@ def test_light_and_dark_schemes(page: Page, headway: Headway) -> None:
 def _luminance(css: str) -> float:
     red, green, blue = (int(part) for part in css[css.index("(") + 1 : -1].split(",")[:3])
     return (0.2126 * red + 0.7152 * green + 0.0722 * blue) / 255
+
+
+def test_what_producers_write_is_shown_as_text_never_run(page: Page, headway: Headway) -> None:
+    hostile = '<img src=x onerror="window.__pwned=1">'
+    op = headway.api(
+        "POST",
+        "/v1/operations",
+        {"kind": "crawl", "project": "web", "labels": {"note": hostile}},
+    )
+    headway.api(
+        "POST",
+        f"/v1/operations/{op['id']}:update",
+        {"stage": hostile, "message": hostile, "checkpoint": hostile},
+    )
+    headway.api("POST", f"/v1/operations/{op['id']}/logs", {"entries": [{"message": hostile}]})
+    page.goto(f"{headway.url}/#/op/{op['id']}")
+    expect(page.locator(".op-head .message")).to_have_text(hostile)
+    expect(page.locator(".logs")).to_contain_text(hostile)
+    page.goto(f"{headway.url}/#/?project=web")
+    expect(row(page, op["id"])).to_contain_text(hostile)
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator("img").count() == 0
