@@ -853,11 +853,13 @@ def raw_lines(response: httpx.Response) -> Iterator[tuple[float, str]]:
 
 
 @pytest.mark.parametrize("route", ["project", "operation"])
-def test_a_quiet_stream_gets_keep_alive_comments(
+def test_a_quiet_stream_gets_bookmarks_that_keep_it_open(
     server_factory: Any, monkeypatch: pytest.MonkeyPatch, route: str
 ) -> None:
+    """Every KEEPALIVE a quiet SSE stream gets a bookmark event: traffic that
+    keeps proxies from closing it, and an id: that moves the resume position."""
     monkeypatch.setattr(gateway, "KEEPALIVE", 0.3)
-    # No bookmarks within the test: only keep-alives can break the silence.
+    # The server's own bookmarks are a minute apart: these are the stream's.
     server: ServerThread = server_factory(http_listen="127.0.0.1:0", bookmark_interval=60.0)
     with httpx.Client(base_url=http_base(server), timeout=READ_TIMEOUT) as http:
         project = wc.unique("quiet")
@@ -868,16 +870,18 @@ def test_a_quiet_stream_gets_keep_alive_comments(
             assert response.status_code == 200
             lines = raw_lines(response)
             caught_up = next(at for at, line in lines if line == last)
-            assert next(line for _, line in lines if not line.startswith(("id:", "data:"))) == ""
-            comments = []
+            position = next(line for _, line in lines if line.startswith("id: "))
+            quiet = []
             for at, line in lines:
-                if line:
-                    comments.append((at, line))
-                if len(comments) == 2:
+                if line.startswith("event: "):
+                    quiet.append((at, line))
+                elif line.startswith("id: "):
+                    assert line == position, "a bookmark of a quiet stream stays where it was"
+                if len(quiet) == 2:
                     break
-            assert [line for _, line in comments] == [": keep-alive"] * 2, comments
-            assert comments[0][0] - caught_up >= 0.2, "a keep-alive on a stream not yet quiet"
-            assert comments[1][0] - comments[0][0] >= 0.2
+            assert [line for _, line in quiet] == ["event: bookmark"] * 2, quiet
+            assert quiet[0][0] - caught_up >= 0.2, "a bookmark on a stream not yet quiet"
+            assert quiet[1][0] - quiet[0][0] >= 0.2
             # The stream is still live after them.
             update(http, op["id"], 1)
             assert next(line for _, line in lines if line.startswith("event:")) == "event: changed"

@@ -6,6 +6,7 @@ Protobuf stops here: the domain and the store never see generated classes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -238,8 +239,8 @@ def _error(error: OperationError) -> pb.OperationError:
 # it is in the bytes: a WatchOperation stream's first event carries it, the
 # same change sent on as CHANGED does not.
 # (event type, revision, framed, epoch); None: the operation alone; "json":
-# the operation as proto3 JSON (for the HTTP gateway's streams).
-_EventKey = tuple[int, int, bool, str] | str | None
+# the operation as proto3 JSON; other tuples: see cached().
+_EventKey = tuple[object, ...] | str | None
 _cache: dict[int, tuple[Operation, dict[_EventKey, bytes]]] = {}
 
 
@@ -252,6 +253,16 @@ def _serialized(op: Operation) -> dict[_EventKey, bytes]:
     entry: dict[_EventKey, bytes] = {None: operation(op).SerializeToString()}
     _cache[id(op)] = (op, entry)
     return entry
+
+
+def cached(op: Operation, key: tuple[object, ...], make: Callable[[], bytes]) -> bytes:
+    """Bytes made from one stored state of an operation, made once however many
+    streams send them (kept with its serialized forms, and dropped with them)."""
+    entry = _serialized(op)
+    made = entry.get(key)
+    if made is None:
+        made = entry[key] = make()
+    return made
 
 
 def operation_json(op: Operation) -> bytes:

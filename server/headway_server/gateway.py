@@ -37,7 +37,7 @@ from starlette.staticfiles import StaticFiles
 
 from headway_server import auth, convert, handlers
 from headway_server.app.watch import ShuttingDown, WatchEvent
-from headway_server.domain.errors import HeadwayError
+from headway_server.domain.errors import HeadwayError, StoreUnavailable
 from headway_server.domain.validation import MAX_EPOCH_LENGTH, check_id, check_name
 from headway_server.servicer import ProgressTrackerServicer, status_of
 
@@ -347,7 +347,9 @@ class Gateway:
         where = auth.scoped(convert.operation_filter(self._filter(request)))
         hub = self.servicer.hub
         counted = self.servicer.open_stream()
-        batches = hub.watch_operations(where, revision, from_epoch=epoch, min_interval=interval)
+        batches = hub.watch_operations(
+            where, revision, from_epoch=epoch, min_interval=interval, bookmark_interval=KEEPALIVE
+        )
         return self._stream(batches, counted)
 
     async def _watch_one(self, request: Request, operation_id: str) -> Response:
@@ -364,7 +366,11 @@ class Gateway:
         # The first event (or NOT_FOUND) before the response starts, so that
         # an unknown operation is a 404, not an empty stream.
         events = hub.watch_operation(
-            operation_id, revision, from_epoch=epoch, min_interval=interval
+            operation_id,
+            revision,
+            from_epoch=epoch,
+            min_interval=interval,
+            bookmark_interval=KEEPALIVE,
         )
         try:
             first = await anext(events)
@@ -399,52 +405,41 @@ class Gateway:
         async def body() -> AsyncIterator[bytes]:
             if not epoch_holder[0]:
                 epoch_holder[0] = await servicer.hub.epoch()
-            queue: asyncio.Queue[list[WatchEvent] | BaseException | None] = asyncio.Queue(8)
-
-            async def feed() -> None:
-                try:
-                    async for batch in batches:
-                        await queue.put(batch)
-                    await queue.put(None)
-                except BaseException as exc:  # handed to the response, which ends
-                    await queue.put(exc)
-
-            feeder = asyncio.create_task(feed())
             try:
                 yield b"retry: 1000\n\n"
-                while True:
-                    try:
-                        item = await asyncio.wait_for(queue.get(), KEEPALIVE)
-                    except TimeoutError:
-                        yield b": keep-alive\n\n"
-                        continue
-                    if item is None:
-                        return
-                    if isinstance(item, BaseException):
-                        if not isinstance(item, (ShuttingDown, asyncio.CancelledError)):
-                            log.warning("watch stream ended", extra={"detail": str(item)})
-                        return  # the browser reconnects with Last-Event-ID
-                    yield b"".join(_sse(event, epoch_holder) for event in item)
+                async for batch in batches:
+                    yield b"".join(_sse(event, epoch_holder) for event in batch)
+            except (ShuttingDown, StoreUnavailable):
+                return  # the client reconnects with Last-Event-ID
+            except Exception:
+                log.exception("watch stream failed")
+                return
             finally:
-                feeder.cancel()
-                with contextlib.suppress(BaseException):
-                    await feeder
                 servicer.close_stream(counted)
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
-# Quiet streams get a comment this often, so proxies keep them open.
+# Quiet streams get a bookmark event this often: proxies keep them open, and
+# the client's resume position moves on.
 KEEPALIVE = 15.0
 
 
 def _sse(event: WatchEvent, epoch_holder: list[str]) -> bytes:
     """One event as SSE: `event:` its type, `id:` epoch.revision (where to
-    resume), `data:` the OperationEvent's JSON (the operation's part made once
-    per stored state, not once per stream)."""
+    resume), `data:` the OperationEvent's JSON. An event about an operation is
+    formatted once per stored state and epoch, not once per stream."""
     if event.epoch:
         epoch_holder[0] = event.epoch
+    epoch = epoch_holder[0]
+    if event.operation is None:
+        return _format_sse(event, epoch)
+    key = ("sse", int(event.type), event.revision, event.epoch, epoch)
+    return convert.cached(event.operation, key, lambda: _format_sse(event, epoch))
+
+
+def _format_sse(event: WatchEvent, epoch: str) -> bytes:
     head = {"revision": str(event.revision), "type": event.type.name}
     if event.epoch:
         head["epoch"] = event.epoch
@@ -453,7 +448,7 @@ def _sse(event: WatchEvent, epoch_holder: list[str]) -> bytes:
         operation = convert.operation_json(event.operation)
         data = b"".join((data[:-1], b',"operation":', operation, b"}"))
     kind = event.type.name.lower()
-    prefix = f"event: {kind}\nid: {epoch_holder[0]}.{event.revision}\ndata: ".encode()
+    prefix = f"event: {kind}\nid: {epoch}.{event.revision}\ndata: ".encode()
     return b"".join((prefix, data, b"\n\n"))
 
 

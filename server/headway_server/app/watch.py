@@ -187,6 +187,9 @@ class WatchHub:
         """The interval a stream is paced by: its own request, or the server's."""
         return self.min_interval if requested is None else requested
 
+    def _bookmark_every(self, asked: float | None) -> float:
+        return self.bookmark_interval if asked is None else min(asked, self.bookmark_interval)
+
     async def epoch(self) -> str:
         """The store's epoch, cached: a hub serves one store, and a memory store
         keeps one epoch for its life. A shared store gets a new one when its
@@ -368,6 +371,7 @@ class WatchHub:
         *,
         from_epoch: str = "",
         min_interval: float | None = None,
+        bookmark_interval: float | None = None,
     ) -> AsyncIterator[list[WatchEvent]]:
         """Yields batches of events for every operation matching `where`.
 
@@ -376,9 +380,12 @@ class WatchHub:
         the one before; the snapshot, SYNCED, RESET, bookmarks and a resume's
         catch-up are not delayed. A resume (`from_revision` > 0) whose
         `from_epoch` is given and is not the store's starts with RESET and a
-        fresh snapshot; an empty `from_epoch` trusts the revision.
+        fresh snapshot; an empty `from_epoch` trusts the revision. A quiet
+        stream gets a BOOKMARK every `bookmark_interval` (None: the hub's; a
+        stream may ask for them more often, not less).
         """
         interval = self.pacing(min_interval)
+        every = self._bookmark_every(bookmark_interval)
         loop = asyncio.get_running_loop()
         # Registered before the first read, so that whatever that read misses is routed.
         watcher = await self._add(where)
@@ -463,13 +470,13 @@ class WatchHub:
                         sent_at = loop.time()
                         paced_until = sent_at + interval
                     continue
-                if now >= sent_at + self.bookmark_interval:
+                if now >= sent_at + every:
                     if not watcher.pending:
                         last = max(last, self.dispatched)
                     yield [WatchEvent(EventType.BOOKMARK, last, epoch=epoch)]
                     sent_at = loop.time()
                     continue
-                wake_at = sent_at + self.bookmark_interval
+                wake_at = sent_at + every
                 if watcher.pending:
                     wake_at = min(wake_at, paced_until)
                 await self._sleep(watcher, wake_at, last)
@@ -484,6 +491,7 @@ class WatchHub:
         *,
         from_epoch: str = "",
         min_interval: float | None = None,
+        bookmark_interval: float | None = None,
     ) -> AsyncIterator[WatchEvent]:
         """Yields the events of one operation; ends after its terminal state or deletion.
 
@@ -492,8 +500,10 @@ class WatchHub:
         stream has no SYNCED): a resume with nothing new since `from_revision`
         starts with a BOOKMARK at it. A resume from another epoch, or from a
         revision ahead of the store, starts with RESET and a SNAPSHOT.
+        Bookmarks as in watch_operations.
         """
         interval = self.pacing(min_interval)
+        every = self._bookmark_every(bookmark_interval)
         loop = asyncio.get_running_loop()
         watcher = await self._add(None, operation_id)
         # Counted here, not in a wrapper generator: a layer per message costs.
@@ -570,12 +580,12 @@ class WatchHub:
                     sent_at = loop.time()
                     paced_until = sent_at + interval
                     continue
-                if now >= sent_at + self.bookmark_interval:
+                if now >= sent_at + every:
                     mark = last if change is not None else max(last, self.dispatched)
                     yield WatchEvent(EventType.BOOKMARK, mark, epoch=epoch)
                     sent_at = loop.time()
                     continue
-                wake_at = sent_at + self.bookmark_interval
+                wake_at = sent_at + every
                 if change is not None:
                     wake_at = min(wake_at, paced_until)
                 await self._sleep(watcher, wake_at, last)

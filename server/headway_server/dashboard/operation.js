@@ -36,6 +36,7 @@ export class OperationPage {
   }
 
   close() {
+    this.closed = true; // loads still in flight find no page to draw on
     this.stream.close();
     for (const timer of Object.values(this.timers)) clearTimeout(timer);
     this.root.innerHTML = "";
@@ -51,6 +52,7 @@ export class OperationPage {
   }
 
   onEvent(type, event) {
+    if (this.closed) return;
     if (type === "deleted") {
       this.markDeleted();
       return;
@@ -67,6 +69,7 @@ export class OperationPage {
   }
 
   notFound(err) {
+    if (this.closed) return;
     const message = err instanceof ApiError ? err.message : String(err);
     this.$(".op-status").innerHTML = `<div class="banner">${f.escape(message)}</div>`;
   }
@@ -113,6 +116,7 @@ export class OperationPage {
     try {
       await post(`/v1/operations/${encodeURIComponent(this.id)}:cancel`, { reason });
     } catch (err) {
+      if (this.closed) return;
       this.$(".op-status").innerHTML = `<div class="banner">Cancel failed: ${f.escape(err.message)}</div>`;
       button.disabled = false;
     }
@@ -278,6 +282,7 @@ export class OperationPage {
     } catch {
       return; // the stream says what is wrong
     }
+    if (this.closed) return;
     this.$(".timeline").innerHTML = `<table class="plain"><tbody>${this.timeline
       .slice()
       .reverse()
@@ -295,6 +300,7 @@ export class OperationPage {
     } catch {
       return;
     }
+    if (this.closed) return;
     const summary = (this.op.children && this.op.children.byState) || {};
     const parts = Object.entries(summary).map(([s, n]) => `<span class="state ${s}">${n} ${s.toLowerCase()}</span>`);
     const list = this.children
@@ -318,6 +324,7 @@ export class OperationPage {
     } catch {
       return;
     }
+    if (this.closed) return;
     this.logs = fresh ? body.entries || [] : this.logs.concat(body.entries || []);
     this.logToken = body.nextPageToken || "";
     this.dropped = f.num(body.dropped);
