@@ -107,8 +107,9 @@ def test_finishing_twice_is_a_failed_precondition(http: httpx.Client) -> None:
 
 
 def test_the_gateway_enforces_the_same_tokens_roles_and_projects(
-    tmp_path: Path, server_factory: Any
+    tmp_path: Path, server_factory: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level("INFO", logger="headway.auth")
     path = tmp_path / "tokens.toml"
     tokens = {n: auth.new_token() for n in ("acme", "beta")}
     path.write_text(
@@ -120,9 +121,15 @@ def test_the_gateway_enforces_the_same_tokens_roles_and_projects(
     acme = {"Authorization": f"Bearer {tokens['acme']}"}
     beta = {"Authorization": f"Bearer {tokens['beta']}"}
     with httpx.Client(base_url=base, timeout=5) as http:
-        assert http.get("/v1/operations").status_code == 401
+        anonymous = http.get("/v1/operations")
+        assert anonymous.status_code == 401
+        assert anonymous.headers["www-authenticate"].startswith("Bearer")
         theirs = http.post("/v1/operations", json={"kind": "k", "project": "beta"}, headers=beta)
         assert theirs.status_code == 200, theirs.text
+        # Writes and denials are logged as for gRPC: by principal, never the token.
+        logged = [(r.getMessage(), getattr(r, "principal", "")) for r in caplog.records]
+        assert ("write", "beta") in logged and ("call denied", "") in logged
+        assert not any(tokens["beta"] in r.getMessage() for r in caplog.records)
         foreign = http.get(f"/v1/operations/{theirs.json()['id']}", headers=acme)
         missing = http.get("/v1/operations/op-nobody", headers=acme)
         assert foreign.status_code == missing.status_code == 404

@@ -102,7 +102,9 @@ class _Context:
 def _error(code: grpc.StatusCode, message: str) -> JSONResponse:
     status = HTTP_STATUS.get(code, 500)
     body = {"error": {"code": status, "status": code.name, "message": message}}
-    return JSONResponse(body, status_code=status)
+    # RFC 6750: a 401 names the scheme the client should use.
+    headers = {"WWW-Authenticate": 'Bearer realm="headway"'} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _json(message: Message) -> JSONResponse:
@@ -172,15 +174,11 @@ class Gateway:
             return None
         headers = [(k.lower(), v) for k, v in request.headers.items()]
         try:
-            principal = self.credentials.tokens.authenticate(headers)
-            if method:
-                auth.authorize(principal, method)
+            return handlers.admit(self.credentials, method, headers)
         except auth.Unauthenticated as exc:
             raise _Aborted(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
         except auth.PermissionDenied as exc:
             raise _Aborted(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
-        auth.current.set(principal)
-        return principal
 
     async def _me(self, request: Request) -> Response:
         """Who the caller is and what it may do: the dashboard shows a cancel

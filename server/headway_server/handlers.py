@@ -116,6 +116,44 @@ _AUTH_STATUS = {
 }
 
 
+def admit(
+    credentials: Credentials,
+    method: str,
+    metadata: Any,
+    peer: Any = None,
+) -> auth.Principal:
+    """The caller, when its credentials carry the role `method` needs (any
+    valid caller when `method` is empty), set as auth.current; denials and
+    writes are logged with the principal's name, never the token. gRPC calls
+    and the HTTP gateway's requests both come through here.
+
+    Raises:
+        auth.Unauthenticated, auth.PermissionDenied
+    """
+    principal = None
+    try:
+        principal = credentials.tokens.authenticate(metadata, peer)
+        if method:
+            auth.authorize(principal, method)
+    except (auth.Unauthenticated, auth.PermissionDenied) as exc:
+        log.warning(
+            "call denied",
+            extra={
+                "method": method,
+                "principal": principal.name if principal else "",
+                "detail": str(exc),
+            },
+        )
+        raise
+    auth.current.set(principal)
+    if method in _WRITES:
+        # Who changed what: one line per write. Reports, many a second, at DEBUG.
+        level = logging.DEBUG if method in _REPORTS else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "write", extra={"method": method, "principal": principal.name})
+    return principal
+
+
 def _guarded(
     behaviour: Callable[..., Any], method: str, streaming: bool, credentials: Credentials
 ) -> Callable[..., Any]:
@@ -124,29 +162,10 @@ def _guarded(
     auth.current for the call."""
 
     def checked(request: Any, context: Any) -> Any:
-        principal = None
         try:
-            principal = credentials.tokens.authenticate(
-                context.invocation_metadata(), context.auth_context()
-            )
-            auth.authorize(principal, method)
+            admit(credentials, method, context.invocation_metadata(), context.auth_context())
         except (auth.Unauthenticated, auth.PermissionDenied) as exc:
-            log.warning(
-                "call denied",
-                extra={
-                    "method": method,
-                    "principal": principal.name if principal else "",
-                    "detail": str(exc),
-                },
-            )
             return _refusal(_AUTH_STATUS[type(exc)], str(exc), context, streaming)
-        auth.current.set(principal)
-        if method in _WRITES:
-            # Who changed what: one line per write, with the principal's name
-            # (never the token). Reports, many a second, at DEBUG.
-            level = logging.DEBUG if method in _REPORTS else logging.INFO
-            if log.isEnabledFor(level):
-                log.log(level, "write", extra={"method": method, "principal": principal.name})
         return behaviour(request, context)
 
     return checked
