@@ -77,8 +77,11 @@ _PAGE_CHUNK = 500
 # The tailer reads the revision at least this often even if no notification
 # came (a notification lost with a connection must not stall watchers).
 _POLL = 1.0
-# Writes are announced to other processes at most this long after they are
-# stored, together (bench: watch delivery to another replica, CPU per report).
+# Writes are announced to other processes (notifications on the namespace's
+# channel) by the write script itself at most once per this many seconds; those
+# written meanwhile by the next write's script, or, when none comes, by a
+# PUBLISH at most twice this long after they were stored (bench: watch delivery
+# to another replica, CPU per report: a PUBLISH of its own cost a report ~50 µs).
 ANNOUNCE_DELAY = 0.001
 # Error replies that mean "this Redis cannot serve now", not "this call is wrong".
 _NOT_SERVING = frozenset(
@@ -187,9 +190,15 @@ class RedisStore:
         self._own_finishes: set[bytes] = set()
         self._finishes_read = b"0-0"
         self._tailer: asyncio.Task[None] | None = None
-        # The notification to PUBLISH at the end of this turn of the event
-        # loop ([revision, finished]), and the tasks sending them.
-        self._announcing: list[Any] | None = None
+        # Announcements (see ANNOUNCE_DELAY): when a write may next ask its
+        # script to announce (event loop time); the highest revision this
+        # process wrote, and the highest that finished an operation; the
+        # highest announced, and announced as a finish; the PUBLISH due for
+        # what is owed, and the tasks sending them.
+        self._next_announce = 0.0
+        self._owed = self._owed_finish = 0
+        self._owed_since: float | None = None
+        self._announced = self._finish_announced = 0
         self._announce_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -285,6 +294,9 @@ class RedisStore:
         self._cache.clear()
         self._child_views.clear()
         self._known = 0
+        # Revisions of the old keyspace are not announced in the new one.
+        self._owed = self._owed_finish = self._announced = self._finish_announced = 0
+        self._owed_since = None
         # Statistics stay: they summarize what finished, which stays true (and
         # a new stream's entry ids continue past the old ones: they are times).
 
@@ -297,8 +309,7 @@ class RedisStore:
             self._tailer = None
         if self._announce_timer is not None:
             self._announce_timer.cancel()
-            if self._announcing is not None:
-                self._publish()  # the last writes' notification still goes out
+            self._publish(now=True)  # the last writes' notification still goes out
         if self._background:
             await asyncio.wait(self._background, timeout=1.0)
         await self._fast.close()
@@ -470,7 +481,13 @@ class RedisStore:
         one script, in order; each stored operation or its error."""
         k = self._k
         keys = list(self._write_keys)
-        args: list[Any] = [None, self._max_operations, self._max_summaries]  # epoch: see _run
+        now = self._fast.loop.time()
+        announce = "0"
+        if now >= self._next_announce:
+            self._next_announce = now + ANNOUNCE_DELAY
+            announce = "2" if self._owed_finish > self._finish_announced else "1"
+        args: list[Any] = [None, self._max_operations, self._max_summaries, self.channel, announce]
+        # (the epoch: see _run)
         for op, mode, expected in writes:
             if mode == "r" and expected is not None and not self._read_here(op.id, expected):
                 # Judged on a value this process did not read in the current
@@ -503,8 +520,9 @@ class RedisStore:
         creates_only = all(mode == "c" for _, mode, _ in writes)
         result = await self._run(self._write_script, keys, args, epoch_at=0, again=creates_only)
         if result and result[0] in (lua.NO_EPOCH, lua.OTHER_EPOCH):
-            result = [lua.CONFLICT, 0, b""] * len(writes)
+            result = [lua.CONFLICT, 0, b""] * len(writes) + [0]
         outcomes: list[Operation | HeadwayError] = []
+        wrote = finished = 0
         for i, (op, _, _) in enumerate(writes):
             code, created, entry = result[3 * i : 3 * i + 3]
             if code < 0:
@@ -515,29 +533,68 @@ class RedisStore:
             stored = evolve(op, revision=code, created_revision=created)
             self._remember(stored)
             self._see(code)
+            wrote = max(wrote, code)
             if entry:
                 self._own_finishes.add(entry)
                 self.stats.record_finished(stored)
-            self._announce(code, finished=bool(entry))
+                finished = max(finished, code)
             outcomes.append(stored)
+        announced = result[-1]
+        if announced:
+            # The script announced the store's revision after these writes
+            # (and all before them), as a finish if asked or one finished.
+            self._announced = max(self._announced, announced)
+            if announce == "2" or finished:
+                self._finish_announced = max(self._finish_announced, announced)
+        self._owe(wrote, finished, covered_at=now if announced else None)
         return outcomes
 
-    def _announce(self, revision: int, *, finished: bool = False) -> None:
-        """Tells the other processes (their tailers) about a write: one
-        PUBLISH per ANNOUNCE_DELAY for all the writes made meanwhile (every
-        process's tailer takes each notification in). A notification lost with
-        a crash only delays them until their tailer's next poll."""
-        if self._announcing is None:
-            self._announcing = [revision, finished]
-            self._announce_timer = self._fast.loop.call_later(ANNOUNCE_DELAY, self._publish)
-        else:
-            self._announcing[0] = max(self._announcing[0], revision)
-            self._announcing[1] = self._announcing[1] or finished
+    def _owing(self) -> bool:
+        return self._owed > self._announced or self._owed_finish > self._finish_announced
 
-    def _publish(self) -> None:
-        assert self._announcing is not None
-        revision, finished = self._announcing
-        self._announcing = None
+    def _owe(self, revision: int, finished: int = 0, *, covered_at: float | None = None) -> None:
+        """Notes a revision this process wrote (and, if not 0, the revision of
+        a write that finished an operation), for the other processes' tailers
+        to hear about: unless a write's script announces it first, a PUBLISH
+        goes out 2 * ANNOUNCE_DELAY after it was owed. `covered_at`: a write
+        sent then has just announced everything Redis held before it. A
+        notification lost with a crash only delays the other processes until
+        their tailer's next poll."""
+        self._owed = max(self._owed, revision)
+        self._owed_finish = max(self._owed_finish, finished)
+        if not self._owing():
+            self._owed_since = None
+            return
+        loop = self._fast.loop
+        if self._owed_since is None:
+            self._owed_since = loop.time()
+        elif covered_at is not None:
+            # What is still owed was written after that write was sent.
+            self._owed_since = max(self._owed_since, covered_at)
+        if self._announce_timer is None:
+            self._announce_timer = loop.call_at(
+                self._owed_since + 2 * ANNOUNCE_DELAY, self._publish
+            )
+
+    def _publish(self, *, now: bool = False) -> None:
+        """PUBLISHes what this process owes the other processes' tailers, if
+        it is due (or `now`)."""
+        self._announce_timer = None
+        if not self._owing() or self._owed_since is None:
+            return  # a write's script announced it meanwhile
+        loop = self._fast.loop
+        due = self._owed_since + 2 * ANNOUNCE_DELAY
+        if not now and loop.time() < due:
+            # Partly announced meanwhile: the rest was owed later.
+            self._announce_timer = loop.call_at(due, self._publish)
+            return
+        finished = self._owed_finish > self._finish_announced
+        revision = max(self._owed, self._owed_finish, self._announced)
+        self._announced = revision
+        if finished:
+            self._finish_announced = revision
+        self._owed_since = None
+        self._next_announce = loop.time() + ANNOUNCE_DELAY
         note = f"{revision} {self._epoch}{' f' if finished else ''}"
         task = self._fast.loop.create_task(self._send_note(note))
         self._background.add(task)
@@ -618,7 +675,7 @@ class RedisStore:
             raise NotFound(f"operation {operation_id!r} not found")
         revision: int = result[0]
         self._see(revision)
-        self._announce(revision)
+        self._owe(revision)
         return revision
 
     async def _read_changes(

@@ -17,10 +17,11 @@ Keys (all under one hash tag, the namespace, so they share a Cluster slot):
   counts    HASH  "STATE\\0kind" -> operations held
   finishes  STREAM  packed record of each operation as it first finished (statistics)
   logs:<id>, timeline:<id>  LIST  packed entries; logsn / timelinen HASH id -> appended
-After its writes, a process PUBLISHes the latest revision on the namespace's
-channel ("<rev>", or "<rev> f" when a write finished an operation), once per
-turn of its event loop however many writes it made; every process's tailer
-follows the channel (and polls, in case a notification was lost).
+Writes are announced on the namespace's channel ("<rev> <epoch>", with " f"
+added when a write finished an operation): by the WRITE script itself when the
+process asks it to (at most once per ANNOUNCE_DELAY, store/redis.py), else by a
+PUBLISH of the process soon after; every process's tailer follows the channel
+(and polls, in case a notification was lost).
 """
 
 from __future__ import annotations
@@ -50,22 +51,28 @@ return redis.call('HMGET', KEYS[1], 'epoch', 'secret', 'rev')
 #       9 finished, 10 counts, 11 tombs, 12 finishes, 13 active (HASH project ->
 #       active operations), then per write its parent's children ZSET (or any
 #       key, unused, when it has no parent)
-# ARGV: 1 the caller's epoch, 2 max operations, 3 max finishes kept, then per write:
+# ARGV: 1 the caller's epoch, 2 max operations, 3 max finishes kept, 4 the
+#       notification channel, 5 announce: 0 no, 1 yes, 2 yes and as a finish
+#       (whether or not one of these writes finished an operation), then per write:
 #       mode (c: create, r: replace), id, expected revision ('^': whatever the
 #       previous write of this id in this call stored), record, terminal (1/0),
 #       count key, lease deadline or '', finish time or '', has parent (1/0),
 #       project
 # Returns per write {revision, created revision, finishes entry id or ''}, or
-# {error, 0, ''}; or {NO_EPOCH} or {OTHER_EPOCH} alone.
+# {error, 0, ''}, then the revision announced (0: none); or {NO_EPOCH} or
+# {OTHER_EPOCH} alone. Announcing PUBLISHes the store's revision on the
+# channel (as the store's notifications are), after the writes, ' f' added
+# if one of them finished an operation or ARGV[5] is 2.
 WRITE = """
 local meta = KEYS[1]
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then return {-5} end
 if epoch ~= ARGV[1] then return {-6} end
 local out, wrote = {}, {}
-local n = (#ARGV - 3) / 10
+local finished = ARGV[5] == '2'
+local n = (#ARGV - 5) / 10
 for w = 0, n - 1 do
-  local a = 3 + 10 * w
+  local a = 5 + 10 * w
   local mode, id, expected, record = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local term, key, lease, finish = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
   local old = redis.call('HGET', KEYS[5], id)
@@ -126,11 +133,19 @@ for w = 0, n - 1 do
     local entry = ''
     if term == '1' and (not old or string.sub(old, 1, 1) ~= '1') then
       entry = redis.call('XADD', KEYS[12], 'MAXLEN', '~', ARGV[3], '*', 'r', record)
+      finished = true
     end
     wrote[id] = tostring(rev)
     out[#out + 1] = rev; out[#out + 1] = created; out[#out + 1] = entry
   end
 end
+local announced = 0
+if ARGV[5] ~= '0' then
+  local rev = redis.call('HGET', meta, 'rev') or '0'
+  redis.call('PUBLISH', ARGV[4], rev .. ' ' .. epoch .. (finished and ' f' or ''))
+  announced = tonumber(rev)
+end
+out[#out + 1] = announced
 return out
 """
 

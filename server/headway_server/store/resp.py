@@ -281,7 +281,8 @@ class _Messages(_Connection):
             self.messages.append(b"")
 
     def after_replies(self) -> None:
-        self._wake()
+        if self.messages:
+            self._wake()
 
     def fail(self, error: BaseException) -> None:
         super().fail(error)
