@@ -22,10 +22,10 @@ from headway_server import auth
 
 if TYPE_CHECKING:  # mypy knows the helpers as tests.*, pytest by their module names
     from tests.redis_e2e import ServerProcess
-    from tests.redis_support import free_port
+    from tests.redis_support import RedisServer, free_port
 else:
     from redis_e2e import ServerProcess
-    from redis_support import free_port
+    from redis_support import RedisServer, free_port
 
 CHROMIUM = Path(os.environ.get("HEADWAY_CHROMIUM", "/usr/bin/chromium"))
 pytestmark = pytest.mark.timeout(120)
@@ -48,10 +48,10 @@ expect.set_options(timeout=15_000)
 class Headway:
     """A server process with HTTP on, and an HTTP client for its API."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, store: str = "memory") -> None:
         self.http_port = free_port()
         self.server = ServerProcess(
-            "memory", free_port(), "--http-listen", f"127.0.0.1:{self.http_port}", *extra
+            store, free_port(), "--http-listen", f"127.0.0.1:{self.http_port}", *extra
         )
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.token = ""
@@ -220,6 +220,51 @@ def test_the_page_resumes_by_itself_after_a_server_restart(page: Page, headway: 
     expect(page.locator("#connection")).to_have_text("live")
     headway.api("POST", f"/v1/operations/{after['id']}:update", {"percent": 60})
     expect(row(page, after["id"]).locator(".pct")).to_have_text("60%")
+
+
+def test_on_redis_the_page_resumes_where_it_was_after_a_restart(page: Page, tmp_path: Path) -> None:
+    """A restart on a Redis store keeps the epoch: the page resumes from its
+    Last-Event-ID with what changed meanwhile, no fresh snapshot."""
+    redis = RedisServer(tmp_path).start()
+    headway = Headway(store=f"{redis.url}?namespace=dash").start()
+    try:
+        kept = headway.api("POST", "/v1/operations", {"kind": "kept", "project": "web"})
+        page.goto(headway.url)
+        expect(row(page, kept["id"])).to_be_visible()
+        page.evaluate(RESET_COUNTER)
+        headway.server.stop()
+        expect(page.locator("#connection")).to_have_text("reconnecting…")
+        headway.server.start()
+        headway.api("POST", f"/v1/operations/{kept['id']}:update", {"percent": 70})
+        expect(row(page, kept["id"]).locator(".pct")).to_have_text("70%", timeout=30_000)
+        expect(page.locator("#connection")).to_have_text("live")
+        assert page.evaluate("window.__snapshots") == 0, "resumed with a fresh snapshot"
+    finally:
+        headway.server.stop()
+        redis.stop()
+
+
+# Counts the snapshots the page's list stream receives from now on.
+RESET_COUNTER = """() => {
+  window.__snapshots = 0;
+  const original = window.fetch;
+  window.fetch = async (...args) => {
+    const response = await original(...args);
+    if (String(args[0]).includes(":watch") && response.body) {
+      const [mine, theirs] = response.body.tee();
+      (async () => {
+        const reader = mine.pipeThrough(new TextDecoderStream()).getReader();
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) return;
+          window.__snapshots += (value.match(/^event: snapshot$/gm) || []).length;
+        }
+      })();
+      return new Response(theirs, { status: response.status, headers: response.headers });
+    }
+    return response;
+  };
+}"""
 
 
 @pytest.fixture
