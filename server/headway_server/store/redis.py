@@ -120,6 +120,13 @@ _WRITE_KEYS = (
 )
 
 
+def _lease(op: Operation) -> str:
+    """The lease deadline a state holds, as the WRITE script takes it ('': none)."""
+    if op.state is State.RUNNING and not op.stalled and op.heartbeat_timeout > 0:
+        return repr(op.last_report_at + op.heartbeat_timeout)
+    return ""
+
+
 class Script:
     """A Lua script and its SHA1, by which EVALSHA runs it once Redis has it."""
 
@@ -497,9 +504,10 @@ class RedisStore:
                 expected = None
             parent = op.spec.parent_id
             keys.append(self.key("children:" + parent) if parent else k["created"])
-            lease = ""
-            if op.state is State.RUNNING and not op.stalled and op.heartbeat_timeout > 0:
-                lease = repr(op.last_report_at + op.heartbeat_timeout)
+            lease = _lease(op)
+            if not lease and mode == "r" and expected is not None:
+                if not _lease(self._cache[op.id]):
+                    lease = "-"  # it had none (the value it replaces), and has none
             terminal = op.state.terminal
             finish = repr(op.finished_at) if terminal and op.finished_at is not None else ""
             args += (
@@ -525,6 +533,8 @@ class RedisStore:
         wrote = finished = 0
         for i, (op, _, _) in enumerate(writes):
             code, created, entry = result[3 * i : 3 * i + 3]
+            # A replace keeps its created revision: the script does not read it.
+            created = created or op.created_revision
             if code < 0:
                 if code in (lua.NOT_FOUND, lua.CONFLICT):
                     self._cache.pop(op.id, None)

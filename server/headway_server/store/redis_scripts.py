@@ -56,9 +56,10 @@ return redis.call('HMGET', KEYS[1], 'epoch', 'secret', 'rev')
 #       (whether or not one of these writes finished an operation), then per write:
 #       mode (c: create, r: replace), id, expected revision ('^': whatever the
 #       previous write of this id in this call stored), record, terminal (1/0),
-#       count key, lease deadline or '', finish time or '', has parent (1/0),
-#       project
-# Returns per write {revision, created revision, finishes entry id or ''}, or
+#       count key, lease deadline or '' (none) or '-' (none, and none before),
+#       finish time or '', has parent (1/0), project
+# Returns per write {revision, created revision (0 for a replace: it keeps
+# the one it had), finishes entry id or ''}, or
 # {error, 0, ''}, then the revision announced (0: none); or {NO_EPOCH} or
 # {OTHER_EPOCH} alone. Announcing PUBLISHes the store's revision on the
 # channel (as the store's notifications are), after the writes, ' f' added
@@ -98,7 +99,7 @@ for w = 0, n - 1 do
       redis.call('ZREM', KEYS[11], id)
       if ARGV[a + 9] == '1' then redis.call('ZADD', KEYS[13 + w + 1], rev, id) end
     else
-      created = tonumber(redis.call('HGET', KEYS[4], id))
+      created = 0  -- unchanged: the caller has it
     end
     -- active (not terminal) operations by project
     local was_active = (old and string.sub(old, 1, 1) == '0') == true
@@ -119,10 +120,10 @@ for w = 0, n - 1 do
     redis.call('HSET', KEYS[2], id, record)
     redis.call('HSET', KEYS[3], id, rev)
     redis.call('ZADD', KEYS[6], rev, id)
-    if lease ~= '' then
-      redis.call('ZADD', KEYS[8], lease, id)
-    else
+    if lease == '' then
       redis.call('ZREM', KEYS[8], id)
+    elseif lease ~= '-' then
+      redis.call('ZADD', KEYS[8], lease, id)
     end
     if finish ~= '' then
       -- the first finish time stays (retention counts from it)
