@@ -69,6 +69,20 @@ Sections (see `issues show 5`):
    gRPC watchers are: raw asyncio connections (HTTP/1.1, one per client, as a
    browser's EventSource opens), each event's revision read from its `id:`,
    its JSON left unparsed. Ratios are SSE / gRPC.
+12. dashboard: the browser dashboard (`/` on --http-listen) in Debian's
+   Chromium (Playwright, headless, 1400x860) showing one project of 5,000
+   operations (`#/?project=...`; the page's one SSE stream of every operation
+   at the server's default pacing), in idle windows (no reports) and loaded
+   ones (producers updating every operation once a second, 5,000 reports/s in
+   BatchUpdateOperations of 1,000), alternated twice, 4 s each: frames/s, frame
+   interval p99 and max (requestAnimationFrame in the page), long tasks
+   (PerformanceObserver), the renderer main thread's time in tasks, script
+   and on a core (CDP Performance.getMetrics), the JS heap (CDP), the table's
+   rows in the page, the CPU of Chromium, the server and the machine, the
+   producers' achieved rate, and once they stop, the seconds until every row
+   in view shows its operation's last report. Ratios are loaded / idle (goal:
+   frames/s at least 0.8x). Skipped, and not a failure, without Chromium
+   (HEADWAY_CHROMIUM, default /usr/bin/chromium).
 
 The machine's cores are shared: the load generator competes with the server
 for CPU, so every run records both processes' CPU use (100 % = one core).
@@ -131,6 +145,7 @@ SECTIONS = (
     "unrelated_watchers",
     "redis",
     "sse",
+    "dashboard",
 )
 # What --quick runs without --only: tests/test_bench_quick.py checks this set.
 QUICK_SECTIONS = tuple(name for name in SECTIONS if name != "redis")
@@ -213,6 +228,11 @@ class Sizes:
     sse_clients: int
     sse_duration: float
     sse_repeats: int
+    # The dashboard section: operations in the project the page shows,
+    # seconds per measured window, and rounds of an idle window then a loaded one.
+    dashboard_operations: int
+    dashboard_window: float
+    dashboard_rounds: int
     # Headway and bare runs alternated this many times for the headline ratios;
     # each side's median run is reported (other tenants of a shared machine
     # move single runs by ±30 %).
@@ -240,7 +260,9 @@ QUICK = Sizes(
     batch_operations=1000,
     batch_duration=0.8,
     section_timeout=40.0,
-    total_limit=110.0,
+    # About 85 s (the dashboard section ~11 s of it); tests/test_bench_quick.py
+    # gives the run 135 s.
+    total_limit=120.0,
     redis_duration=0.5,
     redis_operations=200,
     redis_round_trip_reports=100,
@@ -249,6 +271,9 @@ QUICK = Sizes(
     sse_clients=50,
     sse_duration=0.8,
     sse_repeats=1,
+    dashboard_operations=500,
+    dashboard_window=2.0,
+    dashboard_rounds=1,
     sections=QUICK_SECTIONS,
 )
 FULL = Sizes(
@@ -272,9 +297,10 @@ FULL = Sizes(
     batch_duration=3.0,
     section_timeout=240.0,
     # A full run takes about 10 minutes: 550 s before the sse section, which
-    # adds 35-45 s; 631 s in all with other tenants' tests on the machine, so
-    # the watchdog leaves room for such a neighbour.
-    total_limit=700.0,
+    # adds 35-45 s, then the dashboard section's 26-30 s; 631 s in all with
+    # other tenants' tests on the machine before the dashboard section, so
+    # ~660 s with it, and the watchdog leaves room for such a neighbour.
+    total_limit=740.0,
     redis_duration=1.0,
     redis_operations=1000,
     redis_round_trip_reports=500,
@@ -283,6 +309,9 @@ FULL = Sizes(
     sse_clients=1000,
     sse_duration=3.0,
     sse_repeats=1,
+    dashboard_operations=5000,
+    dashboard_window=4.0,
+    dashboard_rounds=2,
     repeats=3,
 )
 
@@ -2840,6 +2869,422 @@ async def section_sse(sizes: Sizes, log_dir: Path) -> Json:
 
 
 # --------------------------------------------------------------------------
+# 12. The dashboard in a browser
+
+# Debian's Chromium, as the browser tests use (no other browser download works here).
+CHROMIUM = Path(os.environ.get("HEADWAY_CHROMIUM", "/usr/bin/chromium"))
+# The browser tests' window size: about 16 rows of the table in view.
+DASHBOARD_WIDTH, DASHBOARD_HEIGHT = 1400, 860
+# Reports per operation per second while loaded: every operation changes
+# every second, in batches of a fifth of the project (five calls a second),
+# at most four in flight, so that no operation is in two calls at once. (With
+# two, the page's one stream slowed the calls enough that the producers fell
+# to ~3,700 reports/s of 5,000.)
+DASHBOARD_REPORTS_PER_OP = 1.0
+DASHBOARD_BATCHES_PER_S = 5
+DASHBOARD_IN_FLIGHT = 4
+# Seconds the page gets after the snapshot is shown, the producers before a
+# loaded window, and the page after catching up before an idle one.
+DASHBOARD_SETTLE = 1.0
+DASHBOARD_QUIET = 0.5
+
+# Counts animation frames for `windowMs` of the page's own clock: every
+# interval between frames, and the long tasks (over 50 ms on the main thread)
+# a PerformanceObserver saw meanwhile.
+FRAME_WINDOW_JS = """async (windowMs) => {
+  const longTasks = [];
+  const observer = new PerformanceObserver((list) => {
+    for (const entry of list.getEntries()) longTasks.push(entry.duration);
+  });
+  observer.observe({ type: "longtask" });
+  const intervals = [];
+  let first = null;
+  let last = null;
+  await new Promise((resolve) => {
+    const tick = (now) => {
+      if (first === null) first = now;
+      else intervals.push(now - last);
+      last = now;
+      if (now - first >= windowMs) resolve();
+      else requestAnimationFrame(tick);
+    };
+    requestAnimationFrame(tick);
+  });
+  for (const entry of observer.takeRecords()) longTasks.push(entry.duration);
+  observer.disconnect();
+  return { elapsedMs: last - first, intervals, longTasks };
+}"""
+
+# The table's rows in the page (spare ones are hidden).
+DOM_ROWS_JS = "() => document.querySelectorAll('.viewport a.row').length"
+
+# True once every row in view shows its operation's last report: the Done
+# cell reads "<completed> / <total> items" with `expected[id]` completed.
+ROWS_CURRENT_JS = """(expected) => {
+  const rows = [...document.querySelectorAll(".viewport a.row")].filter((r) => !r.hidden);
+  return rows.length > 0 && rows.every((row) => {
+    const done = row.querySelector(":scope > span.num");
+    const text = done ? done.textContent.trim() : "";
+    return Number(text.split(" / ")[0].replace(/,/g, "")) === expected[row.dataset.id];
+  });
+}"""
+
+# CDP Performance.getMetrics figures (cumulative seconds) shown as % of a
+# window: the renderer's main thread in tasks (wall time, which counts a
+# thread waiting for a core too), in script, style and layout among them, and
+# on a core (ThreadTime); the whole renderer process on a core (ProcessTime).
+RENDERER_METRICS = {
+    "TaskDuration": "main_thread_busy_pct",
+    "ScriptDuration": "script_pct",
+    "RecalcStyleDuration": "style_pct",
+    "LayoutDuration": "layout_pct",
+    "ThreadTime": "main_thread_cpu_pct",
+    "ProcessTime": "renderer_cpu_pct",
+}
+
+
+def machine_cpu_ticks() -> tuple[int, int]:
+    """All cores' busy and total jiffies so far (/proc/stat)."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def browser_pids() -> list[int]:
+    """This process's descendants that are Chromium's (under Playwright's driver)."""
+    found, todo = [], [os.getpid()]
+    while todo:
+        for pid in child_pids(todo.pop()):
+            todo.append(pid)
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as comm:
+                if "chrom" in comm.read():
+                    found.append(pid)
+    return found
+
+
+def cpu_seconds_of(pids: Sequence[int]) -> dict[int, float]:
+    cpu = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            cpu[pid] = process_cpu_seconds(pid)
+    return cpu
+
+
+@dataclass
+class PageWindow:
+    """What one measured window of the page gave, raw (summed over rounds by
+    page_figures)."""
+
+    elapsed: float  # seconds of the page's clock
+    intervals: list[float]  # ms between animation frames
+    long_tasks: list[float]  # ms each
+    metrics: dict[str, float]  # CDP metric deltas (Timestamp: the seconds they span)
+    wall: float  # seconds of this process's clock
+    server_cpu: float
+    loadgen_cpu: float
+    browser_cpu: float
+    machine_busy: int
+    machine_total: int
+    heap_used: int  # at the window's end
+    heap_after_gc: int
+    rows: int
+    reports: int  # the producers', acknowledged within the window
+
+
+def page_figures(windows: Sequence[PageWindow]) -> Json:
+    """FPS, frame intervals, long tasks, the renderer's and the processes' CPU
+    over `windows` together."""
+    intervals = [i for w in windows for i in w.intervals]
+    long_tasks = [t for w in windows for t in w.long_tasks]
+    elapsed = sum(w.elapsed for w in windows)
+    wall = sum(w.wall for w in windows)
+    span = sum(w.metrics["Timestamp"] for w in windows)
+    out: Json = {
+        "windows": len(windows),
+        "seconds": round(elapsed, 2),
+        "frames": len(intervals),
+        "fps": round(len(intervals) / elapsed, 1),
+        "fps_by_window": [round(len(w.intervals) / w.elapsed, 1) for w in windows],
+        "frame_p50_ms": round_ms(percentile(intervals, 50)),
+        "frame_p99_ms": round_ms(percentile(intervals, 99)),
+        "frame_max_ms": round_ms(max(intervals, default=None)),
+        # Frames later than two vsyncs at 60 Hz: at least one skipped.
+        "frames_over_33ms": sum(i > 33.4 for i in intervals),
+        "long_tasks": len(long_tasks),
+        "long_task_ms": round(sum(long_tasks), 1),
+        "long_task_max_ms": round_ms(max(long_tasks, default=None)),
+    }
+    for metric, key in RENDERER_METRICS.items():
+        out[key] = round(100 * sum(w.metrics[metric] for w in windows) / span, 1)
+    out.update(
+        {
+            # % of one core: every Chromium process (renderer, GPU, browser),
+            # the server, the load generator.
+            "browser_cpu_pct": round(100 * sum(w.browser_cpu for w in windows) / wall, 1),
+            "server_cpu_pct": round(100 * sum(w.server_cpu for w in windows) / wall, 1),
+            "loadgen_cpu_pct": round(100 * sum(w.loadgen_cpu for w in windows) / wall, 1),
+            # All cores busy, % of them: the above and any other tenant's.
+            "machine_cpu_pct": round(
+                100 * sum(w.machine_busy for w in windows) / sum(w.machine_total for w in windows),
+                1,
+            ),
+            # At the last window's end, before and after a GC, and the rows then.
+            "heap_used_bytes": windows[-1].heap_used,
+            "heap_after_gc_bytes": windows[-1].heap_after_gc,
+            "rows": windows[-1].rows,
+            "reports": sum(w.reports for w in windows),
+            "reports_per_s": round(sum(w.reports for w in windows) / wall, 1),
+        }
+    )
+    return out
+
+
+def round_ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+class PacedBatches:
+    """Producers reporting into every operation of `op_ids` in turn, in batches
+    on a wall-clock schedule from start() (batch k due at k * batch / rate), at
+    most DASHBOARD_IN_FLIGHT calls at once: a batch that falls due while they
+    are unanswered goes out as soon as one is, so the achieved rate falls short
+    of `rate` only when the server answers slower. Each report is the
+    operation's next sequence and completed count (`sequences`)."""
+
+    def __init__(
+        self, send: SendReports, op_ids: Sequence[str], sequences: dict[str, int], rate: float
+    ) -> None:
+        self.send = send
+        self.sequences = sequences
+        self.rate = rate
+        self.batch = max(1, round(rate / DASHBOARD_BATCHES_PER_S))
+        self.measuring = False
+        self.reports = 0  # acknowledged while measuring
+        self.acks: Counter[str] = Counter()
+        self.behind = 0.0  # the latest a batch went out after it was due, while measuring
+        self._ops = itertools.cycle(op_ids)  # carries on from run to run
+        self._stop = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._stop = False
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stops sending; returns once every report sent is acknowledged."""
+        self._stop = True
+        if self._task is not None:
+            await asyncio.wait_for(self._task, 30)
+
+    def next_batch(self) -> list[pb.UpdateOperationRequest]:
+        requests = []
+        for _ in range(self.batch):
+            op_id = next(self._ops)
+            self.sequences[op_id] += 1
+            requests.append(report(op_id, self.sequences[op_id], self.sequences[op_id]))
+        return requests
+
+    async def _run(self) -> None:
+        gate = asyncio.Semaphore(DASHBOARD_IN_FLIGHT)
+        calls: set[asyncio.Task[None]] = set()
+        start = time.perf_counter()
+        for k in itertools.count():
+            due = start + k * self.batch / self.rate
+            if due > time.perf_counter():
+                await asyncio.sleep(due - time.perf_counter())
+            await gate.acquire()
+            if self._stop:
+                gate.release()
+                break
+            if self.measuring:
+                self.behind = max(self.behind, time.perf_counter() - due)
+            call = asyncio.create_task(self._call(self.next_batch(), gate))
+            calls.add(call)
+            call.add_done_callback(calls.discard)
+        await asyncio.gather(*calls)
+
+    async def _call(
+        self, requests: list[pb.UpdateOperationRequest], gate: asyncio.Semaphore
+    ) -> None:
+        try:
+            rejected, not_applied = await self.send(requests)
+        except grpc.aio.AioRpcError as exc:
+            self.acks[f"failed {exc.code().name}"] += 1
+            return
+        finally:
+            gate.release()
+        self.acks["reports"] += len(requests)
+        self.acks["rejected"] += rejected
+        self.acks["not_applied"] += not_applied
+        if self.measuring:
+            self.reports += len(requests)
+
+
+class DashboardProbe:
+    """Measures windows of one dashboard page through CDP and in the page."""
+
+    def __init__(self, page: Any, cdp: Any, server: ServerProcess, producers: PacedBatches):
+        self.page = page
+        self.cdp = cdp
+        self.server = server
+        self.producers = producers
+        self.browser = browser_pids()
+
+    async def metrics(self) -> dict[str, float]:
+        got = await self.cdp.send("Performance.getMetrics")
+        return {m["name"]: float(m["value"]) for m in got["metrics"]}
+
+    async def heap_used(self) -> int:
+        return int((await self.cdp.send("Runtime.getHeapUsage"))["usedSize"])
+
+    async def window(self, seconds: float) -> PageWindow:
+        before, ticks = await self.metrics(), machine_cpu_ticks()
+        server, loadgen = self.server.cpu_seconds(), time.process_time()
+        browser, wall = cpu_seconds_of(self.browser), time.perf_counter()
+        self.producers.reports, self.producers.measuring = 0, True
+        frames = await self.page.evaluate(FRAME_WINDOW_JS, 1000 * seconds)
+        self.producers.measuring = False
+        wall = time.perf_counter() - wall
+        browser_after = cpu_seconds_of(self.browser)
+        server, loadgen = self.server.cpu_seconds() - server, time.process_time() - loadgen
+        after, ticks_after = await self.metrics(), machine_cpu_ticks()
+        heap = await self.heap_used()
+        await self.cdp.send("HeapProfiler.collectGarbage")
+        return PageWindow(
+            elapsed=frames["elapsedMs"] / 1000,
+            intervals=frames["intervals"],
+            long_tasks=frames["longTasks"],
+            metrics={name: after[name] - before[name] for name in ("Timestamp", *RENDERER_METRICS)},
+            wall=wall,
+            server_cpu=server,
+            loadgen_cpu=loadgen,
+            browser_cpu=sum(t - browser[p] for p, t in browser_after.items() if p in browser),
+            machine_busy=ticks_after[0] - ticks[0],
+            machine_total=ticks_after[1] - ticks[1],
+            heap_used=heap,
+            heap_after_gc=await self.heap_used(),
+            rows=int(await self.page.evaluate(DOM_ROWS_JS)),
+            reports=self.producers.reports,
+        )
+
+
+def chromium_absent() -> str | None:
+    """Why the dashboard section cannot run here, or None."""
+    if not CHROMIUM.exists():
+        return (
+            f"skipped: no Chromium at {CHROMIUM} (`make chromium` as root installs Debian's, "
+            "or apt-get install -y chromium; HEADWAY_CHROMIUM names another)"
+        )
+    return None
+
+
+async def section_dashboard(sizes: Sizes, log_dir: Path) -> Json:
+    absent = chromium_absent()
+    if absent is not None:
+        return {"status": absent}
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        return {"status": "skipped: playwright is not installed (pip install -e '.[dev]')"}
+    n, project = sizes.dashboard_operations, "bench-dashboard"
+    errors: list[str] = []
+    async with Fleet() as fleet:
+        server = headway_process("headway-dashboard", log_dir, http=True)
+        assert isinstance(server, HttpServerProcess)
+        await fleet.start(server)
+        (stub,) = fleet.stubs(server)
+        started = time.perf_counter()
+        ops = await start_ops(stub, "dash", n, project)
+        sequences = dict.fromkeys(ops, 0)
+        producers = PacedBatches(
+            batch_sender(stub.BatchUpdateOperations),
+            ops,
+            sequences,
+            n * DASHBOARD_REPORTS_PER_OP,
+        )
+        # A report each first, so that every operation is RUNNING with a rate
+        # and an ETA in every window: the idle page shows what the loaded one does.
+        for _ in range(0, n, producers.batch):
+            await producers.send(producers.next_batch())
+        setup = time.perf_counter() - started
+
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=str(CHROMIUM))
+            version = browser.version
+            try:
+                context = await browser.new_context(
+                    viewport={"width": DASHBOARD_WIDTH, "height": DASHBOARD_HEIGHT}
+                )
+                page = await context.new_page()
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                cdp = await context.new_cdp_session(page)
+                await cdp.send("Performance.enable")
+                loading = time.perf_counter()
+                await page.goto(f"http://127.0.0.1:{server.http_port}/#/?project={project}")
+                await page.wait_for_function(
+                    "(text) => document.getElementById('shown').textContent === text",
+                    arg=f"{n:,} of {n:,}",
+                    timeout=60_000,
+                )
+                load = time.perf_counter() - loading
+                await asyncio.sleep(DASHBOARD_SETTLE)
+                probe = DashboardProbe(page, cdp, server, producers)
+                idle: list[PageWindow] = []
+                loaded: list[PageWindow] = []
+                catch_up: list[float] = []
+                # Idle and loaded windows alternate, so that drift (other
+                # tenants of the machine) falls on both.
+                for _ in range(sizes.dashboard_rounds):
+                    idle.append(await probe.window(sizes.dashboard_window))
+                    producers.start()
+                    try:
+                        await asyncio.sleep(DASHBOARD_SETTLE)
+                        loaded.append(await probe.window(sizes.dashboard_window))
+                    finally:
+                        await producers.stop()
+                    # The page's lag once the load stops: from the last ack
+                    # until every row in view shows its operation's last report.
+                    stopped = time.perf_counter()
+                    await page.wait_for_function(
+                        ROWS_CURRENT_JS, arg=sequences, polling="raf", timeout=30_000
+                    )
+                    catch_up.append(round(time.perf_counter() - stopped, 3))
+                    await asyncio.sleep(DASHBOARD_QUIET)
+                await context.close()
+            finally:
+                await browser.close()
+    if errors:
+        raise RuntimeError(f"the page threw: {errors[:3]}")
+    bad = {k: v for k, v in producers.acks.items() if k != "reports" and v}
+    if bad:
+        raise RuntimeError(f"reports failed or not applied: {bad}")
+    busy, calm = page_figures(loaded), page_figures(idle)
+    busy["max_behind_ms"] = ms(producers.behind)
+    return {
+        "operations": n,
+        "project": project,
+        "target_rate": n * DASHBOARD_REPORTS_PER_OP,
+        "batch": producers.batch,
+        "in_flight": DASHBOARD_IN_FLIGHT,
+        "window_s": sizes.dashboard_window,
+        "rounds": sizes.dashboard_rounds,
+        "browser": version,
+        "viewport": [DASHBOARD_WIDTH, DASHBOARD_HEIGHT],
+        "setup_s": round(setup, 2),
+        "load_s": round(load, 2),
+        "catch_up_s": catch_up,
+        "acks": dict(producers.acks),
+        "idle": calm,
+        "loaded": busy,
+        "fps_ratio": ratio(busy["fps"], calm["fps"]),
+        "p99_ratio": ratio(busy["frame_p99_ms"], calm["frame_p99_ms"]),
+        "main_thread_cpu_ratio": ratio(busy["main_thread_cpu_pct"], calm["main_thread_cpu_pct"]),
+        "heap_ratio": ratio(busy["heap_after_gc_bytes"], calm["heap_after_gc_bytes"]),
+    }
+
+
+# --------------------------------------------------------------------------
 # Report
 
 
@@ -3157,6 +3602,89 @@ def sse_rows(sec: Json, row: Callable[..., None]) -> None:
         row(figure, sse, grpc_, r, "—", "—")
 
 
+def dashboard_rows(sec: Json, row: Callable[..., None]) -> None:
+    """The dashboard under load (the Headway column) against the same page idle
+    (the bare column), one browser, one server; ratios are loaded / idle."""
+    busy, idle = sec["loaded"], sec["idle"]
+    n = fmt(sec["operations"])
+    w = f"{sec['window_s']:g} s"
+    if sec["rounds"] > 1:
+        w = f"{sec['rounds']} windows of {w}"
+
+    def frames(run: Json) -> str:
+        return (
+            f"{fmt(run['frame_p99_ms'])} / {fmt(run['frame_max_ms'])} ms; "
+            f"{run['frames_over_33ms']} over 33 ms"
+        )
+
+    def tasks(run: Json) -> str:
+        if not run["long_tasks"]:
+            return "0"
+        return (
+            f"{run['long_tasks']}, {fmt(run['long_task_ms'])} ms "
+            f"(longest {fmt(run['long_task_max_ms'])} ms)"
+        )
+
+    def thread(run: Json) -> str:
+        return (
+            f"{fmt(run['main_thread_busy_pct'])} / {fmt(run['main_thread_cpu_pct'])} / "
+            f"{fmt(run['script_pct'])} %"
+        )
+
+    def cpu(run: Json) -> str:
+        return (
+            f"{fmt(run['browser_cpu_pct'])} / {fmt(run['server_cpu_pct'])} / "
+            f"{fmt(run['machine_cpu_pct'])} %"
+        )
+
+    def memory(run: Json) -> str:
+        return f"{fmt(run['heap_after_gc_bytes'] / 2**20)} MiB; {run['rows']} rows"
+
+    row(
+        f"Dashboard: {n} operations of one project, all updated by producers "
+        f"({fmt(busy['reports_per_s'])} reports/s achieved of {fmt(sec['target_rate'])}, "
+        f"batches of {fmt(sec['batch'])}; the page's stream at the default pacing): "
+        f"frames/s over {w} (bare: the same page idle)",
+        fmt(busy["fps"]),
+        fmt(idle["fps"]),
+        fmt_ratio(sec["fps_ratio"]),
+        "≥ 0.8x",
+        met(at_least(sec["fps_ratio"], 0.8)),
+    )
+    rows = [
+        ("Dashboard: frame interval p99 / max; frames later than 33 ms", frames, sec["p99_ratio"]),
+        (f"Dashboard: long tasks (> 50 ms) in {w}: count, total", tasks, None),
+        (
+            "Dashboard: renderer main thread, % of the window: in tasks (wall) / on a core / "
+            "in script",
+            thread,
+            sec["main_thread_cpu_ratio"],
+        ),
+        (
+            "Dashboard: CPU, % of a core: Chromium (all processes) / the server / the machine "
+            f"(all {os.cpu_count()} cores, % of them)",
+            cpu,
+            None,
+        ),
+        (
+            "Dashboard: JS heap after a GC; table rows in the page",
+            memory,
+            sec["heap_ratio"],
+        ),
+    ]
+    for figure, show, r in rows:
+        row(figure, show(busy), show(idle), fmt_ratio(r), "—", "—")
+    row(
+        f"Dashboard: seconds until the page shows all {n} operations (a snapshot over SSE); "
+        "until every row in view shows its operation's last report once the producers stop",
+        f"{fmt(sec['load_s'])} s; {fmt(max(sec['catch_up_s']))} s",
+        "—",
+        "—",
+        "—",
+        "—",
+    )
+
+
 def table_rows(sections: Json) -> list[Json]:
     rows: list[Json] = []
 
@@ -3437,6 +3965,9 @@ def table_rows(sections: Json) -> list[Json]:
     sec = sections.get("sse", {"status": "not run"})
     if not failed("SSE against gRPC watchers", sec):
         sse_rows(sec, row)
+    sec = sections.get("dashboard", {"status": "not run"})
+    if not failed("Dashboard in a browser", sec):
+        dashboard_rows(sec, row)
     return rows
 
 
@@ -3582,6 +4113,7 @@ async def run_all(sizes: Sizes, only: set[str], log_dir: Path) -> Json:
     await run("unrelated_watchers", lambda: section_unrelated(sizes, log_dir))
     await run("redis", lambda: section_redis(sizes, log_dir))
     await run("sse", lambda: section_sse(sizes, log_dir))
+    await run("dashboard", lambda: section_dashboard(sizes, log_dir))
     return sections
 
 
