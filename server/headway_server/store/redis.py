@@ -128,11 +128,14 @@ def _lease(op: Operation) -> str:
 
 
 class Script:
-    """A Lua script and its SHA1, by which EVALSHA runs it once Redis has it."""
+    """A Lua script and its SHA1, by which EVALSHA runs it once Redis has it;
+    `later`: it may wait to share a write to the socket with others (reports'
+    writes: resp.FLUSH_INTERVAL), where reads that someone waits on do not."""
 
-    def __init__(self, script: str) -> None:
+    def __init__(self, script: str, *, later: bool = False) -> None:
         self.script = script
         self.sha = hashlib.sha1(script.encode()).hexdigest()
+        self.later = later
 
 
 class RedisStore:
@@ -171,7 +174,7 @@ class RedisStore:
         self._k = {name: prefix + name for name in (*_WRITE_KEYS, "logsn", "timelinen")}
         self.channel = prefix + "notify"
         self._init = Script(lua.INIT)
-        self._write_script = Script(lua.WRITE)
+        self._write_script = Script(lua.WRITE, later=True)
         self._delete = Script(lua.DELETE)
         self._changes = Script(lua.CHANGES)
         self._get = Script(lua.GET)
@@ -216,14 +219,17 @@ class RedisStore:
     def key(self, name: str) -> str:
         return self._prefix + name
 
-    async def _exec(self, *args: Any) -> Any:
-        """One command on the pipelined connection. An unreachable Redis, or
+    async def _exec(self, *args: Any, later: bool = False) -> Any:
+        """One command on the pipelined connection (`later`: it may wait to
+        share a write with others, see resp.FLUSH_INTERVAL). An unreachable Redis, or
         one that cannot serve now (loading its data, busy, a read-only
         replica...), is StoreUnavailable. A command that failed with its
         connection is not sent again: Redis may have run it before the reply
         was lost, and the caller (its client's retry, with its sequence or
         request id) knows how to repeat it safely."""
         try:
+            if later:
+                return await self._fast.execute_later(*args)
             return await self._fast.execute(*args)
         except (ConnectionError, OSError) as exc:
             raise StoreUnavailable(f"store {self.name} is unavailable: {exc}") from exc
@@ -234,7 +240,9 @@ class RedisStore:
 
     async def _eval(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
-            return await self._exec("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self._exec(
+                "EVALSHA", script.sha, len(keys), *keys, *args, later=script.later
+            )
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise

@@ -10,15 +10,17 @@ and resolves the futures in order, in the event loop's callback for the
 socket (no reader task, no StreamReader between them), so concurrent reports
 share the socket's writes and reads.
 
-Writes are coalesced: a command issued longer than FLUSH_INTERVAL after the
-socket was last written goes out at the end of this turn of the event loop
-(with the others of the turn); one issued sooner waits for the interval to end,
-with every other command issued meanwhile, unless its task has just had a reply
-(a chain of commands, one after another, goes at the pace of Redis's replies).
-A write to a TCP socket costs tens of µs of system time here, and wakes Redis:
-under load (a report every ~0.5 ms; bench: Redis store, unary reports) three
-commands then share a write, Redis reads and answers them in one go, and their
-replies arrive in one read; commands now and then wait for nothing.
+Commands go out at the end of this turn of the event loop, together with the
+others issued in it. Those sent with `execute_later` (the store's writes) may
+wait longer: one issued sooner than FLUSH_INTERVAL after the socket was last
+written waits for the interval to end (or for a command that does not wait),
+with every other command issued meanwhile, unless its task has just had a
+reply (a chain of commands, one after another, goes at the pace of Redis's
+replies). A write to a TCP socket costs tens of µs of system time here, and
+wakes Redis: under load (a report every ~0.5 ms; bench: Redis store, unary
+reports) three writes then share a system call, Redis reads and answers them in
+one go, and their replies arrive in one read; now and then they wait for
+nothing.
 
 Only what the store's scripts need: connect (TLS, AUTH, SELECT), execute,
 subscribe, close. A connection that fails or stops answering fails every
@@ -39,7 +41,8 @@ import hiredis
 
 # A command in flight longer than this means Redis (or the path to it) is gone.
 DEFAULT_TIMEOUT = 5.0
-# The socket is written at most once per this many seconds (see above).
+# Commands sent with execute_later go out at most once per this many seconds
+# (see above).
 FLUSH_INTERVAL = 0.001
 # Bytes held beyond which they are written at once.
 _HOLD_LIMIT = 1 << 16
@@ -187,7 +190,7 @@ class _Replies(_Connection):
         if task is not None:
             self.replied.add(task)
 
-    def send(self, command: bytes, future: asyncio.Future[Any]) -> None:
+    def send(self, command: bytes, future: asyncio.Future[Any], *, later: bool = False) -> None:
         loop = self.loop
         task = asyncio.current_task(loop)
         self.pending.append((future, time.monotonic(), task))
@@ -196,7 +199,7 @@ class _Replies(_Connection):
         if self.held_bytes > _HOLD_LIMIT:
             self.flush()
         elif not self.flush_soon:
-            if task in self.replied or loop.time() >= self.flushed_at + FLUSH_INTERVAL:
+            if not later or task in self.replied or loop.time() >= self.flushed_at + FLUSH_INTERVAL:
                 if self.flush_due is not None:
                     self.flush_due.cancel()
                 self.flush_soon = True
@@ -404,7 +407,8 @@ class PipelinedConnection:
         return connection.loop if connection is not None else asyncio.get_running_loop()
 
     async def execute(self, *args: Any) -> Any:
-        """Sends one command and returns its reply.
+        """Sends one command (at the end of this turn of the event loop) and
+        returns its reply.
 
         Raises:
             ReplyError: Redis answered with an error.
@@ -412,11 +416,19 @@ class PipelinedConnection:
                 failed or stalled with the command in flight (which Redis may
                 or may not have run).
         """
+        return await self._execute(args, False)
+
+    async def execute_later(self, *args: Any) -> Any:
+        """As execute, for a command that may wait up to FLUSH_INTERVAL to
+        share its write to the socket with others (see above)."""
+        return await self._execute(args, True)
+
+    async def _execute(self, args: tuple[Any, ...], later: bool) -> Any:
         connection = self._connection
         if connection is None or connection.lost is not None:
             connection = await self._connect()
         future: asyncio.Future[Any] = connection.loop.create_future()
-        connection.send(hiredis.pack_command(args), future)
+        connection.send(hiredis.pack_command(args), future, later=later)
         if connection.paused:
             await connection.drain()
         reply = await future
