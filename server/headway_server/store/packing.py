@@ -378,8 +378,24 @@ def _spec(row: tuple[Any, ...]) -> StartSpec:
     )
 
 
+# Spec rows by the spec's id(), with the spec (so the id is not reused while
+# held): a running operation's record is packed on every report, and its spec
+# never changes (the service shares one StartSpec between equal ones).
+_SPEC_ROWS: dict[int, tuple[StartSpec, tuple[Any, ...]]] = {}
+_SPEC_ROWS_HELD = 4096
+
+
 def _record_row(op: Operation) -> tuple[Any, ...]:
-    return (op.id, _spec_row(op.spec), _row(op, whole=True))
+    spec = op.spec
+    held = _SPEC_ROWS.get(id(spec))
+    if held is not None and held[0] is spec:
+        spec_row = held[1]
+    else:
+        spec_row = _spec_row(spec)
+        if len(_SPEC_ROWS) >= _SPEC_ROWS_HELD:
+            _SPEC_ROWS.clear()
+        _SPEC_ROWS[id(spec)] = (spec, spec_row)
+    return (op.id, spec_row, _row(op, whole=True))
 
 
 _RECORD_DICTIONARY = _record_dictionary()

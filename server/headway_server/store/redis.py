@@ -550,13 +550,14 @@ class RedisStore:
                 continue
             stored = evolve(op, revision=code, created_revision=created)
             self._remember(stored)
-            self._see(code)
             wrote = max(wrote, code)
             if entry:
                 self._own_finishes.add(entry)
                 self.stats.record_finished(stored)
                 finished = max(finished, code)
             outcomes.append(stored)
+        if wrote:
+            self._see(wrote)  # once for the batch: it wakes every waiter
         announced = result[-1]
         if announced:
             # The script announced the store's revision after these writes
