@@ -24,6 +24,11 @@ const app = {
 
 function onEvent(type, event) {
   const op = event.operation;
+  if (op) {
+    // Numbers once per event, not in every comparison of every sort.
+    op.createdRevision_ = f.num(op.createdRevision);
+    op.revision_ = f.num(op.revision);
+  }
   switch (type) {
     case "reset":
       // The server cannot resume from where we were (restarted on a memory
@@ -197,8 +202,8 @@ function matcher(params) {
 
 const ORDER = Object.fromEntries(f.STATES.map((s, i) => [s, i]));
 const SORTS = {
-  created: (a, b) => f.num(b.createdRevision) - f.num(a.createdRevision),
-  updated: (a, b) => f.num(b.revision) - f.num(a.revision),
+  created: (a, b) => b.createdRevision_ - a.createdRevision_,
+  updated: (a, b) => b.revision_ - a.revision_,
   progress: (a, b) => f.percent(b) - f.percent(a),
   eta: (a, b) => (f.etaLeft(a) ?? Infinity) - (f.etaLeft(b) ?? Infinity),
   state: (a, b) => ORDER[a.state] - ORDER[b.state],
