@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from headway_server.app.service import OperationService
-from headway_server.domain.errors import Conflict, StoreUnavailable
+from headway_server.domain.errors import Conflict, Deleted, StoreUnavailable
 from headway_server.domain.model import Operation, StartSpec, State, Update
 from headway_server.store.memory import MemoryStore
 from headway_server.store.redis import RedisStore
@@ -123,3 +123,18 @@ async def test_a_batch_fails_whole_when_the_store_is_unavailable() -> None:
     service = OperationService(Down())
     with pytest.raises(StoreUnavailable):
         await service.update_many([("a", Update(completed=1)), ("b", Update(completed=1))])
+
+
+async def test_a_replace_of_an_operation_deleted_since_it_was_read_is_deleted(
+    replicas: Callable[[], RedisStore],
+) -> None:
+    # A report judged on this process's copy while another deletes the
+    # operation: its producer hears Deleted (leave it), not NotFound (register
+    # it again), as when the deletion is seen before the read.
+    here, elsewhere = replicas(), replicas()
+    stored = await here.create(Operation(id="gone", spec=StartSpec()))
+    await elsewhere.delete("gone")
+    with pytest.raises(Deleted):
+        await here.replace(
+            dataclasses.replace(stored, message="late"), expected_revision=stored.revision
+        )

@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 from headway_server.domain.errors import (
     AlreadyExists,
     Conflict,
+    Deleted,
     HeadwayError,
     HistoryCompacted,
     NotFound,
@@ -544,7 +545,7 @@ class RedisStore:
             # A replace keeps its created revision: the script does not read it.
             created = created or op.created_revision
             if code < 0:
-                if code in (lua.NOT_FOUND, lua.CONFLICT):
+                if code in (lua.NOT_FOUND, lua.CONFLICT, lua.DELETED):
                     self._cache.pop(op.id, None)
                 outcomes.append(self._error(code, op.id))
                 continue
@@ -634,6 +635,10 @@ class RedisStore:
             )
         if code == lua.NOT_FOUND:
             return NotFound(f"operation {operation_id!r} not found")
+        if code == lua.DELETED:
+            # Deleted between the caller's read and this write (as the
+            # service answers one deleted before its read).
+            return Deleted(f"operation {operation_id!r} not found")
         return Conflict(f"operation {operation_id!r} changed concurrently")
 
     async def _write_one(self, op: Operation, mode: str, expected: int) -> Operation:

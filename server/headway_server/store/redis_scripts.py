@@ -37,6 +37,9 @@ NO_EPOCH = -5
 # changes(): the revision is outside what the store holds.
 OTHER_EPOCH = -6
 OUT_OF_RANGE = -7
+# A replace of an operation deleted since (its tombstone is held): the
+# producer must not register it again (domain.errors.Deleted).
+DELETED = -8
 
 # KEYS: meta. ARGV: epoch, secret (used only if the keyspace has none).
 INIT = """
@@ -81,7 +84,7 @@ for w = 0, n - 1 do
   if mode == 'c' then
     if old then err = -3
     elseif redis.call('ZCARD', KEYS[7]) >= tonumber(ARGV[2]) then err = -4 end
-  elseif not old then err = -1
+  elseif not old then err = redis.call('ZSCORE', KEYS[11], id) and -8 or -1
   else
     if expected == '^' then expected = wrote[id] or '' end
     if redis.call('HGET', KEYS[3], id) ~= expected then err = -2 end
