@@ -5,6 +5,8 @@ and the same authentication and project scoping as gRPC."""
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -288,3 +290,33 @@ def test_resuming_past_the_end_of_an_operation_is_204(http: httpx.Client) -> Non
         assert s.status_code == 200
         caught = _events(s.iter_lines(), lambda e: e["event"] == "changed")
         assert caught[-1]["data"]["operation"]["state"] == "SUCCEEDED"
+
+
+def test_watchers_that_hang_up_at_once_give_their_stream_slot_back(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    """With one watch stream allowed per token, clients that send a watch
+    request and hang up before reading anything leave no slot taken."""
+    path = tmp_path / "tokens.toml"
+    token = auth.new_token()
+    path.write_text(auth.token_block("viewer", token, ["*"], ["read"]))
+    server = server_factory(
+        http_listen="127.0.0.1:0", auth_tokens=str(path), max_watch_streams_per_principal=1
+    )
+    port = server.server.http_port
+    request = (
+        f"GET /v1/operations:watch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+    ).encode()
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(request)
+    headers = {"Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + 10
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+        while True:
+            with http.stream("GET", "/v1/operations:watch", headers=headers) as stream:
+                if stream.status_code == 200:
+                    break
+                assert stream.status_code == 429
+            assert time.monotonic() < deadline, "a hung-up watcher kept its stream slot"
+            time.sleep(0.1)

@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -400,7 +400,7 @@ class Gateway:
         epoch_holder = [""]
         servicer = self.servicer
 
-        async def body() -> AsyncIterator[bytes]:
+        async def body() -> AsyncGenerator[bytes, None]:
             if not epoch_holder[0]:
                 epoch_holder[0] = await servicer.hub.epoch()
             try:
@@ -412,11 +412,34 @@ class Gateway:
             except Exception:
                 log.exception("watch stream failed")
                 return
-            finally:
-                servicer.close_stream(counted)
 
+        async def release() -> None:
+            # However the response ended, even before its body began (a client
+            # gone before the headers went out): the hub's generator is closed
+            # and the principal's stream slot given back, once.
+            await batches.aclose()  # type: ignore[attr-defined]
+            servicer.close_stream(counted)
+
+        return _EventStream(body(), release)
+
+
+class _EventStream(StreamingResponse):
+    """A text/event-stream response that runs `release` when it ends."""
+
+    def __init__(
+        self, body: AsyncGenerator[bytes, None], release: Callable[[], Awaitable[None]]
+    ) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self._events = body
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+            await self._release()
 
 
 # Quiet streams get a bookmark event this often: proxies keep them open, and
