@@ -85,7 +85,12 @@ class HeadwayServer:
         await self.grpc_server.start()
         if self.http is not None:
             self.http_port = await self.http.start()
-            log.info("serving HTTP", extra={"port": self.http_port})
+            scheme = "https" if self.config.tls_cert else "http"
+            host = self.http.host if ":" not in self.http.host else f"[{self.http.host}]"
+            log.info(
+                "serving HTTP",
+                extra={"port": self.http_port, "dashboard": f"{scheme}://{host}:{self.http_port}/"},
+            )
         await self._check_store()
         self._store_checks = asyncio.create_task(self._check_store_forever())
         self.sweeper.start()
