@@ -36,7 +36,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from headway_server import auth, convert, handlers
-from headway_server.app.watch import ShuttingDown, WatchEvent
+from headway_server.app.watch import MAX_MIN_INTERVAL, ShuttingDown, WatchEvent
 from headway_server.domain.errors import HeadwayError, StoreUnavailable
 from headway_server.domain.validation import MAX_EPOCH_LENGTH, check_id, check_name
 from headway_server.servicer import ProgressTrackerServicer, status_of
@@ -105,6 +105,15 @@ def _error(code: grpc.StatusCode, message: str) -> JSONResponse:
     # RFC 6750: a 401 names the scheme the client should use.
     headers = {"WWW-Authenticate": 'Bearer realm="headway"'} if status == 401 else None
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _page_size(request: Request) -> int:
+    """`pageSize` from the query (0 when absent: the server's default)."""
+    text = request.query_params.get("pageSize", "")
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if text and not (text.isascii() and text.isdecimal()):
+        raise _Aborted(grpc.StatusCode.INVALID_ARGUMENT, "pageSize: not a number")
+    return int(text) if text else 0
 
 
 def _json(message: Message) -> JSONResponse:
@@ -234,11 +243,7 @@ class Gateway:
         listing = pb.ListOperationsRequest(
             filter=self._filter(request), page_token=query.get("pageToken", "")
         )
-        page_size = query.get("pageSize", "")
-        if page_size:
-            if not page_size.isdigit():
-                raise _Aborted(grpc.StatusCode.INVALID_ARGUMENT, "pageSize: not a number")
-            listing.page_size = int(page_size)
+        listing.page_size = _page_size(request)
         return await self._call("ListOperations", listing)
 
     async def _one(self, request: Request) -> Response:
@@ -274,8 +279,7 @@ class Gateway:
             query = request.query_params
             message.page_token = query.get("pageToken", "")  # type: ignore[attr-defined]
             message.stage = query.get("stage", "")  # type: ignore[attr-defined]
-            if query.get("pageSize", "").isdigit():
-                message.page_size = int(query["pageSize"])  # type: ignore[attr-defined]
+            message.page_size = _page_size(request)  # type: ignore[attr-defined]
         message.operation_id = operation_id  # type: ignore[attr-defined]
         return await self._call(method, message)
 
@@ -335,8 +339,10 @@ class Gateway:
             interval = float(pacing) if pacing else None
         except ValueError:
             raise _Aborted(grpc.StatusCode.INVALID_ARGUMENT, "minInterval: seconds") from None
-        if interval is not None and not 0 <= interval <= 60:
-            raise _Aborted(grpc.StatusCode.INVALID_ARGUMENT, "minInterval: 0 to 60 seconds")
+        if interval is not None and not 0 <= interval <= MAX_MIN_INTERVAL:
+            raise _Aborted(
+                grpc.StatusCode.INVALID_ARGUMENT, f"minInterval: 0 to {MAX_MIN_INTERVAL:g} seconds"
+            )
         return revision, epoch, interval
 
     async def _watch_many(self, request: Request) -> Response:

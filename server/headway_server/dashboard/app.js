@@ -151,22 +151,22 @@ function setQuery(changes) {
   app.dirty = true;
 }
 
-function syncFilters(params) {
-  $("f-search").value = params.get("q") || "";
-  $("f-state").value = params.get("state") || "";
-  $("f-kind").value = params.get("kind") || "";
-  $("f-label").value = params.get("label") || "";
-  $("f-sort").value = params.get("sort") || "created";
-}
-
-$("filters").addEventListener("submit", (event) => event.preventDefault());
-for (const [id, key] of [
+// Each filter control and its key in the URL.
+const FILTERS = [
   ["f-search", "q"],
   ["f-state", "state"],
   ["f-kind", "kind"],
   ["f-label", "label"],
   ["f-sort", "sort"],
-]) {
+];
+
+function syncFilters(params) {
+  for (const [id, key] of FILTERS) $(id).value = params.get(key) || "";
+  if (!$("f-sort").value) $("f-sort").value = "created";
+}
+
+$("filters").addEventListener("submit", (event) => event.preventDefault());
+for (const [id, key] of FILTERS) {
   $(id).addEventListener("input", () => setQuery({ [key]: $(id).value }));
 }
 for (const state of f.STATES) {

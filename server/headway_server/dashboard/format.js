@@ -73,6 +73,13 @@ export function ago(timestamp, now = Date.now()) {
   return `${span((now - t) / 1000)} ago`;
 }
 
+// "done / total unit", or "done unit" without a total; "" before anything is done.
+export function done(op) {
+  const unit = op.unit ? ` ${op.unit}` : "";
+  if (num(op.total)) return `${count(op.completed)} / ${count(op.total)}${unit}`;
+  return num(op.completed) ? `${count(op.completed)}${unit}` : "";
+}
+
 export function labels(op) {
   return Object.entries(op.labels || {})
     .map(([k, v]) => `${k}=${v}`)

@@ -207,7 +207,7 @@ export class OperationPage {
           : "",
         true,
       ],
-      ["Done", f.num(op.total) ? `${f.count(op.completed)} / ${f.count(op.total)} ${op.unit || ""}` : f.count(op.completed)],
+      ["Done", f.done(op)],
       ["Throughput", f.rate(op.throughput, op.throughputUnit)],
       ["ETA confidence", op.etaConfidence ? `${Math.round(op.etaConfidence * 100)}%` : ""],
       ["Created", f.time(op.createdAt)],

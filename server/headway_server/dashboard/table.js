@@ -9,11 +9,6 @@ const OVERSCAN = 6;
 
 export function rowHtml(op, now = Date.now()) {
   const pct = f.percent(op);
-  const done = f.num(op.total)
-    ? `${f.count(op.completed)} / ${f.count(op.total)}${op.unit ? ` ${f.escape(op.unit)}` : ""}`
-    : op.completed && op.completed !== "0"
-      ? `${f.count(op.completed)}${op.unit ? ` ${f.escape(op.unit)}` : ""}`
-      : "";
   const badges = [];
   if (op.stalled) badges.push('<span class="badge stalled" title="no heartbeat">stalled</span>');
   if (op.cancelRequested && f.ACTIVE.has(op.state)) {
@@ -38,7 +33,7 @@ export function rowHtml(op, now = Date.now()) {
     <span class="progress"><span class="bar ${op.state}"><span style="width:${pct.toFixed(1)}%"></span></span>
       <span class="pct num">${pct.toFixed(pct < 10 && pct > 0 ? 1 : 0)}%</span></span>
     <span title="${f.escape(op.message || "")}">${f.escape(op.stage || "")}</span>
-    <span class="num">${done}</span>
+    <span class="num">${f.escape(f.done(op))}</span>
     <span class="num">${f.rate(op.throughput, op.throughputUnit)}</span>
     <span class="num eta">${eta === undefined ? "" : f.span(eta)}</span>
     <span class="muted">${f.ago(op.updatedAt, now)}</span>`;
